@@ -1,0 +1,17 @@
+"""gunicorn settings for `gunicorn backend.wsgi:app` (gunicorn loads ./gunicorn.conf.py by default).
+
+Workers, threads and log level come from the one Config object, so `vlm-al serve`, this file and Docker agree.
+"""
+
+from backend.config import Config
+
+_config = Config.from_env()
+
+bind = "127.0.0.1:9090"  # overridden by --bind; Docker passes 0.0.0.0
+workers = _config.workers
+threads = _config.threads
+loglevel = _config.log_level.lower()
+# Fits run in background threads inside the worker, so a long request timeout is not needed;
+# /predict of a large uncached batch is the slowest request Label Studio sends (it waits 100 s).
+timeout = 120
+graceful_timeout = 30
