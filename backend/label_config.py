@@ -8,7 +8,6 @@ parts it does not expose (``visibleWhen`` wrappers, the Taxonomy tree) are read 
 from __future__ import annotations
 
 import enum
-import json
 import logging
 import math
 import re
@@ -92,6 +91,11 @@ class ProjectLabeling:
     """The parsed config, kept so predictions are built without re-parsing it."""
 
     @property
+    def image_key(self) -> str:
+        """The name docs/ARCHITECTURE.md uses for ``image_value_key``."""
+        return self.image_value_key
+
+    @property
     def fine_controls(self) -> tuple[str, ...]:
         """Every control that can carry a fine label."""
         if self.layout is LabelLayout.RECOMMENDED:
@@ -147,7 +151,7 @@ def parse_label_config(
     except Exception as exc:  # the SDK raises plain Exception subclasses
         raise LabelConfigError(f"label-studio-sdk cannot read the label config: {exc}") from exc
     parents = _checked_parent_map(parent_map)
-    return _ConfigReader(xml, root, interface, parents, coarse_level).read(coarse_control, fine_control)
+    return _ConfigReader(root, interface, parents, coarse_level).read(coarse_control, fine_control)
 
 
 def _checked_parent_map(parent_map: Mapping[str, str] | None) -> dict[str, str] | None:
@@ -176,13 +180,11 @@ class _ConfigReader:
 
     def __init__(
         self,
-        xml: str,
         root: ElementTree.Element,
         interface: LabelInterface,
         parent_map: dict[str, str] | None,
         coarse_level: int,
     ) -> None:
-        self.xml = xml
         self.root = root
         self.interface = interface
         self.parent_map = parent_map
@@ -248,12 +250,18 @@ class _ConfigReader:
         return self._flat_choices(fine)
 
     def _read_detected(self, labeling_controls: list[Any]) -> ProjectLabeling:
-        group_parents = []
+        # A choice-selected <View> around a <TextArea> (say) is no fine group; one around a <Choices> is.
+        group_parents: list[str] = []
         for element in self.root.iter():
             name = element.get("whenTagName")
-            if element.get("visibleWhen") == "choice-selected" and name in self.controls and name not in group_parents:
-                if self.controls[name].tag.lower() == "choices":
-                    group_parents.append(name)
+            if (
+                element.get("visibleWhen") == "choice-selected"
+                and name in self.controls
+                and name not in group_parents
+                and self.controls[name].tag.lower() == "choices"
+                and any(e.tag.lower() == "choices" for e in element.iter())
+            ):
+                group_parents.append(name)
         if len(group_parents) > 1:
             raise LabelConfigError(
                 f"several <Choices> have visibleWhen groups ({', '.join(group_parents)}); "
@@ -289,7 +297,8 @@ class _ConfigReader:
         )
 
     def _guess_coarse_and_fine(self, first: Any, second: Any) -> tuple[Any, Any]:
-        """The parent map tells coarse from fine; without a clear answer, config order (coarse first)."""
+        """The assignment whose choices the parent map covers best (its keys are fine, its values coarse);
+        on a tie, config order (coarse first). A bad map then fails with a precise message."""
         if self.parent_map is None:
             raise LabelConfigError(
                 f"two <Choices> ({_describe(first)}, {_describe(second)}) but no parent map: pass a JSON map "
@@ -297,10 +306,10 @@ class _ConfigReader:
             )
         fine_names, coarse_names = set(self.parent_map), set(self.parent_map.values())
 
-        def fits(coarse: Any, fine: Any) -> bool:
-            return set(coarse.labels) <= coarse_names and set(fine.labels) <= fine_names
+        def coverage(coarse: Any, fine: Any) -> int:
+            return len(set(coarse.labels) & coarse_names) + len(set(fine.labels) & fine_names)
 
-        if fits(second, first) and not fits(first, second):
+        if coverage(second, first) > coverage(first, second):
             return second, first
         return first, second
 
@@ -381,7 +390,8 @@ class _ConfigReader:
         for view in self._group_views(coarse.name):
             where = f'<{view.tag} visibleWhen="choice-selected" whenTagName="{coarse.name}"'
             raw = view.get("whenChoiceValue")
-            values = _split_when_values(raw or "")
+            exact = raw in label_of_value or raw in coarse_labels
+            values = [raw] if exact else _split_when_values(raw or "")
             if not values:
                 raise LabelConfigError(f"{where}> has no whenChoiceValue: name the coarse value of its group")
             where += f' whenChoiceValue="{raw}">'
@@ -454,7 +464,9 @@ class _ConfigReader:
         coarse_labels, fine_labels = self._labels_of(coarse), self._labels_of(fine)
         orphans = [f for f in fine_labels if f not in self.parent_map]
         if orphans:
-            raise LabelConfigError(f"choices of the fine {_describe(fine)} without a parent in the parent map: {orphans}")
+            raise LabelConfigError(
+                f"choices of the fine {_describe(fine)} without a parent in the parent map: {orphans}"
+            )
         strangers = sorted({self.parent_map[f] for f in fine_labels} - set(coarse_labels))
         if strangers:
             raise LabelConfigError(
@@ -815,11 +827,15 @@ def _region(labeling: ProjectLabeling, control_name: Any, region_score: Any, lab
     region = control.label(label, labeling.image_name, **value) if label is not None else control.label(
         to_name=labeling.image_name, **value
     )
-    item = json.loads(region.to_json())  # to_json() returns a JSON string
-    # The UI was checked with id-less results; a random id would make equal predictions differ.
-    item.pop("id", None)
-    item["score"] = float(region_score)
-    return item
+    # Region.to_json() would add a random id (the UI was checked with id-less results, and equal predictions
+    # should compare equal) and calls pydantic's deprecated .dict(), so the item is assembled from its fields.
+    return {
+        "from_name": region.from_tag.name,
+        "to_name": region.to_tag.name,
+        "type": region.from_tag.tag.lower(),
+        "value": region.value.model_dump(),
+        "score": float(region_score),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
