@@ -1,0 +1,75 @@
+"""``vlm-al``: serve the backend, run the offline simulation, or start the one-command demo."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 9090
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from gunicorn.app.base import BaseApplication
+
+    from backend.config import Config
+
+    config = Config.from_env()
+
+    class _Server(BaseApplication):
+        def load_config(self) -> None:
+            settings: dict[str, Any] = {
+                "bind": f"{args.host}:{args.port}",
+                "workers": args.workers or config.workers,
+                "threads": args.threads or config.threads,
+                "loglevel": config.log_level.lower(),
+                # fits run in background threads; the slowest request is /predict of an uncached batch
+                "timeout": 120,
+                "graceful_timeout": 30,
+                "worker_class": "gthread",
+            }
+            for key, value in settings.items():
+                self.cfg.set(key, value)
+
+        def load(self):  # called in each worker: models load there, not in the arbiter
+            from backend.app import create_app
+
+            return create_app(config)
+
+    _Server().run()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="vlm-al", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the ML backend under gunicorn")
+    serve.add_argument("--host", default=DEFAULT_HOST)
+    serve.add_argument("--port", type=int, default=DEFAULT_PORT)
+    serve.add_argument("--workers", type=int, default=None, help="default: WORKERS")
+    serve.add_argument("--threads", type=int, default=None, help="default: THREADS")
+    commands.add_parser("simulate", help="offline active-learning benchmark (options: vlm-al simulate --help)",
+                        add_help=False)
+    commands.add_parser("demo", help="start Label Studio and this backend, connected (vlm-al demo --help)",
+                        add_help=False)
+    if argv and argv[0] in ("simulate", "demo"):
+        command, rest = argv[0], argv[1:]
+        if command == "simulate":
+            from model.simulate import main as simulate_main
+
+            return int(simulate_main(rest) or 0)
+        from backend.demo import main as demo_main
+
+        return int(demo_main(rest) or 0)
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,259 @@
+"""Per-project state on disk under MODEL_DIR/projects/<project id>/, plus the shared image-URL index.
+
+Layout of one project:
+  current.json               pointer to the served version (written last, atomically)
+  versions/<model_version>/  classifier checkpoint
+  transition_history.jsonl   one coarse transition matrix estimate per fit
+  priorities.json            task id -> queue score of the current version
+  pushed.json                task ids that hold a prediction of the current version in Label Studio
+  fit.lock                   cross-process lock held while fitting
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from model.io import atomic_write_json
+
+VERSION_PREFIX = "vlm-al-v"
+COLD_START_VERSION = f"{VERSION_PREFIX}0"
+_VERSION_RE = re.compile(rf"^{re.escape(VERSION_PREFIX)}(\d+)$")
+
+
+def version_number(model_version: str) -> int | None:
+    match = _VERSION_RE.match(model_version)
+    return int(match.group(1)) if match else None
+
+
+def model_version_name(number: int) -> str:
+    return f"{VERSION_PREFIX}{number}"
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class CurrentModel:
+    model_version: str
+    created_at: str
+    schema_hash: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+class ProjectState:
+    """Files of one project. Safe to share between threads; several processes may use the same directory."""
+
+    def __init__(self, model_dir: Path, project_id: int) -> None:
+        self.project_id = int(project_id)
+        self.root = Path(model_dir) / "projects" / str(self.project_id)
+        self.versions_dir = self.root / "versions"
+        self.current_path = self.root / "current.json"
+        self.history_path = self.root / "transition_history.jsonl"
+        self.priorities_path = self.root / "priorities.json"
+        self.pushed_path = self.root / "pushed.json"
+        self.lock_path = self.root / "fit.lock"
+        self._lock = threading.Lock()
+        self._current_cache: tuple[int, CurrentModel | None] | None = None
+        self._priorities_cache: tuple[int, str | None, dict[int, float]] | None = None
+
+    def _mtime(self, path: Path) -> int:
+        try:
+            return path.stat().st_mtime_ns
+        except FileNotFoundError:
+            return -1
+
+    def current(self) -> CurrentModel | None:
+        """The served version, re-read only when the pointer file changed (another worker may have fitted)."""
+        mtime = self._mtime(self.current_path)
+        with self._lock:
+            if self._current_cache is not None and self._current_cache[0] == mtime:
+                return self._current_cache[1]
+        current: CurrentModel | None = None
+        if mtime != -1:
+            data = json.loads(self.current_path.read_text())
+            current = CurrentModel(
+                model_version=str(data["model_version"]),
+                created_at=str(data.get("created_at", "")),
+                schema_hash=str(data.get("schema_hash", "")),
+                metrics=dict(data.get("metrics") or {}),
+            )
+        with self._lock:
+            self._current_cache = (mtime, current)
+        return current
+
+    def version_dir(self, model_version: str) -> Path:
+        if version_number(model_version) is None:
+            raise ValueError(f"not a model version of this backend: {model_version!r}")
+        return self.versions_dir / model_version
+
+    def list_versions(self) -> list[str]:
+        """Stored versions, oldest first."""
+        if not self.versions_dir.is_dir():
+            return []
+        numbered = [(version_number(p.name), p.name) for p in self.versions_dir.iterdir() if p.is_dir()]
+        return [name for number, name in sorted((n, v) for n, v in numbered if n is not None)]
+
+    def next_version(self) -> str:
+        numbers = [version_number(v) or 0 for v in self.list_versions()]
+        current = self.current()
+        if current is not None:
+            numbers.append(version_number(current.model_version) or 0)
+        return model_version_name(max(numbers, default=0) + 1)
+
+    def commit_version(
+        self,
+        model_version: str,
+        write_checkpoint: Callable[[Path], None],
+        schema_hash: str,
+        metrics: Mapping[str, Any] | None = None,
+    ) -> CurrentModel:
+        """Write the checkpoint into a temporary directory, move it into place, then swap the pointer.
+
+        A crash at any point leaves current.json on the previous complete version."""
+        final_dir = self.version_dir(model_version)
+        self.versions_dir.mkdir(parents=True, exist_ok=True)
+        tmp_dir = self.versions_dir / f".tmp-{model_version}-{os.getpid()}-{threading.get_ident()}"
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        tmp_dir.mkdir()
+        try:
+            write_checkpoint(tmp_dir)
+            if final_dir.exists():
+                shutil.rmtree(final_dir)
+            os.replace(tmp_dir, final_dir)
+        except BaseException:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            raise
+        current = CurrentModel(
+            model_version=model_version, created_at=utc_now(), schema_hash=schema_hash, metrics=dict(metrics or {})
+        )
+        atomic_write_json(self.current_path, asdict(current))
+        return current
+
+    def prune_versions(self, keep: int) -> list[str]:
+        """Delete all but the newest ``keep`` stored versions; never the current one. Returns what was removed."""
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        current = self.current()
+        versions = self.list_versions()
+        kept = set(versions[-keep:])
+        if current is not None:
+            kept.add(current.model_version)
+        removed = [v for v in versions if v not in kept]
+        for name in removed:
+            shutil.rmtree(self.versions_dir / name, ignore_errors=True)
+        for leftover in self.versions_dir.glob(".tmp-*") if self.versions_dir.is_dir() else []:
+            shutil.rmtree(leftover, ignore_errors=True)
+        return removed
+
+    def append_transition(self, record: Mapping[str, Any]) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        line = json.dumps({"created_at": utc_now(), **record}, sort_keys=True)
+        with open(self.history_path, "a", encoding="utf-8") as handle:
+            handle.write(line + "\n")
+
+    def transition_history(self) -> list[dict[str, Any]]:
+        if not self.history_path.exists():
+            return []
+        return [json.loads(line) for line in self.history_path.read_text().splitlines() if line.strip()]
+
+    def write_priorities(self, model_version: str, scores: Mapping[int, float]) -> None:
+        atomic_write_json(
+            self.priorities_path,
+            {"model_version": model_version, "scores": {str(k): float(v) for k, v in scores.items()}},
+        )
+
+    def priorities(self) -> tuple[str | None, dict[int, float]]:
+        """(model version the scores belong to, task id -> score); empty when none were written."""
+        mtime = self._mtime(self.priorities_path)
+        with self._lock:
+            if self._priorities_cache is not None and self._priorities_cache[0] == mtime:
+                return self._priorities_cache[1], self._priorities_cache[2]
+        version: str | None = None
+        scores: dict[int, float] = {}
+        if mtime != -1:
+            data = json.loads(self.priorities_path.read_text())
+            version = data.get("model_version")
+            scores = {int(k): float(v) for k, v in (data.get("scores") or {}).items()}
+        with self._lock:
+            self._priorities_cache = (mtime, version, scores)
+        return version, scores
+
+    def pushed_tasks(self, model_version: str) -> set[int]:
+        """Task ids whose prediction of ``model_version`` is already in Label Studio."""
+        if not self.pushed_path.exists():
+            return set()
+        data = json.loads(self.pushed_path.read_text())
+        if data.get("model_version") != model_version:
+            return set()
+        return {int(t) for t in data.get("task_ids", [])}
+
+    def record_pushed(self, model_version: str, task_ids: Iterable[int], replace: bool = False) -> None:
+        ids = set() if replace else self.pushed_tasks(model_version)
+        ids.update(int(t) for t in task_ids)
+        atomic_write_json(self.pushed_path, {"model_version": model_version, "task_ids": sorted(ids)})
+
+
+class ImageKeyIndex:
+    """(project, task image URL) -> content key of the image bytes, so cached predictions never re-download.
+
+    A small SQLite table (WAL mode, one connection per thread) next to the embedding store."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        with self._connection() as conn:
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS image_keys ("
+                " project INTEGER NOT NULL, url TEXT NOT NULL, content_key TEXT NOT NULL,"
+                " PRIMARY KEY (project, url))"
+            )
+
+    def _connection(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            self._local.conn = conn
+        return conn
+
+    def get_many(self, project_id: int, urls: Iterable[str]) -> dict[str, str]:
+        urls = list(dict.fromkeys(urls))
+        found: dict[str, str] = {}
+        conn = self._connection()
+        for start in range(0, len(urls), 500):
+            chunk = urls[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = conn.execute(
+                f"SELECT url, content_key FROM image_keys WHERE project = ? AND url IN ({marks})",
+                [int(project_id), *chunk],
+            )
+            found.update(rows.fetchall())
+        return found
+
+    def put_many(self, project_id: int, keys_by_url: Mapping[str, str]) -> None:
+        if not keys_by_url:
+            return
+        conn = self._connection()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.executemany(
+                "INSERT OR REPLACE INTO image_keys (project, url, content_key) VALUES (?, ?, ?)",
+                [(int(project_id), url, key) for url, key in keys_by_url.items()],
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise

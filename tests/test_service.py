@@ -1,0 +1,344 @@
+"""MLBackend against a fake Label Studio over real HTTP: predict, index, fit, push, restart."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+from backend.app import create_app
+from backend.jobs import ThreadJobRunner
+from backend.state import COLD_START_VERSION, ProjectState
+from conftest import API_KEY, PROJECT_ID, counter_value, label_config, png_bytes
+
+FINES = ["T-shirt", "Shirt", "Sneaker", "Boot"]
+
+
+def add_pool(fake_ls, n_per_class: int = 3) -> None:
+    task_id = 1
+    for _ in range(n_per_class):
+        for fine in FINES:
+            fake_ls.add_task(task_id, fine)
+            task_id += 1
+
+
+def predict_body(fake_ls, task_ids=None):
+    tasks = [t for t in fake_ls.tasks if task_ids is None or t["id"] in task_ids]
+    return {"tasks": tasks, "project": f"{PROJECT_ID}.1795294297", "label_config": fake_ls.label_config,
+            "params": {"login": None, "password": None, "context": None}}
+
+
+def setup_body(fake_ls):
+    return {"project": f"{PROJECT_ID}.1795294297", "schema": fake_ls.label_config, "hostname": fake_ls.url,
+            "access_token": API_KEY, "extra_params": None}
+
+
+def test_predict_gives_coarse_preannotation_with_scores_and_no_fine_without_model(fake_ls, make_config, make_backend):
+    add_pool(fake_ls, 1)
+    parts = make_backend(make_config(push_predictions=False))
+    client = create_app(parts.backend.config, parts.backend).test_client()
+    response = client.post("/predict", json=predict_body(fake_ls))
+    assert response.status_code == 200, response.get_json()
+    body = response.get_json()
+    assert body["model_version"] == COLD_START_VERSION
+    results = body["results"]
+    assert len(results) == 4
+    expected_coarse = ["Top", "Top", "Shoe", "Shoe"]
+    for prediction, coarse in zip(results, expected_coarse):
+        assert prediction["model_version"] == COLD_START_VERSION
+        assert 0.0 <= prediction["score"] <= 1.0
+        assert len(prediction["result"]) == 1  # no fine model yet: coarse only
+        region = prediction["result"][0]
+        assert region["from_name"] == "coarse" and region["to_name"] == "image"
+        assert region["value"] == {"choices": [coarse]}
+        assert region["score"] == pytest.approx(0.8, abs=1e-3)
+
+
+def test_repeated_predict_computes_no_new_embeddings_and_no_downloads(fake_ls, make_config, make_backend):
+    add_pool(fake_ls, 2)
+    parts = make_backend(make_config(push_predictions=False))
+    client = create_app(parts.backend.config, parts.backend).test_client()
+    first = client.post("/predict", json=predict_body(fake_ls))
+    assert first.status_code == 200
+    computed = counter_value(parts.backend, "vlm_al_embeddings_computed_total")
+    assert computed == 8
+    downloads = len(fake_ls.downloads)
+    second = client.post("/predict", json=predict_body(fake_ls))
+    assert second.status_code == 200
+    assert counter_value(parts.backend, "vlm_al_embeddings_computed_total") == computed
+    assert parts.backbone.images_embedded == 8 and parts.weak.images_annotated == 8
+    assert len(fake_ls.downloads) == downloads
+    assert second.get_json()["results"] == first.get_json()["results"]
+
+
+def test_identical_images_under_two_urls_are_embedded_once(fake_ls, make_config, make_backend):
+    same = png_bytes((220, 40, 30), jitter=5)
+    fake_ls.add_task(1, "T-shirt", image=same)
+    fake_ls.add_task(2, "T-shirt", image=same)
+    parts = make_backend(make_config(push_predictions=False))
+    results, _ = parts.backend.predict(PROJECT_ID, fake_ls.tasks, fake_ls.label_config)
+    assert [r["result"][0]["value"]["choices"] for r in results] == [["Top"], ["Top"]]
+    assert counter_value(parts.backend, "vlm_al_embeddings_computed_total") == 1
+
+
+def test_unreadable_missing_and_foreign_images_give_empty_predictions_in_order(fake_ls, make_config, make_backend):
+    fake_ls.add_task(1, "Boot")
+    fake_ls.add_task(2, "Shirt", image=b"this is not an image")
+    fake_ls.add_task(3, "Sneaker")
+    tasks = [dict(t) for t in fake_ls.tasks]
+    tasks.append({"id": 4, "data": {"image": "http://evil.example.com/x.png"}})
+    tasks.append({"id": 5, "data": {"text": "no image key"}})
+    tasks.append({"id": 6, "data": {"image": "/data/local-files/?d=fashion/missing.png"}})
+    parts = make_backend(make_config(push_predictions=False))
+    client = create_app(parts.backend.config, parts.backend).test_client()
+    body = predict_body(fake_ls)
+    body["tasks"] = tasks
+    response = client.post("/predict", json=body)
+    assert response.status_code == 200, response.get_json()
+    results = response.get_json()["results"]
+    assert [bool(r["result"]) for r in results] == [True, False, True, False, False, False]
+    assert results[0]["result"][0]["value"]["choices"] == ["Shoe"]
+    assert results[2]["result"][0]["value"]["choices"] == ["Shoe"]
+    assert all("model_version" in r and 0.0 <= r["score"] <= 1.0 for r in results)
+    assert counter_value(parts.backend, "vlm_al_image_errors_total") == 4
+    assert "evil.example.com" not in " ".join(fake_ls.downloads)
+    # the server stays up
+    assert client.get("/health").status_code == 200
+
+
+def test_a_batch_where_every_image_fails_is_a_422(fake_ls, make_config, make_backend):
+    parts = make_backend(make_config(push_predictions=False))
+    client = create_app(parts.backend.config, parts.backend).test_client()
+    body = predict_body(fake_ls)
+    body["tasks"] = [{"id": 1, "data": {"image": "http://elsewhere.example.org/a.png"}}]
+    response = client.post("/predict", json=body)
+    assert response.status_code == 422
+    assert "elsewhere.example.org" in response.get_json()["message"]
+
+
+def test_image_over_the_byte_limit_is_refused(fake_ls, make_config, make_backend):
+    fake_ls.add_task(1, "Boot")
+    fake_ls.add_task(2, "Boot", image=png_bytes((30, 200, 220), size=256, jitter=1))
+    parts = make_backend(make_config(push_predictions=False, max_image_bytes=5000))
+    results, _ = parts.backend.predict(PROJECT_ID, fake_ls.tasks, fake_ls.label_config)
+    assert results[0]["result"] and results[1]["result"] == []
+
+
+def test_setup_queues_indexing_and_cold_start_pushes_diverse_first_picks(fake_ls, make_config, make_backend):
+    add_pool(fake_ls, 3)
+    parts = make_backend(make_config())
+    client = create_app(parts.backend.config, parts.backend).test_client()
+    started = time.perf_counter()
+    response = client.post("/setup", json=setup_body(fake_ls))
+    assert response.status_code == 200
+    assert response.get_json() == {"model_version": COLD_START_VERSION}
+    # InlineJobRunner ran indexing inside the call; a ThreadJobRunner would return at once (see the burst test)
+    assert time.perf_counter() - started < 30
+    assert len(fake_ls.imports) == 1
+    pushed = fake_ls.imports[0]
+    assert sorted(p["task"] for p in pushed) == sorted(t["id"] for t in fake_ls.tasks)
+    assert {p["model_version"] for p in pushed} == {COLD_START_VERSION}
+    scores = sorted(p["score"] for p in pushed)
+    assert sum(s < 0.05 for s in scores) == 3  # QUERY_BATCH_SIZE diverse picks first
+    assert fake_ls.patches[-1] == {"model_version": COLD_START_VERSION}
+    # embeddings were cached by indexing: predict afterwards computes none
+    computed = counter_value(parts.backend, "vlm_al_embeddings_computed_total")
+    assert computed == 12
+    response = client.post("/predict", json=predict_body(fake_ls))
+    assert response.status_code == 200
+    assert counter_value(parts.backend, "vlm_al_embeddings_computed_total") == computed
+    by_task = {p["task"]: p["score"] for p in pushed}
+    for task, prediction in zip(fake_ls.tasks, response.get_json()["results"]):
+        assert prediction["score"] == pytest.approx(by_task[task["id"]])
+    # a second /setup does not push the same version again
+    client.post("/setup", json=setup_body(fake_ls))
+    assert len(fake_ls.imports) == 1
+
+
+def annotate_some(fake_ls, per_class: int = 2) -> set[int]:
+    done: set[int] = set()
+    seen = {f: 0 for f in FINES}
+    for task in fake_ls.tasks:
+        fine = FINES[(task["id"] - 1) % 4]
+        if seen[fine] < per_class:
+            fake_ls.annotate(task["id"], fine)
+            seen[fine] += 1
+            done.add(task["id"])
+    return done
+
+
+def test_fit_trains_saves_pushes_once_and_moves_the_project_version(fake_ls, make_config, make_backend):
+    add_pool(fake_ls, 3)
+    labeled = annotate_some(fake_ls, 2)
+    parts = make_backend(make_config())
+    backend = parts.backend
+    client = create_app(backend.config, backend).test_client()
+    response = client.post("/webhook", json={"action": "ANNOTATION_CREATED", "project": {"id": PROJECT_ID},
+                                             "annotation": {"id": 1}, "task": {"id": 1}})
+    assert response.status_code == 200 and response.get_json()["status"] == "queued"
+    state = ProjectState(backend.config.model_dir, PROJECT_ID)
+    current = state.current()
+    assert current is not None and current.model_version == "vlm-al-v1"
+    assert (state.version_dir("vlm-al-v1") / "metadata.json").exists()
+    assert current.metrics["n_fine"] == 8
+    history = state.transition_history()
+    assert len(history) == 1 and np.allclose(np.sum(history[0]["matrix"], axis=1), 1.0)
+    # one import/predictions request with every unlabeled task, then the PATCH
+    assert len(fake_ls.imports) == 1
+    pushed = fake_ls.imports[0]
+    unlabeled = {t["id"] for t in fake_ls.tasks} - labeled
+    assert {p["task"] for p in pushed} == unlabeled
+    assert {p["model_version"] for p in pushed} == {"vlm-al-v1"}
+    assert fake_ls.patches[-1] == {"model_version": "vlm-al-v1"}
+    # the fine suggestion now appears, in the fine control of the VLM's group
+    results, version = backend.predict(PROJECT_ID, fake_ls.tasks, fake_ls.label_config)
+    assert version == "vlm-al-v1"
+    for task, prediction in zip(fake_ls.tasks, results):
+        names = [r["from_name"] for r in prediction["result"]]
+        assert names[0] == "coarse" and len(names) == 2 and names[1] in ("fine_top", "fine_shoe")
+        assert all(0.0 <= r["score"] <= 1.0 for r in prediction["result"])
+    # /setup reports the same version the project was moved to
+    assert client.post("/setup", json=setup_body(fake_ls)).get_json() == {"model_version": "vlm-al-v1"}
+    assert client.get(f"/versions?project={PROJECT_ID}").get_json() == {"versions": ["vlm-al-v1"]}
+
+
+def test_fine_suggestion_respects_the_confidence_threshold(fake_ls, make_config, make_backend):
+    add_pool(fake_ls, 3)
+    annotate_some(fake_ls, 2)
+    parts = make_backend(make_config(fine_confidence_threshold=1.0, push_predictions=False))
+    parts.backend.run_fit(PROJECT_ID)
+    results, version = parts.backend.predict(PROJECT_ID, fake_ls.tasks, fake_ls.label_config)
+    assert version == "vlm-al-v1"
+    assert all(len(p["result"]) == 1 for p in results)  # nothing reaches probability 1.0
+
+
+def test_short_created_count_is_logged(fake_ls, make_config, make_backend, caplog):
+    add_pool(fake_ls, 3)
+    annotate_some(fake_ls, 1)
+    fake_ls.drop_predictions = 2
+    parts = make_backend(make_config())
+    with caplog.at_level("ERROR"):
+        parts.backend.run_fit(PROJECT_ID)
+    assert any("created 6 of 8 predictions" in r.getMessage() for r in caplog.records)
+
+
+def test_restart_serves_the_last_model_at_once(fake_ls, make_config, make_backend):
+    add_pool(fake_ls, 3)
+    annotate_some(fake_ls, 2)
+    config = make_config(push_predictions=False)
+    first = make_backend(config)
+    first.backend.run_fit(PROJECT_ID)
+    before, _ = first.backend.predict(PROJECT_ID, fake_ls.tasks, fake_ls.label_config)
+
+    second = make_backend(config)
+    second.backend.warm_start()
+    client = create_app(second.backend.config, second.backend).test_client()
+    assert client.post("/setup", json={"project": f"{PROJECT_ID}.1", "schema": fake_ls.label_config}).get_json() == {
+        "model_version": "vlm-al-v1"
+    }
+    after = client.post("/predict", json=predict_body(fake_ls)).get_json()["results"]
+    assert [[r["value"] for r in p["result"]] for p in after] == [[r["value"] for r in p["result"]] for p in before]
+
+
+def test_fit_that_dies_half_way_keeps_the_previous_version(fake_ls, make_config, make_backend):
+    add_pool(fake_ls, 3)
+    annotate_some(fake_ls, 2)
+    parts = make_backend(make_config(push_predictions=False))
+    parts.backend.run_fit(PROJECT_ID)
+    state = ProjectState(parts.backend.config.model_dir, PROJECT_ID)
+
+    def broken_save(directory):
+        (directory / "weights.safetensors").write_bytes(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        state.commit_version("vlm-al-v2", broken_save, "hash")
+    assert state.current().model_version == "vlm-al-v1"
+    assert state.list_versions() == ["vlm-al-v1"]
+    results, version = parts.backend.predict(PROJECT_ID, fake_ls.tasks, fake_ls.label_config)
+    assert version == "vlm-al-v1" and len(results[0]["result"]) == 2
+
+
+def test_old_versions_are_pruned_locally_and_in_label_studio(fake_ls, make_config, make_backend):
+    add_pool(fake_ls, 3)
+    annotate_some(fake_ls, 1)
+    parts = make_backend(make_config(keep_model_versions=2))
+    for _ in range(4):
+        parts.backend.run_fit(PROJECT_ID)
+    state = ProjectState(parts.backend.config.model_dir, PROJECT_ID)
+    assert state.current().model_version == "vlm-al-v4"
+    assert state.list_versions() == ["vlm-al-v3", "vlm-al-v4"]
+    assert sorted(fake_ls.deleted_versions) == ["vlm-al-v1", "vlm-al-v2"]
+    assert "vlm-al-v4" not in fake_ls.deleted_versions
+
+
+def test_webhook_burst_becomes_one_fit_that_sees_every_annotation(fake_ls, make_config, make_backend):
+    add_pool(fake_ls, 3)
+    annotate_some(fake_ls, 1)
+    jobs = ThreadJobRunner(debounce_seconds=0.3)
+    parts = make_backend(make_config(), jobs=jobs)
+    client = create_app(parts.backend.config, parts.backend).test_client()
+    for task in fake_ls.tasks[4:9]:  # annotations keep arriving during the burst
+        fake_ls.annotate(task["id"], FINES[(task["id"] - 1) % 4])
+        started = time.perf_counter()
+        response = client.post("/webhook", json={"action": "ANNOTATION_CREATED", "project": {"id": PROJECT_ID},
+                                                 "annotation": {"id": task["id"]}, "task": {"id": task["id"]}})
+        assert response.status_code == 200
+        assert time.perf_counter() - started < 0.2  # only enqueued
+    assert jobs.wait_idle(timeout=60)
+    assert counter_value(parts.backend, "vlm_al_fits_total", outcome="trained") == 1
+    current = ProjectState(parts.backend.config.model_dir, PROJECT_ID).current()
+    assert current.model_version == "vlm-al-v1" and current.metrics["n_fine"] == 9
+    assert len(fake_ls.imports) == 1
+
+
+def test_start_training_and_legacy_train_queue_a_fit(fake_ls, make_config, make_backend):
+    add_pool(fake_ls, 3)
+    annotate_some(fake_ls, 1)
+    parts = make_backend(make_config(push_predictions=False))
+    client = create_app(parts.backend.config, parts.backend).test_client()
+    response = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": PROJECT_ID}})
+    assert response.status_code == 200
+    assert parts.backend.current_model_version(PROJECT_ID) == "vlm-al-v1"
+    response = client.post("/train", json={"annotations": [fake_ls.tasks[0]], "project": f"{PROJECT_ID}.123",
+                                           "label_config": fake_ls.label_config})
+    assert response.status_code == 200 and response.get_json()["status"] == "queued"
+    assert parts.backend.current_model_version(PROJECT_ID) == "vlm-al-v2"
+
+
+def test_no_fine_label_means_no_model(fake_ls, make_config, make_backend):
+    add_pool(fake_ls, 1)
+    parts = make_backend(make_config(push_predictions=False))
+    assert parts.backend.run_fit(PROJECT_ID) is None
+    assert parts.backend.current_model_version(PROJECT_ID) == COLD_START_VERSION
+    assert counter_value(parts.backend, "vlm_al_fits_total", outcome="skipped") == 1
+
+
+def test_tasks_created_webhook_indexes_new_tasks(fake_ls, make_config, make_backend):
+    add_pool(fake_ls, 1)
+    parts = make_backend(make_config())
+    client = create_app(parts.backend.config, parts.backend).test_client()
+    response = client.post("/webhook", json={"action": "TASKS_CREATED", "project": {"id": PROJECT_ID},
+                                             "tasks": fake_ls.tasks})
+    assert response.status_code == 200 and response.get_json()["status"] == "queued"
+    assert counter_value(parts.backend, "vlm_al_embeddings_computed_total") == 4
+    fake_ls.add_task(99, "Boot")
+    client.post("/webhook", json={"action": "TASKS_CREATED", "project": {"id": PROJECT_ID},
+                                  "tasks": [fake_ls.tasks[-1]]})
+    assert counter_value(parts.backend, "vlm_al_embeddings_computed_total") == 5
+    assert [p["task"] for p in fake_ls.imports[-1]] == [99]  # only the new task is pushed
+
+
+def test_project_updated_reparses_a_changed_config(fake_ls, make_config, make_backend):
+    parts = make_backend(make_config(push_predictions=False))
+    client = create_app(parts.backend.config, parts.backend).test_client()
+    new_config = fake_ls.label_config.replace('value="Boot"', 'value="Sandal"')
+    response = client.post("/webhook", json={"action": "PROJECT_UPDATED",
+                                             "project": {"id": PROJECT_ID, "label_config": new_config}})
+    assert response.status_code == 200
+    assert response.get_json()["label_config_changed"] is True and response.get_json()["usable"] is True
+    response = client.post("/webhook", json={"action": "PROJECT_UPDATED",
+                                             "project": {"id": PROJECT_ID, "label_config": "<View></View>"}})
+    assert response.status_code == 200 and response.get_json()["usable"] is False
