@@ -375,6 +375,17 @@ def test_the_shipped_fashion_mnist_config_is_the_generated_recommended_layout():
     assert RECOMMENDED_FASHION_MNIST_CONFIG.read_text() == recommended_label_config(hierarchy)
 
 
+def test_the_shipped_config_matches_the_demo_hierarchy_of_the_model_library():
+    from model.datasets import fashion_mnist_hierarchy
+
+    demo = fashion_mnist_hierarchy()
+    assert RECOMMENDED_FASHION_MNIST_CONFIG.read_text() == recommended_label_config(demo)
+    parsed = parse_label_config(RECOMMENDED_FASHION_MNIST_CONFIG.read_text()).hierarchy
+    # same classes and parents; the config lists fine classes group by group, so the index order differs
+    parents = {f: parsed.parent_name(f) for f in parsed.fine_classes}
+    assert parents == {f: demo.parent_name(f) for f in demo.fine_classes}
+
+
 def test_the_fashion_mnist_config_parses_back_and_label_studio_accepts_it():
     xml = RECOMMENDED_FASHION_MNIST_CONFIG.read_text()
     LabelInterface(xml).validate()  # the schema checks Label Studio runs when a config is saved
