@@ -297,7 +297,7 @@ class MLBackend:
         """Remember how to reach Label Studio, check the config, queue indexing; answer in milliseconds."""
         if access_token and self.redactor is not None:
             self.redactor.add_secrets([access_token])
-        labeling = self.labeling(schema) if schema else None
+        labeling = self.labeling(schema) if schema is not None else None
         ctx = self._context(project_id)
         with ctx.lock:
             ctx.hostname = hostname or ctx.hostname
@@ -323,8 +323,8 @@ class MLBackend:
         """One prediction per task, in the same order. A task whose image is unusable gets an empty prediction;
         if every task fails, the request is refused (422) with the reasons."""
         ctx = self._context(project_id) if project_id is not None else None
-        config_xml = label_config or (ctx.label_config if ctx is not None else None)
-        if not config_xml:
+        config_xml = label_config if label_config is not None else (ctx.label_config if ctx is not None else None)
+        if config_xml is None:
             raise InvalidInput("missing 'label_config' and no /setup was received for this project")
         labeling = self.labeling(config_xml)
         if ctx is not None and label_config:

@@ -226,7 +226,7 @@ def fake_ls() -> Iterator[FakeLabelStudio]:
     fake = FakeLabelStudio(label_config=label_config())
     server = make_server("127.0.0.1", 0, fake.make_app(), threaded=True)
     fake.url = f"http://127.0.0.1:{server.server_port}"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     yield fake
     server.shutdown()
