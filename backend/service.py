@@ -111,6 +111,8 @@ class ProjectContext:
     label_config: str | None = None
     model_version: str | None = None
     model: Any = None
+    indexed_schema: str | None = None
+    """Hash of the label config this process last indexed the project with (/setup comes often)."""
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -305,8 +307,9 @@ class MLBackend:
             if schema:
                 ctx.label_config = schema
         _, model_version = self._served_model(project_id, labeling)
-        if labeling is not None and self._can_reach_label_studio(project_id):
-            self.jobs.submit(f"index:{project_id}", lambda: self.run_index(project_id))
+        # Label Studio calls /setup on most reads of the ML backend; index once per config, then on TASKS_CREATED.
+        if schema and ctx.indexed_schema != schema_hash(schema) and self._can_reach_label_studio(project_id):
+            self.queue_index(project_id)
         return model_version
 
     def _can_reach_label_studio(self, project_id: int) -> bool:
@@ -352,11 +355,9 @@ class MLBackend:
             outcome = {"status": "queued", "job": f"fit:{project_id}", "action": action}
         elif action == "TASKS_CREATED":
             tasks = data.get("tasks")
-            task_ids = [t["id"] for t in tasks if isinstance(t, Mapping) and isinstance(t.get("id"), int)] if isinstance(
-                tasks, list
-            ) else None
-            self.jobs.submit(f"index:{project_id}", lambda: self.run_index(project_id))
-            outcome = {"status": "queued", "job": f"index:{project_id}", "action": action, "tasks": len(task_ids or [])}
+            self.queue_index(project_id)
+            outcome = {"status": "queued", "job": f"index:{project_id}", "action": action,
+                       "tasks": len(tasks) if isinstance(tasks, list) else 0}
         elif action == "PROJECT_UPDATED":
             outcome = {"status": "ok", "action": action, **self._project_updated(project_id, data)}
         else:
@@ -387,6 +388,9 @@ class MLBackend:
             self._context(project_id).label_config = label_config
         self.queue_fit(project_id)
         return {"status": "queued", "job": f"fit:{project_id}", "annotated_tasks": len(tasks)}
+
+    def queue_index(self, project_id: int) -> None:
+        self.jobs.submit(f"index:{project_id}", lambda: self.run_index(project_id))
 
     def queue_fit(self, project_id: int) -> None:
         self.jobs.submit(f"fit:{project_id}", lambda: self.run_fit(project_id))
@@ -514,7 +518,7 @@ class MLBackend:
                 vectors = np.asarray(self.backbone.embed([images[j] for j in need_embedding]), dtype=np.float32)
                 new = {chunk_keys[j]: vectors[row] for row, j in enumerate(need_embedding)}
                 self.store.put_many(self.backbone.name, new)
-                embeddings.update(new)
+                embeddings.update(_as_stored(new))
                 self.metrics.embeddings_computed.inc(len(new))
             if self.weak_annotator is not None and self.weak_namespace is not None:
                 need_weak = [j for j, key in enumerate(chunk_keys) if key not in weak]
@@ -523,7 +527,7 @@ class MLBackend:
                     probabilities = np.asarray(answers.coarse_probabilities, dtype=np.float32)
                     new_weak = {chunk_keys[j]: probabilities[row] for row, j in enumerate(need_weak)}
                     self.store.put_many(self.weak_namespace, new_weak)
-                    weak.update(new_weak)
+                    weak.update(_as_stored(new_weak))
                     self.metrics.weak_labels_computed.inc(len(new_weak))
 
     def weak_in_project_order(self, probabilities: np.ndarray, hierarchy: LabelHierarchy) -> np.ndarray:
@@ -623,10 +627,16 @@ class MLBackend:
 
     def run_index(self, project_id: int) -> None:
         """Embed every task and get its weak label; at cold start, push VLM pre-annotations ranked for diversity."""
+        # Same lock as fit: an index push must never interleave with a fit's push and PATCH.
+        with project_lock(self.state(project_id).lock_path):
+            self._index_locked(project_id)
+
+    def _index_locked(self, project_id: int) -> None:
         client = self._client(project_id)
-        labeling, _ = self._project_labeling(project_id, client)
+        labeling, label_config = self._project_labeling(project_id, client)
         tasks = client.fetch_tasks(project_id)
         features = self.features(project_id, tasks, labeling, client)
+        self._context(project_id).indexed_schema = schema_hash(label_config)
         if not self.config.push_predictions:
             return
         state = self.state(project_id)
@@ -635,8 +645,8 @@ class MLBackend:
         if not unlabeled:
             return
         queue_scores: dict[int, float] | None = None
-        if model is None:
-            priorities_version, stored = state.priorities()
+        if model is None and model_version == COLD_START_VERSION:
+            priorities_version, _ = state.priorities()
             if priorities_version != COLD_START_VERSION:
                 queue_scores = self._cold_start_scores(tasks, unlabeled, features)
                 state.write_priorities(COLD_START_VERSION, queue_scores)
@@ -809,6 +819,11 @@ class MLBackend:
             if version == current:
                 continue  # deleting the current version would clear the project's model_version
             client.delete_model_version(project_id, version)
+
+
+def _as_stored(vectors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The float16 round trip of the store, so a fresh result equals the cached one bit for bit."""
+    return {k: np.asarray(v, dtype=np.float16).astype(np.float32) for k, v in vectors.items()}
 
 
 def _margin(probabilities: np.ndarray) -> float:

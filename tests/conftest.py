@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -22,6 +21,7 @@ from backend.label_config import recommended_label_config
 from backend.ls_client import LabelStudioClientFactory
 from backend.metrics import BackendMetrics
 from backend.service import ImageCodec, MLBackend
+from model.embedding_store import EmbeddingStore, content_key
 from model.hierarchy import LabelHierarchy
 from model.images import ImageLimits, decode_image
 
@@ -93,26 +93,9 @@ class FakeWeakAnnotator:
         return FakeWeakLabels(p.argmax(axis=1).astype(np.int64), p)
 
 
-class MemoryEmbeddingStore:
-    def __init__(self) -> None:
-        self.vectors: dict[str, dict[str, np.ndarray]] = {}
-        self._lock = threading.Lock()
-
-    def get_many(self, namespace: str, keys: Sequence[str]) -> dict[str, np.ndarray]:
-        with self._lock:
-            space = self.vectors.get(namespace, {})
-            return {k: space[k] for k in keys if k in space}
-
-    def put_many(self, namespace: str, vectors: dict[str, np.ndarray]) -> None:
-        with self._lock:
-            self.vectors.setdefault(namespace, {}).update(
-                {k: np.asarray(v, dtype=np.float16).astype(np.float32) for k, v in vectors.items()}
-            )
-
-
 def image_codec(limits: ImageLimits | None = None) -> ImageCodec:
     return ImageCodec(
-        content_key=lambda data: hashlib.sha256(data).hexdigest(),
+        content_key=content_key,
         decode=lambda data: decode_image(data, limits or ImageLimits()),
     )
 
@@ -248,7 +231,7 @@ class BackendParts:
     backend: MLBackend
     backbone: FakeBackbone
     weak: FakeWeakAnnotator
-    store: MemoryEmbeddingStore
+    store: EmbeddingStore
 
 
 @pytest.fixture
@@ -256,9 +239,10 @@ def make_backend(fake_ls: FakeLabelStudio) -> Callable[..., BackendParts]:
     """A backend with fake models wired to the fake Label Studio (LABEL_STUDIO_URL/API key set in its Config)."""
     built: list[MLBackend] = []
 
-    def build(config: Config, jobs: Any = None, store: MemoryEmbeddingStore | None = None) -> BackendParts:
+    def build(config: Config, jobs: Any = None) -> BackendParts:
         config = replace(config, label_studio_url=fake_ls.url, label_studio_api_key=API_KEY)
-        backbone, weak, store = FakeBackbone(), FakeWeakAnnotator(), store or MemoryEmbeddingStore()
+        backbone, weak = FakeBackbone(), FakeWeakAnnotator()
+        store = EmbeddingStore(config.model_dir / "embeddings.sqlite")
         backend = MLBackend(
             config,
             backbone=backbone,
