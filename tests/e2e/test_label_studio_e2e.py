@@ -1,0 +1,114 @@
+"""End to end against a real Label Studio: connect, pre-annotate, retrain on webhooks, and drive the queue.
+
+The tests run in file order and build on each other (one project, one backend), like an annotator's session.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from backend import ls_bootstrap as lsb
+
+from .conftest import FIT_TIMEOUT_S, LabeledProject, Stack, backend_get, make_project
+
+pytestmark = pytest.mark.e2e
+
+N_TASKS = 40
+N_ANNOTATED = 8
+
+
+@pytest.fixture(scope="module")
+def project(stack: Stack) -> LabeledProject:
+    return make_project(stack, "e2e active learning", N_TASKS, seed=1)
+
+
+def test_connect_backend(project: LabeledProject) -> None:
+    health = backend_get(project.stack, "/health")
+    assert health["status"] == "UP"
+
+    ml_backend_id = project.connect()
+
+    ml_backend = project.client.ml.get(ml_backend_id)
+    # Label Studio only reports CONNECTED after /health and /setup answered.
+    assert ml_backend.state == "CO", ml_backend.error_message
+    assert ml_backend.url == project.stack.backend.url
+    webhooks = lsb.api_get(project.stack.label_studio.url, project.stack.login.token,
+                           "/api/webhooks/", project=project.project_id)
+    assert [w["url"] for w in webhooks] == [project.stack.backend.url + "/webhook"]
+
+
+def test_predictions_carry_coarse_labels(project: LabeledProject) -> None:
+    project.connect()
+    try:
+        predictions = project.wait_for_predictions(timeout_s=120)
+    except TimeoutError:
+        # The backend pushes after indexing; if it did not, Label Studio's own action asks /predict.
+        lsb.request_predictions(project.client, project.project_id)
+        predictions = project.wait_for_predictions(timeout_s=60)
+
+    coarse_classes = set(project.labeling.hierarchy.coarse_classes)
+    assert {p["task"] for p in predictions} == set(project.task_ids)
+    for prediction in predictions:
+        coarse = [r for r in prediction["result"] if r["from_name"] == project.labeling.coarse_control]
+        assert len(coarse) == 1, prediction["result"]
+        assert coarse[0]["to_name"] == project.labeling.image_name
+        assert coarse[0]["value"]["choices"][0] in coarse_classes
+        assert 0.0 <= prediction["score"] <= 1.0
+    # Uncertainty sampling only sees predictions of the project's version.
+    assert project.model_version() == predictions[0]["model_version"]
+
+
+def test_annotations_lead_to_new_model_version(project: LabeledProject) -> None:
+    project.connect()
+    project.wait_for_predictions(timeout_s=120)
+    before = project.model_version()
+
+    for task_id in project.task_ids[:N_ANNOTATED]:
+        project.annotate(task_id)
+
+    new_version = project.wait_for_fit(n_fine=N_ANNOTATED)
+    assert new_version != before
+    assert new_version in backend_get(project.stack, "/versions", project=project.project_id)["versions"]
+
+
+def test_predictions_refreshed_for_unlabeled_tasks(project: LabeledProject) -> None:
+    version = project.wait_for_fit(n_fine=N_ANNOTATED)
+
+    predictions = project.wait_for_predictions(model_version=version, timeout_s=60)
+
+    unlabeled = set(project.task_ids[N_ANNOTATED:])
+    assert {p["task"] for p in predictions} == unlabeled
+    assert project.model_version() == version
+    # /setup (which Label Studio calls on ml.get) reports the same version, so "Retrieve predictions"
+    # does not re-predict everything.
+    assert project.client.ml.get(project.connect()).model_version == version
+
+
+def test_next_task_is_the_backends_first_pick(project: LabeledProject) -> None:
+    version = project.wait_for_fit(n_fine=N_ANNOTATED)
+    predictions = project.wait_for_predictions(model_version=version, timeout_s=60)
+    assert project.client.projects.get(project.project_id).sampling == lsb.UNCERTAINTY_SAMPLING
+
+    lowest = min(p["score"] for p in predictions)
+    backend_first = {p["task"] for p in predictions if p["score"] == lowest}
+    _, priorities = project.state().priorities()
+    assert min(priorities, key=priorities.get) in backend_first
+
+    task = lsb.next_task(project.stack.label_studio.url, project.stack.login.token, project.project_id)
+
+    assert task["id"] in backend_first, (task["id"], lowest, sorted(p["score"] for p in predictions)[:5])
+
+
+def test_start_training_retrains(project: LabeledProject) -> None:
+    version = project.wait_for_fit(n_fine=N_ANNOTATED)
+
+    project.client.ml.train(project.connect())
+
+    def retrained() -> str | None:
+        current = project.state().current()
+        moved = current is not None and current.model_version != version
+        return current.model_version if moved and project.model_version() == current.model_version else None
+
+    new_version = lsb.wait_until(retrained, FIT_TIMEOUT_S, "a retrain after START_TRAINING")
+    assert new_version != version
+    assert project.state().current().metrics["n_fine"] == N_ANNOTATED
