@@ -165,6 +165,11 @@ class MLBackend:
         self._parent_map = _read_parent_map(config.parent_map_file)
         self._downloads = ThreadPoolExecutor(max_workers=DOWNLOAD_THREADS, thread_name_prefix="vlm-al-download")
         self.weak_namespace = f"weak:{weak_annotator.name}" if weak_annotator is not None else None
+        shares_backbone = weak_annotator is not None and getattr(weak_annotator, "backbone", None) is backbone
+        self._weak_from_logits = (
+            shares_backbone and hasattr(backbone, "embed_and_logits") and hasattr(weak_annotator, "annotate_logits")
+        )
+        self._weak_from_embeddings = shares_backbone and hasattr(weak_annotator, "annotate_embeddings")
 
     # --- construction from the environment --------------------------------------------------------------------
 
@@ -514,6 +519,24 @@ class MLBackend:
             if not images:
                 continue
             need_embedding = [j for j, key in enumerate(chunk_keys) if key not in embeddings]
+            if need_embedding and self._weak_from_logits:
+                # One forward pass gives the embedding and the ImageNet logits the label map reads.
+                vectors, logits = self.backbone.embed_and_logits([images[j] for j in need_embedding])
+                new = {chunk_keys[j]: np.asarray(vectors[row], np.float32) for row, j in enumerate(need_embedding)}
+                self.store.put_many(self.backbone.name, new)
+                embeddings.update(_as_stored(new))
+                self.metrics.embeddings_computed.inc(len(new))
+                missing_weak = [row for row, j in enumerate(need_embedding) if chunk_keys[j] not in weak]
+                if missing_weak:
+                    answers = self.weak_annotator.annotate_logits(np.asarray(logits)[missing_weak])
+                    new_weak = {
+                        chunk_keys[need_embedding[row]]: np.asarray(answers.coarse_probabilities[k], np.float32)
+                        for k, row in enumerate(missing_weak)
+                    }
+                    self.store.put_many(self.weak_namespace, new_weak)
+                    weak.update(_as_stored(new_weak))
+                    self.metrics.weak_labels_computed.inc(len(new_weak))
+                need_embedding = []
             if need_embedding:
                 vectors = np.asarray(self.backbone.embed([images[j] for j in need_embedding]), dtype=np.float32)
                 new = {chunk_keys[j]: vectors[row] for row, j in enumerate(need_embedding)}
@@ -523,7 +546,12 @@ class MLBackend:
             if self.weak_annotator is not None and self.weak_namespace is not None:
                 need_weak = [j for j, key in enumerate(chunk_keys) if key not in weak]
                 if need_weak:
-                    answers = self.weak_annotator.annotate([images[j] for j in need_weak])
+                    if self._weak_from_embeddings:
+                        answers = self.weak_annotator.annotate_embeddings(
+                            np.stack([embeddings[chunk_keys[j]] for j in need_weak])
+                        )
+                    else:
+                        answers = self.weak_annotator.annotate([images[j] for j in need_weak])
                     probabilities = np.asarray(answers.coarse_probabilities, dtype=np.float32)
                     new_weak = {chunk_keys[j]: probabilities[row] for row, j in enumerate(need_weak)}
                     self.store.put_many(self.weak_namespace, new_weak)
@@ -957,10 +985,53 @@ def build_components(config: Config) -> Components:
 
 
 def build_weak_annotator(config: Config, backbone: Any) -> Any:
+    """The weak coarse annotator named by WEAK_ANNOTATOR, sharing the backbone's model where it can."""
     if config.weak_annotator == "none":
         return None
     if config.weak_annotator == "imagenet-map":
-        from model.weak.classifier_label_map import ClassifierLabelMap
+        from model.embeddings import TimmBackbone
+        from model.weak.classifier_label_map import ClassifierLabelMap, load_imagenet_map
 
-        return ClassifierLabelMap.from_json_file(backbone, config.imagenet_map_file, cost_per_label=config.cost_weak)
-    raise ValueError(f"WEAK_ANNOTATOR={config.weak_annotator} is not wired yet")
+        try:
+            groups = json.loads(Path(config.imagenet_map_file).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"IMAGENET_MAP_FILE {config.imagenet_map_file}: {exc}") from exc
+        coarse_classes = list(groups)
+        classifier = backbone if hasattr(backbone, "classify_logits") else TimmBackbone(
+            "efficientnet_lite0", image_size=config.image_size
+        )
+        mapping = load_imagenet_map(config.imagenet_map_file, coarse_classes)
+        return ClassifierLabelMap(classifier, mapping, coarse_classes, cost_per_label=config.cost_weak)
+    # Open-vocabulary annotators need the class names up front: PARENT_MAP_FILE, else the demo's groups.
+    hierarchy = _startup_hierarchy(config)
+    if config.weak_annotator == "open-clip":
+        from model.embeddings import OpenClipImageBackbone
+        from model.weak.openclip_zeroshot import OpenClipZeroShot
+
+        if (
+            isinstance(backbone, OpenClipImageBackbone)
+            and getattr(backbone, "model_name", None) == config.open_clip_model
+        ):
+            return OpenClipZeroShot.from_backbone(backbone, hierarchy, cost_per_label=config.cost_weak)
+        return OpenClipZeroShot(
+            config.open_clip_model, config.open_clip_pretrained, hierarchy, cost_per_label=config.cost_weak
+        )
+    if config.weak_annotator == "openai":
+        from model.weak.openai_compatible import OpenAICompatibleVLM
+
+        return OpenAICompatibleVLM(
+            config.vlm_api_base_url or "",
+            config.vlm_api_key,
+            config.vlm_api_model or "",
+            hierarchy.coarse_classes,
+            cost_per_label=config.cost_weak,
+        )
+    raise ValueError(f"unknown WEAK_ANNOTATOR {config.weak_annotator!r}")
+
+
+def _startup_hierarchy(config: Config) -> LabelHierarchy:
+    if config.parent_map_file is not None:
+        return LabelHierarchy.from_json_file(config.parent_map_file)
+    from model.datasets import fashion_mnist_hierarchy
+
+    return fashion_mnist_hierarchy()

@@ -342,3 +342,55 @@ def test_project_updated_reparses_a_changed_config(fake_ls, make_config, make_ba
     response = client.post("/webhook", json={"action": "PROJECT_UPDATED",
                                              "project": {"id": PROJECT_ID, "label_config": "<View></View>"}})
     assert response.status_code == 200 and response.get_json()["usable"] is False
+
+
+@pytest.fixture(scope="module")
+def real_components(tmp_path_factory):
+    """The shipped default: efficientnet_lite0 with its packaged ImageNet weights + the ImageNet-map annotator."""
+    from backend.config import Config
+    from backend.service import build_components
+
+    return build_components(Config(model_dir=tmp_path_factory.mktemp("real"), image_size=64))
+
+
+def test_real_backbone_and_weak_annotator_end_to_end_through_predict(fake_ls, make_config, real_components):
+    from backend.label_config import RECOMMENDED_FASHION_MNIST_CONFIG
+    from backend.ls_client import LabelStudioClientFactory
+    from backend.metrics import BackendMetrics
+    from backend.service import MLBackend
+    from model.datasets import FASHION_MNIST_GROUPS, load_fashion_mnist, to_pil
+    import io
+
+    images, _ = load_fashion_mnist("test")
+    fake_ls.label_config = RECOMMENDED_FASHION_MNIST_CONFIG.read_text()
+    for i in range(6):
+        buffer = io.BytesIO()
+        to_pil(images[i], invert=True, size=64).save(buffer, format="PNG")
+        fake_ls.add_task(i + 1, None, image=buffer.getvalue())
+    config = make_config(push_predictions=False, image_size=64, label_studio_url=fake_ls.url,
+                         label_studio_api_key=API_KEY)
+    backend = MLBackend(
+        config, backbone=real_components.backbone, weak_annotator=real_components.weak_annotator,
+        embedding_store=real_components.embedding_store, image_codec=real_components.image_codec,
+        ls_clients=LabelStudioClientFactory(config.model_dir / "downloads", config.max_image_bytes, fake_ls.url,
+                                            API_KEY),
+        metrics=BackendMetrics(),
+    )
+    try:
+        client = create_app(config, backend).test_client()
+        body = predict_body(fake_ls)
+        response = client.post("/predict", json=body)
+        assert response.status_code == 200, response.get_json()
+        results = response.get_json()["results"]
+        assert len(results) == 6
+        for prediction in results:
+            coarse = prediction["result"][0]
+            assert coarse["from_name"] == "coarse" and coarse["value"]["choices"][0] in FASHION_MNIST_GROUPS
+            assert 0.0 <= coarse["score"] <= 1.0 and 0.0 <= prediction["score"] <= 1.0
+        assert counter_value(backend, "vlm_al_embeddings_computed_total") == 6
+        assert counter_value(backend, "vlm_al_weak_labels_computed_total") == 6
+        again = client.post("/predict", json=body)
+        assert again.get_json()["results"] == results
+        assert counter_value(backend, "vlm_al_embeddings_computed_total") == 6
+    finally:
+        backend.jobs.shutdown()
