@@ -154,3 +154,48 @@ def test_secrets_never_reach_the_logs(fake_ls, make_config, make_backend, caplog
     assert API_KEY not in caplog.text and setup_token not in caplog.text
     assert "[REDACTED]" in caplog.text
     assert any("none.png" in r.getMessage() for r in caplog.records)  # errors are still logged
+
+
+def test_cli_parses_serve_and_refuses_unknown_commands(capsys):
+    from backend.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--help"])
+    assert exit_info.value.code == 0 and "--port" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["launch"])
+    assert exit_info.value.code == 2
+
+
+@pytest.mark.e2e
+def test_vlm_al_serve_runs_gunicorn_and_answers_health(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import requests
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MODEL_DIR": str(tmp_path), "WEAK_ANNOTATOR": "none", "IMAGE_SIZE": "64",
+           "BASIC_AUTH_USER": "u", "BASIC_AUTH_PASS": "secret-pass-1"}
+    server = subprocess.Popen([sys.executable, "-m", "backend.cli", "serve", "--port", str(port)], env=env)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                response = requests.get(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except (requests.ConnectionError, requests.Timeout):  # the worker is still loading the models
+                assert server.poll() is None, "vlm-al serve exited"
+                time.sleep(0.5)
+        assert response.json()["status"] == "UP"
+        assert requests.get(f"http://127.0.0.1:{port}/versions", timeout=5).status_code == 401
+        assert requests.get(f"http://127.0.0.1:{port}/versions", auth=("u", "secret-pass-1"), timeout=5).json() == {
+            "versions": []}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
