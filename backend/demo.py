@@ -87,18 +87,30 @@ def ensure_ml_backend(client, project_id: int, url: str) -> int:
     return lsb.connect_ml_backend(client, project_id, url, title=ML_BACKEND_TITLE)
 
 
-def wait_for_predictions(client, project_id: int, timeout_s: float) -> int:
-    """Wait until predictions exist; nudge Label Studio with "Retrieve predictions" if the push is slow."""
+def wait_for_predictions(client, project_id: int, ml_backend_id: int, timeout_s: float) -> int:
+    """Wait until the tasks hold predictions of the project's model_version (what Uncertainty sampling reads).
+
+    The backend pushes them after indexing and moves the project's model_version. If nothing arrives for a
+    while, ask Label Studio to call /predict ("Retrieve predictions") and point the project at that version.
+    """
     started = time.monotonic()
     nudged = False
 
     def count() -> int:
         nonlocal nudged
-        n = len(client.predictions.list(project=project_id))
-        if n == 0 and not nudged and time.monotonic() - started > PREDICTION_ACTION_AFTER_S:
-            nudged = True
-            logger.info("no predictions pushed yet; asking Label Studio to retrieve them")
-            lsb.request_predictions(client, project_id)
+        version = client.projects.get(project_id).model_version
+        n = 0
+        if version and version != ML_BACKEND_TITLE:
+            n = sum(1 for p in client.predictions.list(project=project_id) if p.model_version == version)
+        if n == 0 and time.monotonic() - started > PREDICTION_ACTION_AFTER_S:
+            if not nudged:
+                nudged = True
+                logger.info("no predictions pushed yet; asking Label Studio to retrieve them")
+                lsb.request_predictions(client, project_id)
+            backend_version = client.ml.get(ml_backend_id).model_version
+            if backend_version and any(p.model_version == backend_version
+                                       for p in client.predictions.list(project=project_id)):
+                lsb.set_project_model_version(client, project_id, backend_version)
         return n
 
     return int(lsb.wait_until(count, timeout_s, "the first predictions", interval_s=2.0))
@@ -164,8 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         logger.info("starting the backend on %s (loads the models)", backend.url)
         backend.start()
-        ensure_ml_backend(client, project_id, backend.url)
-        n_predictions = wait_for_predictions(client, project_id, PREDICTIONS_TIMEOUT_S)
+        ml_backend_id = ensure_ml_backend(client, project_id, backend.url)
+        n_predictions = wait_for_predictions(client, project_id, ml_backend_id, PREDICTIONS_TIMEOUT_S)
 
         print_banner(label_studio, backend, login, project_id, n_predictions, data_dir)
         if args.no_wait:

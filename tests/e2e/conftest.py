@@ -101,6 +101,14 @@ class LabeledProject:
 
         return lsb.wait_until(fitted, timeout_s, f"a model fitted on {n_fine} fine labels", interval_s=1.0)
 
+    def ensure_first_predictions(self, push_timeout_s: float = 120.0) -> list[dict]:
+        """Wait for the backend's pushed pre-annotations; if none come, ask Label Studio to call /predict."""
+        try:
+            return self.wait_for_predictions(timeout_s=push_timeout_s)
+        except TimeoutError:
+            lsb.request_predictions(self.client, self.project_id)
+            return self.wait_for_predictions(timeout_s=60)
+
     def wait_for_predictions(self, model_version: str | None = None, timeout_s: float = FIT_TIMEOUT_S) -> list[dict]:
         """Predictions of `model_version` (default: the project's) once one exists for every unlabeled task."""
 
@@ -136,17 +144,33 @@ def _backend_env(label_studio_url: str, token: str, model_dir: Path) -> dict[str
         "FIT_DEBOUNCE_SECONDS": "1",
         "WORKERS": "1",
         "THREADS": "4",
-        "TORCH_THREADS": "2",
+        "TORCH_THREADS": "1",
         "LOG_LEVEL": "INFO",
     }
 
 
+TIMINGS = pytest.StashKey[dict[str, float]]()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run the browser check after the API-level e2e steps, so a failure points at the layer that broke."""
+    items.sort(key=lambda item: item.get_closest_marker("browser") is not None)
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    timings = config.stash.get(TIMINGS, None)
+    if timings:
+        rendered = ", ".join(f"{name} {seconds:.1f}" for name, seconds in timings.items())
+        terminalreporter.write_line(f"e2e set-up timings (s): {rendered}")
+
+
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("e2e")
     started = time.monotonic()
     venv_dir = _label_studio_venv()
-    timings = {"label_studio_venv_s": time.monotonic() - started}
+    timings = {"label_studio_venv": time.monotonic() - started}
+    pytestconfig.stash[TIMINGS] = timings
     login = lsb.LabelStudioLogin("e2e@vlm-al.local", secrets.token_urlsafe(12), lsb.new_token())
     document_root = root / "files"
     model_dir = root / "model_dir"
@@ -170,14 +194,15 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         with ThreadPoolExecutor(max_workers=2) as pool:
             for future in [pool.submit(label_studio.start), pool.submit(backend.start)]:
                 future.result()
-        timings["label_studio_start_s"] = label_studio.startup_seconds or 0.0
-        timings["backend_start_s"] = backend.startup_seconds or 0.0
-        timings["ready_s"] = time.monotonic() - started
+        timings["label_studio_start"] = label_studio.startup_seconds or 0.0
+        timings["backend_start"] = backend.startup_seconds or 0.0
+        timings["both_ready"] = time.monotonic() - started
         yield stack
     finally:
+        stopping = time.monotonic()
         backend.stop()
         label_studio.stop()
-        print(f"\ne2e timings: {timings}; logs in {root}")
+        timings["stop"] = time.monotonic() - stopping
 
 
 def make_project(stack: Stack, title: str, n_tasks: int, seed: int) -> LabeledProject:

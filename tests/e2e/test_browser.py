@@ -34,7 +34,7 @@ PAGE_TIMEOUT_MS = 90_000
 def project(stack: Stack) -> LabeledProject:
     project = make_project(stack, "browser check", N_TASKS, seed=2)
     project.connect()
-    project.wait_for_predictions(timeout_s=180)
+    project.ensure_first_predictions()
     for task_id in project.task_ids[:N_ANNOTATED_BY_API]:
         project.annotate(task_id)
     project.wait_for_fit(n_fine=N_ANNOTATED_BY_API)

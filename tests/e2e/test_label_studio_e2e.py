@@ -39,12 +39,7 @@ def test_connect_backend(project: LabeledProject) -> None:
 
 def test_predictions_carry_coarse_labels(project: LabeledProject) -> None:
     project.connect()
-    try:
-        predictions = project.wait_for_predictions(timeout_s=120)
-    except TimeoutError:
-        # The backend pushes after indexing; if it did not, Label Studio's own action asks /predict.
-        lsb.request_predictions(project.client, project.project_id)
-        predictions = project.wait_for_predictions(timeout_s=60)
+    predictions = project.ensure_first_predictions()
 
     coarse_classes = set(project.labeling.hierarchy.coarse_classes)
     assert {p["task"] for p in predictions} == set(project.task_ids)
@@ -60,7 +55,7 @@ def test_predictions_carry_coarse_labels(project: LabeledProject) -> None:
 
 def test_annotations_lead_to_new_model_version(project: LabeledProject) -> None:
     project.connect()
-    project.wait_for_predictions(timeout_s=120)
+    project.ensure_first_predictions()
     before = project.model_version()
 
     for task_id in project.task_ids[:N_ANNOTATED]:
@@ -91,7 +86,8 @@ def test_next_task_is_the_backends_first_pick(project: LabeledProject) -> None:
 
     lowest = min(p["score"] for p in predictions)
     backend_first = {p["task"] for p in predictions if p["score"] == lowest}
-    _, priorities = project.state().priorities()
+    priorities_version, priorities = project.state().priorities()
+    assert priorities_version == version
     assert min(priorities, key=priorities.get) in backend_first
 
     task = lsb.next_task(project.stack.label_studio.url, project.stack.login.token, project.project_id)
