@@ -293,9 +293,15 @@ class MLBackend:
     # --- HTTP-facing operations -------------------------------------------------------------------------------
 
     def health(self) -> dict[str, Any]:
+        """From memory only: Label Studio gives /health one second."""
+        with self._projects_lock:
+            loaded = {pid: ctx.model_version for pid, ctx in self._projects.items() if ctx.model_version}
+        newest = max(loaded.values(), key=lambda v: version_number(v) or 0, default=COLD_START_VERSION)
         return {
             "status": "UP",
             "model_class": type(self).__name__,
+            "model_version": newest,
+            "model_versions": {str(pid): version for pid, version in sorted(loaded.items())},
             "backbone": self.backbone.name,
             "weak_annotator": self.weak_annotator.name if self.weak_annotator is not None else None,
         }
@@ -393,6 +399,14 @@ class MLBackend:
             self._context(project_id).label_config = label_config
         self.queue_fit(project_id)
         return {"status": "queued", "job": f"fit:{project_id}", "annotated_tasks": len(tasks)}
+
+    def fit(self, event: str, data: Mapping[str, Any]) -> dict[str, Any]:
+        """The label-studio-ml ``fit(event, data)`` contract: same as a webhook."""
+        return self.handle_event(event, data)
+
+    def index(self, project_id: int, tasks: Sequence[Mapping[str, Any]] | None = None) -> None:
+        """Queue background indexing; the job fetches the project's task list itself, so ``tasks`` is advisory."""
+        self.queue_index(project_id)
 
     def queue_index(self, project_id: int) -> None:
         self.jobs.submit(f"index:{project_id}", lambda: self.run_index(project_id))

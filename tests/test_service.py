@@ -202,6 +202,8 @@ def test_fit_trains_saves_pushes_once_and_moves_the_project_version(fake_ls, mak
     # /setup reports the same version the project was moved to
     assert client.post("/setup", json=setup_body(fake_ls)).get_json() == {"model_version": "vlm-al-v1"}
     assert client.get(f"/versions?project={PROJECT_ID}").get_json() == {"versions": ["vlm-al-v1"]}
+    health = client.get("/health").get_json()
+    assert health["model_version"] == "vlm-al-v1" and health["model_versions"] == {str(PROJECT_ID): "vlm-al-v1"}
 
 
 def test_fine_suggestion_respects_the_confidence_threshold(fake_ls, make_config, make_backend):
