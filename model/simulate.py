@@ -1,0 +1,945 @@
+"""The offline active-learning benchmark behind ``vlm-al simulate``.
+
+A simulated oracle answers every query from the data set's true labels; the weak annotator is either the
+real ImageNet classifier with a label map, or a simulated VLM whose coarse answers follow a known, systematic
+transition matrix. Strategies are compared at equal cost on the fine test accuracy of a model trained on
+frozen embeddings, which are computed once and cached on disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import multiprocessing
+import os
+import platform
+import re
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from model.errors import ModelInputError
+from model.hierarchy import MISSING_LABEL, LabelHierarchy
+from model.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+CONDITIONS = ("imagenet-map", "simulated")
+STRATEGY_NAMES = (
+    "random",
+    "margin",
+    "entropy",
+    "k-center",
+    "isoal-human-coarse",
+    "vlm-no-T",
+    "vlm-T-reference",
+    "ours",
+)
+DEFAULT_CACHE_DIR = "~/.cache/vlm-al"
+DEFAULT_OUT_DIR = "bench/results/simulate"
+BACKBONE_SPEC = "efficientnet_lite0"
+
+SIMULATED_CONFUSION_NEIGHBOURS: dict[str, dict[str, float]] = {
+    # Where the simulated VLM's errors go, per true group (shares of the error mass). Plausible look-alikes:
+    # long tops vs dresses, boots vs handbags; never uniform noise, so the transition matrix matters.
+    "tops": {"bottoms and dresses": 0.7, "bags": 0.3},
+    "bottoms and dresses": {"tops": 0.85, "bags": 0.15},
+    "footwear": {"bags": 0.8, "bottoms and dresses": 0.2},
+    "bags": {"footwear": 0.5, "tops": 0.5},
+}
+
+
+# --------------------------------------------------------------------------------------------------- options
+
+
+@dataclass(frozen=True)
+class SimulationOptions:
+    dataset: str = "fashion-mnist"
+    split: str = "train"
+    pool_size: int = 6000
+    test_size: int = 2000
+    image_size: int = 112
+    hierarchy: str | None = None
+    seeds: int = 5
+    rounds: int = 6
+    budget: float = 30.0
+    seed_per_class: int = 3
+    cost_weak: float = 0.02
+    cost_human_coarse: float = 0.1
+    strategies: tuple[str, ...] = STRATEGY_NAMES
+    weak_annotators: tuple[str, ...] = CONDITIONS
+    simulated_accuracy: float = 0.85
+    cache_dir: str = DEFAULT_CACHE_DIR
+    out: str = DEFAULT_OUT_DIR
+    threads: int = 2
+    data_root: str | None = None
+    progress: bool = True
+
+    def validate(self) -> None:
+        positive = {
+            "pool-size": self.pool_size,
+            "test-size": self.test_size,
+            "image-size": self.image_size,
+            "seeds": self.seeds,
+            "seed-per-class": self.seed_per_class,
+            "threads": self.threads,
+        }
+        for name, value in positive.items():
+            if value < 1:
+                raise ModelInputError(f"--{name} must be at least 1, got {value}")
+        if self.rounds < 0:
+            raise ModelInputError(f"--rounds must be >= 0, got {self.rounds}")
+        if not self.budget > 0:
+            raise ModelInputError(f"--budget must be > 0, got {self.budget}")
+        for name, value in (("cost-weak", self.cost_weak), ("cost-human-coarse", self.cost_human_coarse)):
+            if not 0 < value <= 1:
+                raise ModelInputError(f"--{name} must be in (0, 1], got {value}")
+        if not 0 < self.simulated_accuracy <= 1:
+            raise ModelInputError(f"--simulated-accuracy must be in (0, 1], got {self.simulated_accuracy}")
+        unknown = [s for s in self.strategies if s not in STRATEGY_NAMES]
+        if unknown or not self.strategies:
+            raise ModelInputError(f"unknown strategies {unknown}; choose from {list(STRATEGY_NAMES)}")
+        if self.dataset != "fashion-mnist":
+            raise ModelInputError(f"unknown dataset {self.dataset!r}; supported: fashion-mnist")
+        if self.split not in ("train", "test"):
+            raise ModelInputError(f"--split must be train or test, got {self.split!r}")
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    defaults = SimulationOptions()
+    parser = argparse.ArgumentParser(
+        prog="vlm-al simulate",
+        description="Offline active-learning benchmark with a simulated oracle and a weak coarse annotator.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--dataset", default=defaults.dataset, choices=["fashion-mnist"])
+    parser.add_argument(
+        "--split",
+        default=defaults.split,
+        choices=["train", "test"],
+        help="split the pool is drawn from; accuracy is measured on the other split",
+    )
+    parser.add_argument("--pool-size", type=int, default=defaults.pool_size, help="first N images of the split")
+    parser.add_argument("--test-size", type=int, default=defaults.test_size, help="first N images of the other split")
+    parser.add_argument("--image-size", type=int, default=defaults.image_size, help="backbone input size in pixels")
+    parser.add_argument("--hierarchy", default=None, help="JSON map fine class -> coarse class (default: 4 groups)")
+    parser.add_argument("--seeds", type=int, default=defaults.seeds)
+    parser.add_argument("--rounds", type=int, default=defaults.rounds)
+    parser.add_argument("--budget", type=float, default=defaults.budget, help="label cost per round")
+    parser.add_argument("--seed-per-class", type=int, default=defaults.seed_per_class)
+    parser.add_argument("--cost-weak", type=float, default=defaults.cost_weak, help="cost of a VLM coarse label")
+    parser.add_argument("--cost-human-coarse", type=float, default=defaults.cost_human_coarse)
+    parser.add_argument("--strategies", default=",".join(STRATEGY_NAMES), help="comma-separated")
+    parser.add_argument("--weak-annotator", default="both", choices=["imagenet-map", "simulated", "both"])
+    parser.add_argument("--simulated-accuracy", type=float, default=defaults.simulated_accuracy)
+    parser.add_argument("--cache-dir", default=defaults.cache_dir)
+    parser.add_argument("--out", default=defaults.out)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help="CPU threads: torch threads for the embedding pass, worker processes for the runs",
+    )
+    parser.add_argument("--data-root", default=None, help="Fashion-MNIST directory (default: the Debian package's)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def parse_options(argv: Sequence[str] | None = None) -> SimulationOptions:
+    args = build_arg_parser().parse_args(argv)
+    weak = CONDITIONS if args.weak_annotator == "both" else (args.weak_annotator,)
+    options = SimulationOptions(
+        dataset=args.dataset,
+        split=args.split,
+        pool_size=args.pool_size,
+        test_size=args.test_size,
+        image_size=args.image_size,
+        hierarchy=args.hierarchy,
+        seeds=args.seeds,
+        rounds=args.rounds,
+        budget=args.budget,
+        seed_per_class=args.seed_per_class,
+        cost_weak=args.cost_weak,
+        cost_human_coarse=args.cost_human_coarse,
+        strategies=tuple(s.strip() for s in args.strategies.split(",") if s.strip()),
+        weak_annotators=weak,
+        simulated_accuracy=args.simulated_accuracy,
+        cache_dir=args.cache_dir,
+        out=args.out,
+        threads=args.threads,
+        data_root=args.data_root,
+        progress=not args.no_progress,
+    )
+    options.validate()
+    return options
+
+
+# ------------------------------------------------------------------------------------ simulated annotators
+
+
+def simulated_transition_matrix(hierarchy: LabelHierarchy, accuracy: float) -> np.ndarray:
+    """The simulated VLM's known coarse transition matrix: ``accuracy`` on the diagonal of every row.
+
+    The error mass goes to fixed look-alike groups (``SIMULATED_CONFUSION_NEIGHBOURS``) when the hierarchy has
+    the default group names; for other hierarchies, to the next group in order (still systematic, not uniform).
+    """
+    if not 0 < accuracy <= 1:
+        raise ModelInputError(f"simulated accuracy must be in (0, 1], got {accuracy}")
+    n_coarse = hierarchy.n_coarse
+    if n_coarse == 1:
+        return np.ones((1, 1))
+    matrix = np.zeros((n_coarse, n_coarse))
+    use_named = set(hierarchy.coarse_classes) == set(SIMULATED_CONFUSION_NEIGHBOURS)
+    for i, name in enumerate(hierarchy.coarse_classes):
+        matrix[i, i] = accuracy
+        if use_named:
+            for neighbour, share in SIMULATED_CONFUSION_NEIGHBOURS[name].items():
+                matrix[i, hierarchy.coarse_index(neighbour)] += (1.0 - accuracy) * share
+        else:
+            matrix[i, (i + 1) % n_coarse] += 1.0 - accuracy
+    return matrix
+
+
+def draw_weak_labels(true_coarse: np.ndarray, transition: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One weak answer per sample, drawn from the row of its true coarse class."""
+    true_coarse = np.asarray(true_coarse, dtype=np.int64)
+    n_coarse = transition.shape[0]
+    if np.any((true_coarse < 0) | (true_coarse >= n_coarse)):
+        raise ModelInputError(f"true coarse labels must lie in [0, {n_coarse})")
+    cumulative = np.cumsum(transition, axis=1)
+    cumulative[:, -1] = 1.0
+    draws = rng.random(true_coarse.shape[0])
+    return np.minimum((draws[:, None] >= cumulative[true_coarse]).sum(axis=1), n_coarse - 1).astype(np.int64)
+
+
+def coarse_confusion_counts(true_coarse: np.ndarray, weak_coarse: np.ndarray, n_coarse: int) -> np.ndarray:
+    """int64 (C, C+1): row = true coarse class, column = weak answer; the last column counts missing answers."""
+    counts = np.zeros((n_coarse, n_coarse + 1), dtype=np.int64)
+    answers = np.where(np.asarray(weak_coarse) == MISSING_LABEL, n_coarse, weak_coarse)
+    np.add.at(counts, (np.asarray(true_coarse, dtype=np.int64), answers.astype(np.int64)), 1)
+    return counts
+
+
+def draw_seed_set(
+    fine_labels: np.ndarray, n_fine: int, per_class: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Indices of ``per_class`` random samples of every fine class (sorted)."""
+    fine_labels = np.asarray(fine_labels, dtype=np.int64)
+    chosen = []
+    for fine in range(n_fine):
+        members = np.flatnonzero(fine_labels == fine)
+        if members.size < per_class:
+            raise ModelInputError(
+                f"fine class {fine} has {members.size} samples in the pool, fewer than the seed's {per_class}"
+            )
+        chosen.append(rng.choice(members, size=per_class, replace=False))
+    return np.sort(np.concatenate(chosen))
+
+
+# ------------------------------------------------------------------------------------------- the oracle
+
+
+@dataclass
+class LabelledPool:
+    """What has been bought so far for every pool sample (``MISSING_LABEL`` = not yet)."""
+
+    fine: np.ndarray
+    weak_coarse: np.ndarray
+    human_coarse: np.ndarray
+    weak_asked: np.ndarray
+    """bool: the weak annotator was asked (its answer may still be missing: it matched no class)."""
+
+    @classmethod
+    def empty(cls, n: int) -> LabelledPool:
+        missing = [np.full(n, MISSING_LABEL, dtype=np.int64) for _ in range(3)]
+        return cls(*missing, weak_asked=np.zeros(n, dtype=bool))
+
+    def trusted(self) -> np.ndarray:
+        """Samples with a human fine label and a weak answer: the pairs that estimate the noise model."""
+        return np.flatnonzero((self.fine != MISSING_LABEL) & (self.weak_coarse != MISSING_LABEL))
+
+
+@dataclass(frozen=True)
+class SimulatedOracle:
+    """Answers queries from the truth: human fine/coarse labels, and the weak annotator's precomputed answers."""
+
+    true_fine: np.ndarray
+    true_coarse: np.ndarray
+    weak_answers: np.ndarray
+    cost_human_fine: float
+    cost_weak: float
+    cost_human_coarse: float
+
+    def price(self, pool: LabelledPool, index: int, kind: str) -> float:
+        """What ``buy`` would charge: nothing for a label that is already known."""
+        if kind == "human_fine":
+            return 0.0 if pool.fine[index] != MISSING_LABEL else self.cost_human_fine
+        if kind == "weak_coarse":
+            return 0.0 if pool.weak_asked[index] else self.cost_weak
+        if kind == "human_coarse":
+            known = pool.human_coarse[index] != MISSING_LABEL or pool.fine[index] != MISSING_LABEL
+            return 0.0 if known else self.cost_human_coarse
+        raise ModelInputError(f"unknown label kind {kind!r}")
+
+    def buy(self, pool: LabelledPool, index: int, kind: str) -> float:
+        """Record one label in ``pool`` and return what it cost."""
+        price = self.price(pool, index, kind)
+        if price == 0.0:
+            return 0.0
+        if kind == "human_fine":
+            pool.fine[index] = self.true_fine[index]
+        elif kind == "weak_coarse":
+            pool.weak_asked[index] = True
+            pool.weak_coarse[index] = self.weak_answers[index]
+        else:
+            pool.human_coarse[index] = self.true_coarse[index]
+        return price
+
+
+# ------------------------------------------------------------------------------------ features and cache
+
+
+@dataclass(frozen=True)
+class SplitFeatures:
+    """The first ``n`` images of a split: backbone embeddings, ImageNet logits and fine labels."""
+
+    embeddings: np.ndarray
+    logits: np.ndarray
+    fine_labels: np.ndarray
+
+    def head(self, n: int) -> SplitFeatures:
+        return SplitFeatures(self.embeddings[:n], self.logits[:n], self.fine_labels[:n])
+
+
+def feature_cache_path(cache_dir: str | Path, dataset: str, split: str, image_size: int, preprocessing: str,
+                       backbone_name: str) -> Path:
+    key = f"{dataset}-{split}-{image_size}px-{preprocessing}-{backbone_name}"
+    return Path(cache_dir).expanduser() / "simulate" / (re.sub(r"[^A-Za-z0-9._-]+", "_", key) + ".npz")
+
+
+def read_feature_cache(path: Path) -> SplitFeatures | None:
+    try:
+        with np.load(path) as data:
+            features = SplitFeatures(
+                embeddings=data["embeddings"].astype(np.float32),
+                logits=data["logits"].astype(np.float32),
+                fine_labels=data["fine_labels"].astype(np.int64),
+            )
+    except (OSError, KeyError, ValueError):
+        return None  # a missing or damaged cache is recomputed
+    n = features.fine_labels.shape[0]
+    if features.embeddings.shape[0] != n or features.logits.shape[0] != n:
+        return None
+    return features
+
+
+def write_feature_cache(path: Path, features: SplitFeatures) -> None:
+    buffer = io.BytesIO()
+    np.savez(
+        buffer,
+        embeddings=features.embeddings.astype(np.float32),
+        logits=features.logits.astype(np.float32),
+        fine_labels=features.fine_labels.astype(np.int64),
+    )
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+
+
+@dataclass
+class StrategyRun:
+    """One strategy under one condition and seed: a point after the seed set and after every round."""
+
+    cost: list[float] = field(default_factory=list)
+    accuracy: list[float] = field(default_factory=list)
+    human_fine_labels: list[int] = field(default_factory=list)
+    weak_labels: list[int] = field(default_factory=list)
+    human_coarse_labels: list[int] = field(default_factory=list)
+    final_transition: list[list[float]] | None = None
+    seconds: float = 0.0
+
+
+def summarise_runs(runs: Sequence[StrategyRun]) -> dict:
+    """Mean and std over seeds, per round (cost is averaged too: a strategy may leave a few cents unspent)."""
+    accuracy = np.array([run.accuracy for run in runs], dtype=np.float64)
+    cost = np.array([run.cost for run in runs], dtype=np.float64)
+    return {
+        "cost": cost.mean(axis=0).round(4).tolist(),
+        "accuracy_mean": accuracy.mean(axis=0).round(5).tolist(),
+        "accuracy_std": accuracy.std(axis=0).round(5).tolist(),
+        "accuracy_per_seed": accuracy.round(5).tolist(),
+        "cost_per_seed": cost.round(4).tolist(),
+        "labels_per_round_mean": {
+            "human_fine": np.mean([run.human_fine_labels for run in runs], axis=0).round(2).tolist(),
+            "weak": np.mean([run.weak_labels for run in runs], axis=0).round(2).tolist(),
+            "human_coarse": np.mean([run.human_coarse_labels for run in runs], axis=0).round(2).tolist(),
+        },
+        "seconds_per_seed_mean": round(float(np.mean([run.seconds for run in runs])), 2),
+    }
+
+
+def mean_after_seed(accuracy_per_seed: Sequence[Sequence[float]]) -> float:
+    """Mean accuracy over rounds 1..R (round 0 is the seed set, the same for every strategy), over seeds."""
+    array = np.asarray(accuracy_per_seed, dtype=np.float64)
+    return float(array[:, 1:].mean()) if array.shape[1] > 1 else float(array.mean())
+
+
+def plot_learning_curves(path: Path, condition: str, strategies: dict[str, dict], title_note: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(8, 5.5))
+    for name, summary in strategies.items():
+        cost = np.asarray(summary["cost"])
+        mean = np.asarray(summary["accuracy_mean"]) * 100
+        std = np.asarray(summary["accuracy_std"]) * 100
+        style = {"linewidth": 2.6, "color": "black"} if name == "ours" else {"linewidth": 1.4}
+        (line,) = axes.plot(cost, mean, marker="o", markersize=3, label=name, **style)
+        axes.fill_between(cost, mean - std, mean + std, alpha=0.12, color=line.get_color())
+    axes.set_xlabel("cumulative label cost (human fine label = 1)")
+    axes.set_ylabel("fine test accuracy (%)")
+    axes.set_title(f"Fashion-MNIST, weak annotator: {condition}{title_note}")
+    axes.grid(alpha=0.3)
+    axes.legend(loc="lower right", fontsize=8)
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def targets(condition_results: dict) -> dict:
+    """The issue's targets for one condition: ours - random averaged over rounds, ours best at the final budget."""
+    strategies = condition_results["strategies"]
+    if "ours" not in strategies:
+        return {}
+    ours = strategies["ours"]
+    out: dict = {}
+    if "random" in strategies:
+        gap = mean_after_seed(ours["accuracy_per_seed"]) - mean_after_seed(strategies["random"]["accuracy_per_seed"])
+        out["ours_minus_random_mean_over_rounds"] = round(gap, 5)
+        out["ours_beats_random_by_5_points"] = bool(gap >= 0.05)
+    others = {n: s["accuracy_mean"][-1] for n, s in strategies.items() if n != "ours"}
+    if others:
+        best_other = max(others, key=others.get)
+        out["best_other_at_final_budget"] = best_other
+        out["ours_minus_best_other_at_final_budget"] = round(ours["accuracy_mean"][-1] - others[best_other], 5)
+        out["ours_best_at_final_budget"] = bool(ours["accuracy_mean"][-1] > others[best_other])
+    return out
+
+
+def render_markdown(results: dict) -> str:
+    config = results["config"]
+    lines = [
+        "# `vlm-al simulate`: Fashion-MNIST active-learning benchmark",
+        "",
+        f"Pool: first {config['pool_size']} images of the {config['split']} split; test: first "
+        f"{config['test_size']} of the other split. Features: timm efficientnet_lite0 (packaged ImageNet weights) "
+        f"at {config['image_size']} px. {config['seeds']} seeds; seed set {config['seed_per_class']} human fine "
+        f"labels per class, then {config['rounds']} rounds of budget {config['budget']:g} "
+        f"(human fine label 1, VLM coarse label {config['cost_weak']:g}, human coarse label "
+        f"{config['cost_human_coarse']:g}). Accuracy is the fine test accuracy, mean ± std over seeds.",
+        "",
+        "\"Mean over rounds\" averages rounds 1..R (round 0, the seed set, is shared by all strategies). "
+        "No test label is used for any choice: model selection uses cross-validation on human-labelled samples.",
+        "",
+    ]
+    for condition, block in results["conditions"].items():
+        weak = block["weak_annotator"]
+        lines += [f"## Weak annotator: {condition}", ""]
+        lines.append(
+            f"Weak coarse accuracy on the pool: {weak['coarse_accuracy'] * 100:.1f}% "
+            f"(answered {weak['answered_fraction'] * 100:.1f}%)."
+        )
+        if "estimated_transition_max_abs_error" in weak:
+            lines.append(
+                f"Transition matrix estimated by ours (final round, mean over seeds) vs the true one: "
+                f"max abs error {weak['estimated_transition_max_abs_error']:.3f}."
+            )
+        lines += ["", "| strategy | final accuracy | mean over rounds | − random (mean over rounds) | final cost |",
+                  "|---|---|---|---|---|"]
+        strategies = block["strategies"]
+        random_mean = mean_after_seed(strategies["random"]["accuracy_per_seed"]) if "random" in strategies else None
+        for name, summary in strategies.items():
+            mean_rounds = mean_after_seed(summary["accuracy_per_seed"])
+            gap = f"{(mean_rounds - random_mean) * 100:+.1f}" if random_mean is not None else "n/a"
+            lines.append(
+                f"| {name} | {summary['accuracy_mean'][-1] * 100:.1f} ± {summary['accuracy_std'][-1] * 100:.1f} "
+                f"| {mean_rounds * 100:.1f} | {gap} | {summary['cost'][-1]:.1f} |"
+            )
+        checks = block.get("targets", {})
+        lines.append("")
+        if "ours_beats_random_by_5_points" in checks:
+            verdict = "met" if checks["ours_beats_random_by_5_points"] else "**missed**"
+            lines.append(
+                f"- Target ours ≥ random + 5 points (mean over rounds): {verdict} "
+                f"({checks['ours_minus_random_mean_over_rounds'] * 100:+.1f} points)."
+            )
+        if "ours_best_at_final_budget" in checks:
+            verdict = "met" if checks["ours_best_at_final_budget"] else "**missed**"
+            lines.append(
+                f"- Target ours best at the final budget: {verdict} (best other: "
+                f"{checks['best_other_at_final_budget']}, ours − it = "
+                f"{checks['ours_minus_best_other_at_final_budget'] * 100:+.1f} points)."
+            )
+        lines += ["", f"![learning curve]({block['plot']})", ""]
+    machine = config["machine"]
+    lines.append(
+        f"Run: {machine['platform']}, {machine['cpu_count']} CPUs, torch {machine['torch']}, "
+        f"{config['threads']} worker threads, wall time {results['wall_seconds']:.0f} s."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def compute_split_features(
+    images: np.ndarray,
+    fine_labels: np.ndarray,
+    backbone,
+    invert: bool,
+    progress: bool,
+    description: str,
+    chunk_size: int = 256,
+) -> SplitFeatures:
+    """Embeddings and ImageNet logits in one forward pass per chunk (a chunk = one progress-bar step)."""
+    from tqdm import tqdm
+
+    from model.datasets import to_pil
+
+    embeddings, logits = [], []
+    with tqdm(total=len(images), desc=description, unit="img", disable=not progress, leave=False) as bar:
+        for start in range(0, len(images), chunk_size):
+            chunk = [to_pil(image, invert=invert, size=backbone.image_size) for image in images[start : start + chunk_size]]
+            chunk_embeddings, chunk_logits = backbone.embed_and_logits(chunk)
+            embeddings.append(chunk_embeddings)
+            logits.append(chunk_logits)
+            bar.update(len(chunk))
+    return SplitFeatures(
+        embeddings=np.concatenate(embeddings).astype(np.float32),
+        logits=np.concatenate(logits).astype(np.float32),
+        fine_labels=np.asarray(fine_labels, dtype=np.int64),
+    )
+
+
+def load_split_features(
+    split: str,
+    count: int,
+    image_size: int,
+    cache_dir: str | Path,
+    data_root: str | None,
+    threads: int,
+    progress: bool,
+    invert: bool = True,
+) -> SplitFeatures:
+    """The first ``count`` images of a Fashion-MNIST split, from the cache when it holds at least that many.
+
+    A cache with fewer images is extended: only the missing images go through the backbone.
+    """
+    from model.datasets import FASHION_MNIST_ROOT, load_fashion_mnist
+    from model.embeddings import IMAGENET_PACKAGE, TimmBackbone, configure_torch_threads
+
+    images, labels = load_fashion_mnist(split, root=data_root or FASHION_MNIST_ROOT)
+    if count > images.shape[0]:
+        raise ModelInputError(f"the {split} split has {images.shape[0]} images, fewer than the {count} asked for")
+    preprocessing = "inverted" if invert else "raw"
+    backbone_name = f"timm:{BACKBONE_SPEC}:{IMAGENET_PACKAGE}:{image_size}px"
+    path = feature_cache_path(cache_dir, "fashion-mnist", split, image_size, f"gray-{preprocessing}", backbone_name)
+    cached = read_feature_cache(path)
+    if cached is not None and cached.fine_labels.shape[0] >= count:
+        if np.array_equal(cached.fine_labels[:count], labels[:count]):
+            return cached.head(count)
+        cached = None  # the data set changed under the cache
+    done = 0 if cached is None else cached.fine_labels.shape[0]
+    configure_torch_threads(threads)
+    backbone = TimmBackbone(BACKBONE_SPEC, weights=IMAGENET_PACKAGE, image_size=image_size)
+    fresh = compute_split_features(
+        images[done:count], labels[done:count], backbone, invert, progress, f"embedding {split} {done}..{count}"
+    )
+    if cached is not None:
+        fresh = SplitFeatures(
+            embeddings=np.concatenate([cached.embeddings, fresh.embeddings]),
+            logits=np.concatenate([cached.logits, fresh.logits]),
+            fine_labels=np.concatenate([cached.fine_labels, fresh.fine_labels]),
+        )
+    write_feature_cache(path, fresh)
+    return fresh
+
+
+# ---------------------------------------------------------------------------------------------- the runs
+
+
+@dataclass(frozen=True)
+class BenchmarkData:
+    """Everything a run needs, as plain arrays (cheap to send to a worker process)."""
+
+    hierarchy: LabelHierarchy
+    pool_embeddings: np.ndarray
+    pool_fine: np.ndarray
+    test_embeddings: np.ndarray
+    test_fine: np.ndarray
+
+    @property
+    def pool_coarse(self) -> np.ndarray:
+        return self.hierarchy.coarse_of_fine_labels(self.pool_fine)
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    """How a named strategy queries and trains."""
+
+    query: str
+    """random | margin | entropy | k-center | iso"""
+    variant: str
+    """the FineGrainedClassifier variant"""
+    weak_source: str | None = None
+    """None (human fine labels only), "vlm" or "human-coarse" (ISOAL: a human gives the true coarse label)"""
+    transition: str = "none"
+    """none | round0 (estimated once from the seed, reference protocol) | every-round (with an identity prior)"""
+    cross_validate: bool = False
+
+
+STRATEGY_SPECS: dict[str, StrategySpec] = {
+    "random": StrategySpec("random", "fine-only"),
+    "margin": StrategySpec("margin", "fine-only"),
+    "entropy": StrategySpec("entropy", "fine-only"),
+    "k-center": StrategySpec("k-center", "fine-only"),
+    "isoal-human-coarse": StrategySpec("iso", "reference", weak_source="human-coarse"),
+    "vlm-no-T": StrategySpec("iso", "reference", weak_source="vlm"),
+    "vlm-T-reference": StrategySpec("iso", "reference", weak_source="vlm", transition="round0"),
+    "ours": StrategySpec("iso", "hierarchical", weak_source="vlm", transition="every-round", cross_validate=True),
+}
+
+OURS_CONFIG_CANDIDATES: dict[str, list] = {
+    # Chosen per round by cross-validation on the human fine labels: how much the weak labels count, and how
+    # strongly to regularise while labels are few.
+    "weak_loss_weight": [0.25, 0.5, 1.0],
+    "weight_decay": [1e-4, 1e-3],
+}
+
+
+@dataclass(frozen=True)
+class RunJob:
+    condition: str
+    strategy: str
+    seed: int
+
+
+def seed_rng(seed: int, purpose: str) -> np.random.Generator:
+    """Independent, reproducible streams per seed and purpose, so the seed set is the same for all strategies."""
+    return np.random.default_rng([seed, sum(ord(ch) * 31**i for i, ch in enumerate(purpose)) % (2**32)])
+
+
+def weak_answers_for(condition: str, seed: int, data: BenchmarkData, imagenet_answers: np.ndarray | None,
+                     simulated_accuracy: float) -> np.ndarray:
+    if condition == "imagenet-map":
+        if imagenet_answers is None:
+            raise ModelInputError("the imagenet-map condition needs the classifier's answers")
+        return imagenet_answers
+    transition = simulated_transition_matrix(data.hierarchy, simulated_accuracy)
+    return draw_weak_labels(data.pool_coarse, transition, seed_rng(seed, "simulated-vlm"))
+
+
+def buy_within_budget(oracle: SimulatedOracle, pool: LabelledPool, selections: Sequence[tuple[int, str]],
+                      budget: float, with_weak_on_full: bool) -> float:
+    """Buy the selections in order while they fit in ``budget``; return the amount spent.
+
+    With ``with_weak_on_full`` a human fine label also buys the weak annotator's answer on that sample, so it
+    becomes a trusted pair for the noise model; that answer is paid for too.
+    """
+    spent = 0.0
+    for index, kind in selections:
+        price = oracle.price(pool, index, kind)
+        if kind == "human_fine" and with_weak_on_full:
+            price += oracle.price(pool, index, "weak_coarse")
+        if spent + price > budget + 1e-9:
+            continue
+        spent += oracle.buy(pool, index, kind)
+        if kind == "human_fine" and with_weak_on_full:
+            spent += oracle.buy(pool, index, "weak_coarse")
+    return spent
+
+
+def _training_labels(spec: StrategySpec, pool: LabelledPool) -> dict[str, np.ndarray | None]:
+    return {
+        "fine_labels": pool.fine,
+        "weak_coarse_labels": pool.weak_coarse if spec.weak_source == "vlm" else None,
+        "human_coarse_labels": pool.human_coarse if spec.weak_source == "human-coarse" else None,
+    }
+
+
+def _estimate_transition(data: BenchmarkData, pool: LabelledPool, prior_strength: float) -> np.ndarray:
+    from model.noise import estimate_coarse_transition_matrix
+
+    trusted = pool.trusted()
+    true_coarse = data.hierarchy.coarse_of_fine_labels(pool.fine[trusted])
+    estimate = estimate_coarse_transition_matrix(
+        true_coarse, pool.weak_coarse[trusted], data.hierarchy.n_coarse, prior_strength=prior_strength
+    )
+    return estimate.matrix
+
+
+def _fit(spec: StrategySpec, data: BenchmarkData, pool: LabelledPool, transition: np.ndarray | None, config):
+    from model.finegrained import FineGrainedClassifier
+
+    labels = _training_labels(spec, pool)
+    return FineGrainedClassifier(data.hierarchy, data.pool_embeddings.shape[1], config).fit(
+        data.pool_embeddings,
+        labels["fine_labels"],
+        labels["weak_coarse_labels"],
+        coarse_transition_matrix=transition,
+        human_coarse_labels=labels["human_coarse_labels"],
+    )
+
+
+def _base_config(spec: StrategySpec, seed: int):
+    from model.finegrained import TrainingConfig
+
+    return TrainingConfig(variant=spec.variant, use_transition=spec.transition != "none", seed=seed, num_threads=1)
+
+
+def _choose_config(spec: StrategySpec, data: BenchmarkData, pool: LabelledPool, transition: np.ndarray | None,
+                   seed: int):
+    from model.finegrained import select_training_config
+
+    base = _base_config(spec, seed)
+    if not spec.cross_validate:
+        return base
+    labels = _training_labels(spec, pool)
+    return select_training_config(
+        data.hierarchy,
+        data.pool_embeddings,
+        labels["fine_labels"],
+        labels["weak_coarse_labels"],
+        transition,
+        base,
+        OURS_CONFIG_CANDIDATES,
+        n_folds=3,
+        human_coarse_labels=labels["human_coarse_labels"],
+    )
+
+
+def _accuracy(classifier, data: BenchmarkData) -> float:
+    predicted = classifier.predict_fine_proba(data.test_embeddings).argmax(axis=1)
+    return float(np.mean(predicted == data.test_fine))
+
+
+def run_strategy(job: RunJob, data: BenchmarkData, weak_answers: np.ndarray, options: SimulationOptions,
+                 on_round=None) -> StrategyRun:
+    """One strategy, one seed: seed set, then ``options.rounds`` rounds of querying, buying and retraining."""
+    import torch
+
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    spec = STRATEGY_SPECS[job.strategy]
+    oracle = SimulatedOracle(
+        true_fine=data.pool_fine,
+        true_coarse=data.pool_coarse,
+        weak_answers=weak_answers,
+        cost_human_fine=1.0,
+        cost_weak=options.cost_weak,
+        cost_human_coarse=options.cost_human_coarse,
+    )
+    uses_vlm = spec.weak_source == "vlm"
+    pool = LabelledPool.empty(data.pool_fine.shape[0])
+    seed_set = draw_seed_set(data.pool_fine, data.hierarchy.n_fine, options.seed_per_class, seed_rng(job.seed, "seed-set"))
+    cost = buy_within_budget(oracle, pool, [(int(i), "human_fine") for i in seed_set], np.inf, uses_vlm)
+    query_rng = seed_rng(job.seed, f"query:{job.strategy}")
+    run = StrategyRun()
+
+    transition = None
+    if spec.transition == "round0":
+        transition = _estimate_transition(data, pool, prior_strength=0.0)
+    for round_index in range(options.rounds + 1):
+        if round_index > 0:
+            selections = select_queries(spec, data, pool, classifier, transition, options, query_rng, job.seed)
+            spent = buy_within_budget(oracle, pool, selections, options.budget, uses_vlm)
+            cost += spent
+        if spec.transition == "every-round":
+            transition = _estimate_transition(data, pool, prior_strength=1.0)
+        config = _choose_config(spec, data, pool, transition, job.seed)
+        classifier = _fit(spec, data, pool, transition, config)
+        run.cost.append(round(cost, 6))
+        run.accuracy.append(_accuracy(classifier, data))
+        run.human_fine_labels.append(int(np.sum(pool.fine != MISSING_LABEL)))
+        run.weak_labels.append(int(np.sum(pool.weak_asked)))
+        run.human_coarse_labels.append(int(np.sum(pool.human_coarse != MISSING_LABEL)))
+        if on_round is not None:
+            on_round()
+    if transition is not None:
+        run.final_transition = np.asarray(transition).tolist()
+    run.seconds = time.perf_counter() - started
+    return run
+
+
+def _run_job_in_worker(job: RunJob, data: BenchmarkData, weak_answers: np.ndarray, options: SimulationOptions,
+                       progress_queue) -> tuple[RunJob, StrategyRun]:
+    def report() -> None:
+        if progress_queue is not None:
+            progress_queue.put(1)
+
+    return job, run_strategy(job, data, weak_answers, options, on_round=report)
+
+
+def run_jobs(jobs: Sequence[RunJob], data: BenchmarkData, answers_by_condition: dict[str, list[np.ndarray]],
+             options: SimulationOptions) -> dict[RunJob, StrategyRun]:
+    """Run every job, in ``options.threads`` worker processes (one torch thread each) when more than one."""
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    from tqdm import tqdm
+
+    total_rounds = len(jobs) * (options.rounds + 1)
+    results: dict[RunJob, StrategyRun] = {}
+    with tqdm(total=total_rounds, desc="rounds", unit="round", disable=not options.progress) as bar:
+        if options.threads == 1:
+            for job in jobs:
+                weak = answers_by_condition[job.condition][job.seed]
+                results[job] = run_strategy(job, data, weak, options, on_round=lambda: bar.update(1))
+            return results
+        # spawn, not fork: the parent has already run torch, whose thread pools do not survive a fork.
+        context = multiprocessing.get_context("spawn")
+        with context.Manager() as manager, ProcessPoolExecutor(options.threads, mp_context=context) as executor:
+            queue = manager.Queue()
+            pending = {
+                executor.submit(
+                    _run_job_in_worker, job, data, answers_by_condition[job.condition][job.seed], options, queue
+                )
+                for job in jobs
+            }
+            while pending:
+                done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                while not queue.empty():
+                    bar.update(queue.get())
+                for future in done:
+                    job, run = future.result()
+                    results[job] = run
+            while not queue.empty():
+                bar.update(queue.get())
+    return results
+
+
+def weak_annotator_report(true_coarse: np.ndarray, answers: Sequence[np.ndarray], hierarchy: LabelHierarchy) -> dict:
+    """Coarse accuracy and confusion of the weak answers on the pool (summed over seeds when they differ)."""
+    counts = sum(coarse_confusion_counts(true_coarse, a, hierarchy.n_coarse) for a in answers)
+    answered = counts[:, : hierarchy.n_coarse].sum()
+    return {
+        "coarse_accuracy": round(float(np.trace(counts[:, : hierarchy.n_coarse]) / counts.sum()), 5),
+        "coarse_accuracy_when_answered": round(float(np.trace(counts[:, : hierarchy.n_coarse]) / max(answered, 1)), 5),
+        "answered_fraction": round(float(answered / counts.sum()), 5),
+        "fine_accuracy": None,
+        "fine_accuracy_note": "the weak annotator answers coarse groups only; it implies no fine label",
+        "coarse_classes": list(hierarchy.coarse_classes),
+        "coarse_confusion_counts": counts.tolist(),
+        "coarse_confusion_columns": [*hierarchy.coarse_classes, "no answer"],
+    }
+
+
+def load_hierarchy(path: str | None) -> LabelHierarchy:
+    from model.datasets import FASHION_MNIST_CLASSES, fashion_mnist_hierarchy
+
+    if path is None:
+        return fashion_mnist_hierarchy()
+    return LabelHierarchy.from_json_file(path, fine_classes=FASHION_MNIST_CLASSES)
+
+
+def imagenet_map_answers(logits: np.ndarray, hierarchy: LabelHierarchy, image_size: int) -> np.ndarray:
+    """The real weak annotator: the packaged ImageNet-to-group map applied to the cached logits."""
+    from importlib import resources
+
+    from model.embeddings import IMAGENET_PACKAGE, TimmBackbone
+    from model.weak.classifier_label_map import ClassifierLabelMap, load_imagenet_map
+
+    map_path = resources.files("model") / "data" / "fashion_mnist_imagenet_map.json"
+    with resources.as_file(map_path) as path:
+        imagenet_to_coarse = load_imagenet_map(path, hierarchy.coarse_classes)
+    backbone = TimmBackbone(BACKBONE_SPEC, weights=IMAGENET_PACKAGE, image_size=image_size)
+    annotator = ClassifierLabelMap(backbone, imagenet_to_coarse, hierarchy.coarse_classes)
+    return annotator.annotate_logits(logits).coarse_index
+
+
+def machine_description() -> dict:
+    import torch
+
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    started = time.perf_counter()
+    try:
+        options = parse_options(argv)
+        hierarchy = load_hierarchy(options.hierarchy)
+    except ModelInputError as exc:
+        print(f"vlm-al simulate: {exc}", file=sys.stderr)
+        return 2
+    test_split = "test" if options.split == "train" else "train"
+    pool = load_split_features(options.split, options.pool_size, options.image_size, options.cache_dir,
+                               options.data_root, options.threads, options.progress)
+    test = load_split_features(test_split, options.test_size, options.image_size, options.cache_dir,
+                               options.data_root, options.threads, options.progress)
+    data = BenchmarkData(hierarchy, pool.embeddings, pool.fine_labels, test.embeddings, test.fine_labels)
+
+    answers_by_condition: dict[str, list[np.ndarray]] = {}
+    for condition in options.weak_annotators:
+        if condition == "imagenet-map":
+            answers = imagenet_map_answers(pool.logits, hierarchy, options.image_size)
+            answers_by_condition[condition] = [answers] * options.seeds
+        else:
+            answers_by_condition[condition] = [
+                weak_answers_for(condition, seed, data, None, options.simulated_accuracy) for seed in range(options.seeds)
+            ]
+    jobs = [
+        RunJob(condition, strategy, seed)
+        for condition in options.weak_annotators
+        for strategy in options.strategies
+        for seed in range(options.seeds)
+    ]
+    runs = run_jobs(jobs, data, answers_by_condition, options)
+
+    out = Path(options.out)
+    conditions: dict[str, dict] = {}
+    for condition in options.weak_annotators:
+        weak = weak_annotator_report(data.pool_coarse, answers_by_condition[condition][:1]
+                                     if condition == "imagenet-map" else answers_by_condition[condition], hierarchy)
+        if condition == "simulated":
+            true_transition = simulated_transition_matrix(hierarchy, options.simulated_accuracy)
+            weak["true_transition_matrix"] = true_transition.round(4).tolist()
+        finals = [runs[RunJob(condition, "ours", s)].final_transition for s in range(options.seeds)
+                  if "ours" in options.strategies]
+        if finals:
+            estimated = np.mean(np.asarray(finals), axis=0)
+            weak["estimated_transition_matrix_ours_final_mean"] = estimated.round(4).tolist()
+            if condition == "simulated":
+                weak["estimated_transition_max_abs_error"] = round(float(np.abs(estimated - true_transition).max()), 4)
+        strategies = {
+            name: summarise_runs([runs[RunJob(condition, name, s)] for s in range(options.seeds)])
+            for name in options.strategies
+        }
+        plot_name = f"learning_curve_{condition}.png"
+        block = {"weak_annotator": weak, "strategies": strategies, "plot": plot_name}
+        block["targets"] = targets(block)
+        plot_learning_curves(out / plot_name, condition, strategies)
+        conditions[condition] = block
+
+    config = {key: value for key, value in asdict(options).items()}
+    config["strategies"] = list(options.strategies)
+    config["weak_annotators"] = list(options.weak_annotators)
+    config["test_split"] = test_split
+    config["backbone"] = f"timm:{BACKBONE_SPEC}:imagenet-package"
+    config["ours_config_candidates"] = OURS_CONFIG_CANDIDATES
+    config["machine"] = machine_description()
+    results = {"config": config, "conditions": conditions, "wall_seconds": round(time.perf_counter() - started, 1)}
+    # The issue's layout: each condition at the top level, next to the config block.
+    document = {**{c: b for c, b in conditions.items()}, "config": config, "wall_seconds": results["wall_seconds"]}
+    atomic_write_json(out / "results.json", document)
+    atomic_write_text(out / "results.md", render_markdown(results))
+    print(render_markdown(results))
+    return 0

@@ -1,0 +1,120 @@
+"""The offline benchmark: simulated weak annotator, seed set, oracle cost accounting, outputs; a reduced run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from model.datasets import fashion_mnist_hierarchy
+from model.errors import ModelInputError
+from model.hierarchy import MISSING_LABEL, LabelHierarchy
+from model.simulate import (
+    LabelledPool,
+    SimulatedOracle,
+    buy_within_budget,
+    coarse_confusion_counts,
+    draw_seed_set,
+    draw_weak_labels,
+    parse_options,
+    seed_rng,
+    simulated_transition_matrix,
+)
+
+
+def test_simulated_transition_is_systematic_with_the_configured_accuracy():
+    hierarchy = fashion_mnist_hierarchy()
+    matrix = simulated_transition_matrix(hierarchy, 0.85)
+    np.testing.assert_allclose(matrix.sum(axis=1), 1.0)
+    np.testing.assert_allclose(np.diag(matrix), 0.85)
+    tops, bottoms = hierarchy.coarse_index("tops"), hierarchy.coarse_index("bottoms and dresses")
+    footwear, bags = hierarchy.coarse_index("footwear"), hierarchy.coarse_index("bags")
+    # Confusions go to look-alikes, not uniformly: footwear is never called a top.
+    assert matrix[tops, bottoms] > matrix[tops, bags] > 0
+    assert matrix[footwear, tops] == 0 and matrix[footwear, bags] > 0
+
+
+def test_simulated_transition_for_another_hierarchy_sends_errors_to_the_next_group():
+    hierarchy = LabelHierarchy.from_groups({"a": ["a1", "a2"], "b": ["b1"], "c": ["c1"]})
+    matrix = simulated_transition_matrix(hierarchy, 0.7)
+    np.testing.assert_allclose(matrix, [[0.7, 0.3, 0], [0, 0.7, 0.3], [0.3, 0, 0.7]])
+    with pytest.raises(ModelInputError):
+        simulated_transition_matrix(hierarchy, 0.0)
+
+
+def test_simulated_weak_labels_follow_the_transition_matrix():
+    hierarchy = fashion_mnist_hierarchy()
+    matrix = simulated_transition_matrix(hierarchy, 0.85)
+    true_coarse = np.repeat(np.arange(hierarchy.n_coarse), 20_000)
+    answers = draw_weak_labels(true_coarse, matrix, np.random.default_rng(0))
+    counts = coarse_confusion_counts(true_coarse, answers, hierarchy.n_coarse)
+    assert counts[:, -1].sum() == 0  # the simulated VLM always answers
+    empirical = counts[:, :-1] / counts[:, :-1].sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(empirical, matrix, atol=0.01)
+    # Same seed, same answers; another seed, other answers.
+    again = draw_weak_labels(true_coarse, matrix, np.random.default_rng(0))
+    other = draw_weak_labels(true_coarse, matrix, np.random.default_rng(1))
+    assert np.array_equal(answers, again) and not np.array_equal(answers, other)
+
+
+def test_seed_set_has_the_asked_number_per_class_and_depends_only_on_the_seed():
+    labels = np.random.default_rng(3).integers(0, 10, size=600)
+    first = draw_seed_set(labels, 10, 3, seed_rng(4, "seed-set"))
+    second = draw_seed_set(labels, 10, 3, seed_rng(4, "seed-set"))
+    other_seed = draw_seed_set(labels, 10, 3, seed_rng(5, "seed-set"))
+    assert np.array_equal(first, second)
+    assert not np.array_equal(first, other_seed)
+    assert np.bincount(labels[first], minlength=10).tolist() == [3] * 10
+    assert len(set(first.tolist())) == 30
+
+
+def test_seed_set_rejects_a_class_with_too_few_samples():
+    labels = np.array([0, 0, 0, 1, 1])
+    with pytest.raises(ModelInputError, match="fine class 1"):
+        draw_seed_set(labels, 2, 3, np.random.default_rng(0))
+
+
+def _oracle(n: int = 50) -> SimulatedOracle:
+    fine = np.arange(n) % 10
+    coarse = fashion_mnist_hierarchy().coarse_of_fine_labels(fine)
+    weak = coarse.copy()
+    weak[0] = MISSING_LABEL  # the annotator matched no class for sample 0
+    return SimulatedOracle(fine, coarse, weak, cost_human_fine=1.0, cost_weak=0.02, cost_human_coarse=0.1)
+
+
+def test_oracle_charges_each_label_once_and_records_the_truth():
+    oracle = _oracle()
+    pool = LabelledPool.empty(50)
+    assert oracle.buy(pool, 3, "human_fine") == 1.0
+    assert oracle.buy(pool, 3, "human_fine") == 0.0
+    assert pool.fine[3] == 3
+    assert oracle.buy(pool, 0, "weak_coarse") == 0.02
+    assert oracle.buy(pool, 0, "weak_coarse") == 0.0  # asked once, even though it gave no answer
+    assert pool.weak_coarse[0] == MISSING_LABEL and pool.weak_asked[0]
+    assert oracle.buy(pool, 4, "human_coarse") == 0.1 and pool.human_coarse[4] == oracle.true_coarse[4]
+    assert oracle.buy(pool, 3, "human_coarse") == 0.0  # its fine label already says the coarse one
+    with pytest.raises(ModelInputError):
+        oracle.buy(pool, 5, "guess")
+
+
+def test_buying_stays_within_the_budget_and_pays_the_weak_answer_of_full_labels():
+    oracle = _oracle()
+    pool = LabelledPool.empty(50)
+    selections = [(i, "weak_coarse") for i in range(10, 20)] + [(i, "human_fine") for i in range(20, 30)]
+    spent = buy_within_budget(oracle, pool, selections, budget=3.0, with_weak_on_full=True)
+    # 10 weak (0.2) + 2 full with their weak answers (2.04) fit; a third full label would exceed 3.
+    assert spent == pytest.approx(2.24)
+    assert np.sum(pool.fine != MISSING_LABEL) == 2
+    assert pool.weak_asked[20] and pool.weak_asked[21] and not pool.weak_asked[22]
+    assert spent <= 3.0
+
+
+def test_options_parse_and_reject_bad_values():
+    options = parse_options(["--strategies", "random,ours", "--weak-annotator", "simulated", "--seeds", "2"])
+    assert options.strategies == ("random", "ours") and options.weak_annotators == ("simulated",)
+    assert parse_options([]).weak_annotators == ("imagenet-map", "simulated")
+    with pytest.raises(ModelInputError, match="unknown strategies"):
+        parse_options(["--strategies", "random,best"])
+    with pytest.raises(ModelInputError, match="budget"):
+        parse_options(["--budget", "0"])
