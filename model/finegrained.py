@@ -1,0 +1,579 @@
+"""Noise-aware fine-grained classifier on frozen embeddings (torch, CPU).
+
+Three variants share one training loop:
+
+- ``hierarchical`` (ours): one fine head. Coarse probabilities are the fine probabilities summed over each
+  coarse group, so weak coarse labels (forward-corrected with the transition matrix) train the fine head itself.
+- ``reference``: the reference method's two linear heads. The coarse head learns from weak labels
+  (forward-corrected) and from true coarse labels; the fine head from full labels only. With a frozen encoder
+  nothing carries the weak labels over to the fine head: that is the reference's limitation, kept faithfully.
+- ``fine-only``: a fine head on full labels only, for the plain active-learning baselines.
+
+Embeddings are L2-normalised and centred inside the model, so prediction sees what training saw.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from model.errors import ModelInputError
+from model.hierarchy import MISSING_LABEL, LabelHierarchy
+from model.io import atomic_write_json
+
+VARIANTS = ("fine-only", "reference", "hierarchical")
+CHECKPOINT_FORMAT_VERSION = 1
+WEIGHTS_FILE = "weights.safetensors"
+METADATA_FILE = "metadata.json"
+_LOG_FLOOR = 1e-12
+"""Probabilities are clamped here before the log: a forward-corrected probability can underflow to 0."""
+_TRANSITION_ROW_TOLERANCE = 1e-4
+_LOG_SHIFT_FLOOR = -60.0
+_TRANSITION_FLOOR = 1e-6
+"""Transition entries below this are set to 0: products of tiny entries and tiny probabilities are subnormal."""
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """How to train.
+
+    ``epochs`` counts optimiser steps: each uses every trusted label and one chunk of ``weak_batch_size`` weak
+    labels (with fewer weak labels than that, every step is full-batch). ``num_threads`` None leaves torch's
+    setting; otherwise it is set for the duration of fit/predict and restored.
+    """
+
+    variant: str = "hierarchical"
+    use_transition: bool = True
+    epochs: int = 100
+    learning_rate: float = 0.05
+    weight_decay: float = 1e-4
+    weak_loss_weight: float = 0.5
+    seed: int = 0
+    num_threads: int | None = None
+    weak_batch_size: int = 1024
+    """Weak rows per step: many weak labels are visited in shuffled chunks (full labels are used every step)."""
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ModelInputError(f"unknown variant {self.variant!r}; expected one of {list(VARIANTS)}")
+        if not isinstance(self.epochs, int) or self.epochs < 1:
+            raise ModelInputError(f"epochs must be a positive integer, got {self.epochs!r}")
+        for name in ("learning_rate", "weight_decay", "weak_loss_weight"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
+                raise ModelInputError(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.learning_rate <= 0:
+            raise ModelInputError(f"learning_rate must be > 0, got {self.learning_rate!r}")
+        if not isinstance(self.weak_batch_size, int) or self.weak_batch_size < 1:
+            raise ModelInputError(f"weak_batch_size must be a positive integer, got {self.weak_batch_size!r}")
+        if self.num_threads is not None and (not isinstance(self.num_threads, int) or self.num_threads < 1):
+            raise ModelInputError(f"num_threads must be None or a positive integer, got {self.num_threads!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainingConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ModelInputError(f"unknown training config fields: {unknown}")
+        return cls(**dict(data))
+
+
+@contextmanager
+def _torch_threads(num_threads: int | None) -> Iterator[None]:
+    """Use ``num_threads`` for the duration of a call and restore the caller's setting afterwards."""
+    if num_threads is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """log_softmax whose exponentials stay clear of float32 subnormals, which slow CPU arithmetic by orders of
+    magnitude once a trained head is confident (probabilities below e^-60 are treated as e^-60)."""
+    shifted = (logits - logits.max(dim=1, keepdim=True).values.detach()).clamp_min(_LOG_SHIFT_FLOOR)
+    return shifted - shifted.exp().sum(dim=1, keepdim=True).log()
+
+
+def _l2_normalise(embeddings: torch.Tensor) -> torch.Tensor:
+    return embeddings / embeddings.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def _validated_embeddings(embeddings: np.ndarray, embedding_dim: int) -> np.ndarray:
+    array = np.asarray(embeddings)
+    if array.ndim != 2 or array.shape[1] != embedding_dim:
+        raise ModelInputError(f"embeddings must have shape (n, {embedding_dim}), got {array.shape}")
+    if array.shape[0] == 0:
+        raise ModelInputError("embeddings are empty")
+    if not np.issubdtype(array.dtype, np.number):
+        raise ModelInputError(f"embeddings must be numeric, got dtype {array.dtype}")
+    array = array.astype(np.float32, copy=False)
+    if not np.all(np.isfinite(array)):
+        bad_rows = np.flatnonzero(~np.all(np.isfinite(array), axis=1))
+        raise ModelInputError(f"embeddings contain NaN or inf in rows {bad_rows[:10].tolist()}")
+    return array
+
+
+def _validated_labels(name: str, labels: np.ndarray | None, n_samples: int, n_classes: int) -> np.ndarray:
+    if labels is None:
+        return np.full(n_samples, MISSING_LABEL, dtype=np.int64)
+    array = np.asarray(labels)
+    if array.shape != (n_samples,):
+        raise ModelInputError(f"{name} must have shape ({n_samples},), got {array.shape}")
+    if n_samples and not np.issubdtype(array.dtype, np.integer):
+        raise ModelInputError(f"{name} must hold integer class indices, got dtype {array.dtype}")
+    array = array.astype(np.int64)
+    bad = (array != MISSING_LABEL) & ((array < 0) | (array >= n_classes))
+    if np.any(bad):
+        raise ModelInputError(
+            f"{name} has indices outside [0, {n_classes}) (and not {MISSING_LABEL}): {np.unique(array[bad]).tolist()}"
+        )
+    return array
+
+
+def validate_transition_matrix(matrix: np.ndarray, n_coarse: int) -> np.ndarray:
+    """Return ``matrix`` as float32 (C, C) or raise: finite, non-negative, rows summing to 1."""
+    array = np.asarray(matrix, dtype=np.float64)
+    if array.shape != (n_coarse, n_coarse):
+        raise ModelInputError(f"coarse_transition_matrix must have shape ({n_coarse}, {n_coarse}), got {array.shape}")
+    if not np.all(np.isfinite(array)) or np.any(array < 0):
+        raise ModelInputError("coarse_transition_matrix must be finite and non-negative")
+    row_sums = array.sum(axis=1)
+    off = np.flatnonzero(np.abs(row_sums - 1.0) > _TRANSITION_ROW_TOLERANCE)
+    if off.size:
+        raise ModelInputError(
+            f"coarse_transition_matrix rows must sum to 1; rows {off.tolist()} sum to {row_sums[off].round(4).tolist()}"
+        )
+    return array.astype(np.float32)
+
+
+@dataclass(frozen=True)
+class _TrainingSet:
+    """Normalised, centred training rows grouped by label type; the groups are disjoint (a sample's best label
+    wins). Full and human-coarse rows are few and used at every step; weak rows are many, so they are
+    shuffled once and visited in contiguous chunks."""
+
+    trusted_embeddings: torch.Tensor
+    """Full rows first, then human-coarse rows."""
+    fine_targets: torch.Tensor
+    human_coarse_targets: torch.Tensor
+    weak_embeddings: torch.Tensor
+    weak_targets: torch.Tensor
+
+    @property
+    def n_full(self) -> int:
+        return int(self.fine_targets.shape[0])
+
+    def weak_chunks(self, chunk_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        n_weak = int(self.weak_targets.shape[0])
+        if n_weak == 0:
+            return [(self.weak_embeddings, self.weak_targets)]
+        n_chunks = -(-n_weak // chunk_size)
+        # Equal-sized chunks, so that every step weighs the weak loss alike.
+        bounds = np.linspace(0, n_weak, n_chunks + 1).round().astype(int)
+        return [
+            (self.weak_embeddings[start:stop], self.weak_targets[start:stop])
+            for start, stop in zip(bounds[:-1], bounds[1:])
+        ]
+
+
+class FineGrainedClassifier:
+    """Linear heads on frozen, L2-normalised embeddings. See the module docstring for the variants."""
+
+    def __init__(self, hierarchy: LabelHierarchy, embedding_dim: int, config: TrainingConfig | None = None) -> None:
+        if not isinstance(embedding_dim, int) or embedding_dim < 1:
+            raise ModelInputError(f"embedding_dim must be a positive integer, got {embedding_dim!r}")
+        self.hierarchy = hierarchy
+        self.embedding_dim = embedding_dim
+        self.config = config or TrainingConfig()
+        self._fine_to_coarse = torch.from_numpy(np.array(hierarchy.fine_to_coarse_matrix, dtype=np.float32))
+        self._parameters: dict[str, torch.Tensor] | None = None
+
+    @property
+    def is_fitted(self) -> bool:
+        return self._parameters is not None
+
+    # ---- training -------------------------------------------------------------------------------------------
+
+    def fit(
+        self,
+        embeddings: np.ndarray,
+        fine_labels: np.ndarray,
+        weak_coarse_labels: np.ndarray | None = None,
+        coarse_transition_matrix: np.ndarray | None = None,
+        human_coarse_labels: np.ndarray | None = None,
+    ) -> FineGrainedClassifier:
+        """Train from scratch. Labels are int64 with ``MISSING_LABEL``; at least one fine label is required."""
+        with _torch_threads(self.config.num_threads):
+            training_set, feature_mean = self._training_set(
+                embeddings, fine_labels, weak_coarse_labels, human_coarse_labels
+            )
+            transition = self._transition_tensor(coarse_transition_matrix)
+            self._parameters = self._optimise(training_set, feature_mean, transition)
+        return self
+
+    def _training_set(
+        self,
+        embeddings: np.ndarray,
+        fine_labels: np.ndarray,
+        weak_coarse_labels: np.ndarray | None,
+        human_coarse_labels: np.ndarray | None,
+    ) -> tuple[_TrainingSet, torch.Tensor]:
+        array = _validated_embeddings(embeddings, self.embedding_dim)
+        n = array.shape[0]
+        fine = _validated_labels("fine_labels", fine_labels, n, self.hierarchy.n_fine)
+        weak = _validated_labels("weak_coarse_labels", weak_coarse_labels, n, self.hierarchy.n_coarse)
+        human_coarse = _validated_labels("human_coarse_labels", human_coarse_labels, n, self.hierarchy.n_coarse)
+        full_rows = np.flatnonzero(fine != MISSING_LABEL)
+        if full_rows.size == 0:
+            raise ModelInputError("no full (human fine) labels: the fine head cannot be trained")
+        has_full = fine != MISSING_LABEL
+        human_coarse_rows = np.flatnonzero((human_coarse != MISSING_LABEL) & ~has_full)
+        weak_rows = np.flatnonzero((weak != MISSING_LABEL) & ~has_full & (human_coarse == MISSING_LABEL))
+        if self.config.variant == "fine-only":
+            human_coarse_rows, weak_rows = human_coarse_rows[:0], weak_rows[:0]
+        weak_rows = np.random.default_rng(self.config.seed).permutation(weak_rows)
+
+        trusted = _l2_normalise(torch.from_numpy(array[np.concatenate([full_rows, human_coarse_rows])]))
+        weak_embeddings = _l2_normalise(torch.from_numpy(array[weak_rows]))
+        feature_mean = torch.cat([trusted, weak_embeddings]).mean(dim=0)
+        training_set = _TrainingSet(
+            trusted_embeddings=trusted - feature_mean,
+            fine_targets=torch.from_numpy(fine[full_rows]),
+            human_coarse_targets=torch.from_numpy(human_coarse[human_coarse_rows]),
+            weak_embeddings=weak_embeddings - feature_mean,
+            weak_targets=torch.from_numpy(weak[weak_rows]),
+        )
+        return training_set, feature_mean
+
+    def _transition_tensor(self, matrix: np.ndarray | None) -> torch.Tensor | None:
+        if matrix is None:
+            return None
+        validated = validate_transition_matrix(matrix, self.hierarchy.n_coarse)
+        if not self.config.use_transition:
+            return None
+        return torch.from_numpy(np.where(validated < _TRANSITION_FLOOR, 0.0, validated).astype(np.float32))
+
+    def _initial_parameters(self) -> dict[str, torch.Tensor]:
+        generator = torch.Generator().manual_seed(self.config.seed)
+        scale = 0.01
+
+        def head(n_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+            weight = torch.randn(n_out, self.embedding_dim, generator=generator) * scale
+            return weight, torch.zeros(n_out)
+
+        parameters: dict[str, torch.Tensor] = {}
+        parameters["fine_head.weight"], parameters["fine_head.bias"] = head(self.hierarchy.n_fine)
+        if self.config.variant == "reference":
+            parameters["coarse_head.weight"], parameters["coarse_head.bias"] = head(self.hierarchy.n_coarse)
+        return parameters
+
+    def _optimise(
+        self, training_set: _TrainingSet, feature_mean: torch.Tensor, transition: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
+        parameters = {name: tensor.requires_grad_() for name, tensor in self._initial_parameters().items()}
+        optimiser = torch.optim.Adam(parameters.values(), lr=self.config.learning_rate)
+        chunks = training_set.weak_chunks(self.config.weak_batch_size)
+        for step in range(self.config.epochs):
+            weak_embeddings, weak_targets = chunks[step % len(chunks)]
+            optimiser.zero_grad(set_to_none=True)
+            loss = self._loss(parameters, training_set, weak_embeddings, weak_targets, transition)
+            loss.backward()
+            optimiser.step()
+        fitted = {name: tensor.detach().clone() for name, tensor in parameters.items()}
+        fitted["feature_mean"] = feature_mean.clone()
+        return fitted
+
+    def _coarse_log_probabilities(self, fine_logits: torch.Tensor) -> torch.Tensor:
+        coarse = _log_softmax(fine_logits).exp() @ self._fine_to_coarse
+        return coarse.clamp_min(_LOG_FLOOR).log()
+
+    def _loss(
+        self,
+        parameters: dict[str, torch.Tensor],
+        training_set: _TrainingSet,
+        weak_embeddings: torch.Tensor,
+        weak_targets: torch.Tensor,
+        transition: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Mean loss per label type; the coarse-level types are scaled by ``weak_loss_weight`` so that hundreds
+        of cheap coarse labels do not drown a handful of full ones."""
+        config, n_full = self.config, training_set.n_full
+        fine_weight, fine_bias = parameters["fine_head.weight"], parameters["fine_head.bias"]
+        penalty = fine_weight.square().sum()
+        if config.variant == "reference":
+            coarse_weight, coarse_bias = parameters["coarse_head.weight"], parameters["coarse_head.bias"]
+            penalty = penalty + coarse_weight.square().sum()
+            # One pass over the trusted rows for both heads.
+            trusted_logits = F.linear(
+                training_set.trusted_embeddings, torch.cat([fine_weight, coarse_weight]), torch.cat([fine_bias, coarse_bias])
+            )
+            n_fine = self.hierarchy.n_fine
+            fine_logits = trusted_logits[:n_full, :n_fine]
+            trusted_coarse_log_probs = _log_softmax(trusted_logits[:, n_fine:])
+            weak_coarse_log_probs = _log_softmax(F.linear(weak_embeddings, coarse_weight, coarse_bias))
+            true_coarse = self._fine_to_coarse.argmax(dim=1)[training_set.fine_targets]
+            full_coarse_loss = F.nll_loss(trusted_coarse_log_probs[:n_full], true_coarse)
+        else:
+            trusted_logits = F.linear(training_set.trusted_embeddings, fine_weight, fine_bias)
+            fine_logits = trusted_logits[:n_full]
+            trusted_coarse_log_probs = self._coarse_log_probabilities(trusted_logits)
+            weak_coarse_log_probs = self._coarse_log_probabilities(F.linear(weak_embeddings, fine_weight, fine_bias))
+            full_coarse_loss = torch.zeros(())
+
+        loss = F.nll_loss(_log_softmax(fine_logits), training_set.fine_targets) + full_coarse_loss
+        if training_set.human_coarse_targets.numel():
+            human_loss = F.nll_loss(trusted_coarse_log_probs[n_full:], training_set.human_coarse_targets)
+            loss = loss + config.weak_loss_weight * human_loss
+        if weak_targets.numel():
+            if transition is not None:
+                weak_coarse_log_probs = (weak_coarse_log_probs.exp() @ transition).clamp_min(_LOG_FLOOR).log()
+            loss = loss + config.weak_loss_weight * F.nll_loss(weak_coarse_log_probs, weak_targets)
+        return loss + 0.5 * config.weight_decay * penalty
+
+    # ---- prediction -----------------------------------------------------------------------------------------
+
+    def _features(self, embeddings: np.ndarray) -> torch.Tensor:
+        if self._parameters is None:
+            raise ModelInputError("the classifier is not fitted yet: call fit() or load() first")
+        array = _validated_embeddings(embeddings, self.embedding_dim)
+        return _l2_normalise(torch.from_numpy(array)) - self._parameters["feature_mean"]
+
+    def predict_fine_proba(self, embeddings: np.ndarray) -> np.ndarray:
+        """float32 (n, n_fine), rows summing to 1."""
+        with _torch_threads(self.config.num_threads), torch.inference_mode():
+            features = self._features(embeddings)
+            logits = F.linear(features, self._parameters["fine_head.weight"], self._parameters["fine_head.bias"])
+            return F.softmax(logits, dim=1).numpy().astype(np.float32)
+
+    def predict_coarse_proba(self, embeddings: np.ndarray) -> np.ndarray:
+        """float32 (n, n_coarse): the coarse head (reference) or fine probabilities summed per group."""
+        if self.config.variant != "reference":
+            fine = self.predict_fine_proba(embeddings)
+            return (fine @ self.hierarchy.fine_to_coarse_matrix).astype(np.float32)
+        with _torch_threads(self.config.num_threads), torch.inference_mode():
+            features = self._features(embeddings)
+            weight, bias = self._parameters["coarse_head.weight"], self._parameters["coarse_head.bias"]
+            return F.softmax(F.linear(features, weight, bias), dim=1).numpy().astype(np.float32)
+
+    # ---- checkpoints ----------------------------------------------------------------------------------------
+
+    def _metadata(self) -> dict[str, Any]:
+        return {
+            "format_version": CHECKPOINT_FORMAT_VERSION,
+            "hierarchy": self.hierarchy.to_dict(),
+            "config": self.config.to_dict(),
+            "embedding_dim": self.embedding_dim,
+            "tensors": _describe(self._expected_shapes()),
+        }
+
+    def _expected_shapes(self) -> dict[str, torch.Size]:
+        d, n_fine, n_coarse = self.embedding_dim, self.hierarchy.n_fine, self.hierarchy.n_coarse
+        shapes = {
+            "fine_head.weight": torch.Size([n_fine, d]),
+            "fine_head.bias": torch.Size([n_fine]),
+            "feature_mean": torch.Size([d]),
+        }
+        if self.config.variant == "reference":
+            shapes["coarse_head.weight"] = torch.Size([n_coarse, d])
+            shapes["coarse_head.bias"] = torch.Size([n_coarse])
+        return shapes
+
+    def save(self, directory: str | Path) -> None:
+        """Write ``weights.safetensors`` and ``metadata.json`` into ``directory``, replacing it as a whole."""
+        if self._parameters is None:
+            raise ModelInputError("cannot save a classifier that is not fitted")
+        target = Path(directory)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+        try:
+            tensors = {name: tensor.contiguous() for name, tensor in self._parameters.items()}
+            save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "vlm-al-finegrained"})
+            atomic_write_json(staging / METADATA_FILE, self._metadata())
+            _replace_directory(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+    @classmethod
+    def load(cls, directory: str | Path, expected_hierarchy: LabelHierarchy | None = None) -> FineGrainedClassifier:
+        """Read a checkpoint written by ``save``; with ``expected_hierarchy``, reject one trained on another."""
+        directory = Path(directory)
+        metadata = _read_metadata(directory)
+        try:
+            hierarchy = LabelHierarchy.from_dict(metadata["hierarchy"])
+            config = TrainingConfig.from_dict(metadata["config"])
+            embedding_dim = metadata["embedding_dim"]
+        except (KeyError, TypeError) as exc:
+            raise ModelInputError(f"{directory / METADATA_FILE}: incomplete metadata ({exc!r})") from exc
+        if expected_hierarchy is not None and expected_hierarchy != hierarchy:
+            raise ModelInputError(
+                f"checkpoint {directory} was trained on another label hierarchy: "
+                f"{hierarchy.to_dict()} != expected {expected_hierarchy.to_dict()}"
+            )
+        classifier = cls(hierarchy, embedding_dim, config)
+        try:
+            tensors = load_file(str(directory / WEIGHTS_FILE))
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise ModelInputError(f"cannot read {directory / WEIGHTS_FILE}: {exc}") from exc
+        expected = classifier._expected_shapes()
+        actual = {name: tensor.shape for name, tensor in tensors.items()}
+        if actual != expected:
+            raise ModelInputError(
+                f"checkpoint {directory}: tensors {_describe(actual)} do not match its metadata {_describe(expected)}"
+            )
+        classifier._parameters = {name: tensor.to(torch.float32) for name, tensor in tensors.items()}
+        return classifier
+
+
+def _describe(shapes: Mapping[str, torch.Size]) -> dict[str, list[int]]:
+    return {name: list(shape) for name, shape in sorted(shapes.items())}
+
+
+def _read_metadata(directory: Path) -> dict[str, Any]:
+    path = directory / METADATA_FILE
+    try:
+        metadata = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelInputError(f"cannot read checkpoint metadata {path}: {exc}") from exc
+    if not isinstance(metadata, dict):
+        raise ModelInputError(f"{path}: expected a JSON object")
+    version = metadata.get("format_version")
+    if version != CHECKPOINT_FORMAT_VERSION:
+        raise ModelInputError(
+            f"{path}: checkpoint format version {version!r} is not supported (expected {CHECKPOINT_FORMAT_VERSION})"
+        )
+    return metadata
+
+
+def _replace_directory(staging: Path, target: Path) -> None:
+    """Move ``staging`` onto ``target``. A rename cannot replace a non-empty directory, so an existing target
+    is first moved aside; a reader sees the old checkpoint or the new one, never a mix of both."""
+    for path in staging.iterdir():
+        _fsync_path(path)
+    _fsync_path(staging)
+    if not target.exists():
+        os.rename(staging, target)
+    else:
+        retired = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".old"))
+        os.rename(target, retired / target.name)
+        os.rename(staging, target)
+        shutil.rmtree(retired, ignore_errors=True)
+    _fsync_path(target.parent)
+
+
+def _fsync_path(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+# ---- model selection ----------------------------------------------------------------------------------------
+
+
+def stratified_folds(labels: np.ndarray, n_folds: int, rng: np.random.Generator) -> np.ndarray:
+    """Fold number of every sample: each class is shuffled and dealt round-robin, continuing where the
+    previous class stopped so that small classes do not all land in fold 0."""
+    folds = np.empty(labels.shape[0], dtype=np.int64)
+    next_fold = 0
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        folds[members] = (next_fold + np.arange(members.size)) % n_folds
+        next_fold = (next_fold + members.size) % n_folds
+    return folds
+
+
+def _candidate_configs(base_config: TrainingConfig, candidates: Mapping[str, Sequence[Any]]) -> list[TrainingConfig]:
+    known = {f.name for f in fields(TrainingConfig)}
+    unknown = sorted(set(candidates) - known)
+    if unknown:
+        raise ModelInputError(f"unknown TrainingConfig fields in candidates: {unknown}")
+    empty = sorted(name for name, values in candidates.items() if len(values) == 0)
+    if empty:
+        raise ModelInputError(f"no candidate values for {empty}")
+    names = list(candidates)
+    return [replace(base_config, **dict(zip(names, values))) for values in itertools.product(*candidates.values())]
+
+
+def cross_validated_accuracy(
+    hierarchy: LabelHierarchy,
+    embeddings: np.ndarray,
+    fine_labels: np.ndarray,
+    weak_coarse_labels: np.ndarray | None,
+    coarse_transition_matrix: np.ndarray | None,
+    config: TrainingConfig,
+    folds: np.ndarray,
+    human_coarse_labels: np.ndarray | None = None,
+) -> float:
+    """Mean fine accuracy over folds of the full-labelled samples (``folds[i]`` = -1 for the others, which
+    always stay in training)."""
+    accuracies = []
+    for fold in range(int(folds.max()) + 1):
+        held_out = folds == fold
+        if not np.any(held_out):
+            continue
+        training_labels = np.where(held_out, MISSING_LABEL, fine_labels)
+        classifier = FineGrainedClassifier(hierarchy, embeddings.shape[1], config).fit(
+            embeddings, training_labels, weak_coarse_labels, coarse_transition_matrix, human_coarse_labels
+        )
+        predicted = classifier.predict_fine_proba(embeddings[held_out]).argmax(axis=1)
+        accuracies.append(float(np.mean(predicted == fine_labels[held_out])))
+    return float(np.mean(accuracies))
+
+
+def select_training_config(
+    hierarchy: LabelHierarchy,
+    embeddings: np.ndarray,
+    fine_labels: np.ndarray,
+    weak_coarse_labels: np.ndarray | None,
+    coarse_transition_matrix: np.ndarray | None,
+    base_config: TrainingConfig,
+    candidates: Mapping[str, Sequence[Any]],
+    n_folds: int = 3,
+    human_coarse_labels: np.ndarray | None = None,
+) -> TrainingConfig:
+    """Pick the candidate config with the best stratified k-fold fine accuracy on the full-labelled samples.
+
+    ``candidates`` maps TrainingConfig fields to values; every combination is tried. Weak samples always stay
+    in training. Ties go to the earlier combination. With fewer full labels than folds, or a single
+    candidate, ``base_config`` with the first combination is returned without cross-validation.
+    """
+    if not isinstance(n_folds, int) or n_folds < 2:
+        raise ModelInputError(f"n_folds must be an integer >= 2, got {n_folds!r}")
+    configs = _candidate_configs(base_config, candidates)
+    array = _validated_embeddings(embeddings, int(np.asarray(embeddings).shape[-1]))
+    fine = _validated_labels("fine_labels", fine_labels, array.shape[0], hierarchy.n_fine)
+    full = np.flatnonzero(fine != MISSING_LABEL)
+    if len(configs) == 1 or full.size < n_folds:
+        return configs[0]
+    folds = np.full(fine.shape[0], -1, dtype=np.int64)
+    folds[full] = stratified_folds(fine[full], n_folds, np.random.default_rng(base_config.seed))
+    scores = [
+        cross_validated_accuracy(
+            hierarchy, array, fine, weak_coarse_labels, coarse_transition_matrix, config, folds, human_coarse_labels
+        )
+        for config in configs
+    ]
+    return configs[int(np.argmax(scores))]
