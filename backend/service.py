@@ -160,6 +160,7 @@ class MLBackend:
         self._classifier_loader = classifier_loader
         self._projects: dict[int, ProjectContext] = {}
         self._projects_lock = threading.Lock()
+        self._states: dict[int, ProjectState] = {}
         self._labelings: OrderedDict[str, ProjectLabeling] = OrderedDict()
         self._labelings_lock = threading.Lock()
         self._parent_map = _read_parent_map(config.parent_map_file)
@@ -217,7 +218,12 @@ class MLBackend:
             return ctx
 
     def state(self, project_id: int) -> ProjectState:
-        return ProjectState(Path(self.config.model_dir), project_id)
+        """One ProjectState per project, so its parsed pointer and priorities stay cached between requests."""
+        with self._projects_lock:
+            state = self._states.get(project_id)
+            if state is None:
+                state = self._states[project_id] = ProjectState(Path(self.config.model_dir), project_id)
+            return state
 
     def labeling(self, label_config: str) -> ProjectLabeling:
         """Parse (and cache by content) a label config; unusable ones raise InvalidInput 422 naming the problem."""

@@ -64,14 +64,16 @@ class ProjectState:
         self.pushed_path = self.root / "pushed.json"
         self.lock_path = self.root / "fit.lock"
         self._lock = threading.Lock()
-        self._current_cache: tuple[int, CurrentModel | None] | None = None
-        self._priorities_cache: tuple[int, str | None, dict[int, float]] | None = None
+        self._current_cache: tuple[object, CurrentModel | None] | None = None
+        self._priorities_cache: tuple[object, str | None, dict[int, float]] | None = None
 
-    def _mtime(self, path: Path) -> int:
+    def _mtime(self, path: Path) -> tuple[int, int, int] | int:
+        """Identity of the file's current version: atomic replaces give a new inode, so equal mtimes still differ."""
         try:
-            return path.stat().st_mtime_ns
+            stat = path.stat()
         except FileNotFoundError:
             return -1
+        return stat.st_mtime_ns, stat.st_ino, stat.st_size
 
     def current(self) -> CurrentModel | None:
         """The served version, re-read only when the pointer file changed (another worker may have fitted)."""
