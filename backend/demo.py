@@ -52,9 +52,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def backend_environment(config: Config, label_studio_url: str, token: str, model_dir: Path) -> dict[str, str]:
     """The backend's settings: the demo's defaults, with the weak annotator switched to CLIP if one is configured."""
     env = {
-        "PATH": "/usr/local/bin:/usr/bin:/bin",
-        "HOME": str(Path.home()),
-        "LANG": "C.UTF-8",
+        **lsb.clean_environment(Path(sys.executable).parent),
         "LABEL_STUDIO_URL": label_studio_url,
         "LABEL_STUDIO_API_KEY": token,
         "MODEL_DIR": str(model_dir),

@@ -34,9 +34,7 @@ LOOPBACK_HOST = "127.0.0.1"
 UNCERTAINTY_SAMPLING = "Uncertainty sampling"
 # Measured: a fresh database takes 42-56 s to migrate on a 2-core box; leave room for a busy machine.
 DEFAULT_STARTUP_TIMEOUT_S = 240.0
-# Label Studio reads LABEL_STUDIO_X, HEARTEX_X and plain X, so a stray USERNAME, HOST or PORT in the
-# parent environment would leak in. The child gets a clean environment built from these only.
-_INHERITED_PATH = "/usr/local/bin:/usr/bin:/bin"
+_SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 
 class LabelStudioError(RuntimeError):
@@ -113,6 +111,16 @@ def ephemeral_port(host: str = LOOPBACK_HOST) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def clean_environment(bin_dir: Path | None = None) -> dict[str, str]:
+    """A minimal environment for a server subprocess, to which its settings are added explicitly.
+
+    Label Studio reads LABEL_STUDIO_X, HEARTEX_X and then plain X, so a stray USERNAME, HOST or PORT
+    in the caller's environment would leak into it; the backend gets exactly the settings it is given.
+    """
+    path = f"{bin_dir}:{_SYSTEM_PATH}" if bin_dir is not None else _SYSTEM_PATH
+    return {"PATH": path, "HOME": str(Path.home()), "LANG": "C.UTF-8"}
 
 
 def new_token() -> str:
@@ -276,9 +284,7 @@ class LabelStudioServer(ManagedProcess):
         self.host = host
         self.port = port
         env = {
-            "PATH": f"{self.venv_dir / 'bin'}:{_INHERITED_PATH}",
-            "HOME": str(Path.home()),
-            "LANG": "C.UTF-8",
+            **clean_environment(self.venv_dir / "bin"),
             "LABEL_STUDIO_BASE_DATA_DIR": str(self.data_dir),
             "LOCAL_FILES_SERVING_ENABLED": "true",
             "LOCAL_FILES_DOCUMENT_ROOT": str(self.document_root),
@@ -287,6 +293,9 @@ class LabelStudioServer(ManagedProcess):
             "SSRF_PROTECTION_ENABLED": "false",
             "LATEST_VERSION_CHECK": "false",
             "COLLECT_ANALYTICS": "false",
+            # Offline and private: no error reports to Label Studio's Sentry project.
+            "SENTRY_DSN": "",
+            "FRONTEND_SENTRY_DSN": "",
             **(extra_env or {}),
         }
         command = [

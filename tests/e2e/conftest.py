@@ -132,9 +132,7 @@ def _label_studio_venv() -> Path:
 
 def _backend_env(label_studio_url: str, token: str, model_dir: Path) -> dict[str, str]:
     return {
-        "PATH": f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin",
-        "HOME": str(Path.home()),
-        "LANG": "C.UTF-8",
+        **lsb.clean_environment(Path(sys.executable).parent),
         "LABEL_STUDIO_URL": label_studio_url,
         "LABEL_STUDIO_API_KEY": token,
         "MODEL_DIR": str(model_dir),

@@ -54,7 +54,7 @@ def page(stack: Stack, tmp_path: Path) -> Iterator[object]:
             executable_path=str(CHROMIUM),
             headless=True,
             args=CHROMIUM_ARGS,
-            viewport={"width": 1280, "height": 1000},
+            viewport={"width": 1280, "height": 1300},
         )
         try:
             page = context.new_page()
