@@ -1,0 +1,593 @@
+"""Query strategies: which samples to label next, and with which kind of label.
+
+Every strategy has one signature, ``strategy.query(pool, budget, costs, rng) -> list[Selection]``. The total cost
+of the selections never exceeds ``budget``; a strategy stops only when no remaining candidate is affordable.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from model.errors import ModelInputError
+from model.hierarchy import MISSING_LABEL, LabelHierarchy
+
+UNLABELED, WEAK, FULL = 0, 1, 2
+"""Values of ``PoolState.annotation_type``."""
+_BUDGET_EPSILON = 1e-9
+"""Budgets are sums of float costs: 150 * 0.02 must still buy 150 weak labels."""
+_DISTANCE_CHUNK = 4096
+_MIN_DISTANCE = 1e-300
+
+
+class LabelKind(enum.Enum):
+    HUMAN_FINE = "human_fine"
+    VLM_COARSE = "vlm_coarse"
+    HUMAN_COARSE = "human_coarse"
+
+
+@dataclass(frozen=True)
+class LabelCosts:
+    """Cost of one label. ``weak_coarse`` is whatever the weak source costs (0.02 for the VLM, 0.1 for a human
+    coarse label in the ISOAL baseline)."""
+
+    human_fine: float = 1.0
+    weak_coarse: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in ("human_fine", "weak_coarse"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not np.isfinite(value) or value <= 0:
+                raise ModelInputError(f"label cost {name} must be a finite number > 0, got {value!r}")
+
+    def of(self, kind: LabelKind) -> float:
+        return self.human_fine if kind is LabelKind.HUMAN_FINE else self.weak_coarse
+
+
+@dataclass(frozen=True)
+class Selection:
+    index: int
+    kind: LabelKind
+
+
+TrainAndEvaluate = Callable[[np.ndarray, np.ndarray], float]
+"""``(full_indices, weak_indices) -> validation accuracy`` of a model trained on those samples. A weak index
+whose sample has no weak label but a full one stands for that sample's true coarse label (its fine label's
+parent): this is how ISO estimates the value of weak labels before any exist."""
+
+
+@dataclass(frozen=True, eq=False)
+class PoolState:
+    """Everything a strategy may look at. Label arrays are int64 with ``MISSING_LABEL``."""
+
+    embeddings: np.ndarray
+    hierarchy: LabelHierarchy
+    fine_labels: np.ndarray
+    weak_coarse_labels: np.ndarray
+    weak_kind: LabelKind = LabelKind.VLM_COARSE
+    fine_probabilities: np.ndarray | None = None
+    coarse_probabilities: np.ndarray | None = None
+    train_and_evaluate: TrainAndEvaluate | None = None
+
+    def __post_init__(self) -> None:
+        embeddings = np.asarray(self.embeddings)
+        if embeddings.ndim != 2 or embeddings.shape[0] == 0 or embeddings.shape[1] == 0:
+            raise ModelInputError(f"the pool is empty or not (n, d): embeddings have shape {embeddings.shape}")
+        if not np.all(np.isfinite(embeddings)):
+            bad_rows = np.flatnonzero(~np.all(np.isfinite(embeddings), axis=1))
+            raise ModelInputError(f"pool embeddings contain NaN or inf in rows {bad_rows[:10].tolist()}")
+        n = embeddings.shape[0]
+        _check_labels("fine_labels", self.fine_labels, n, self.hierarchy.n_fine)
+        _check_labels("weak_coarse_labels", self.weak_coarse_labels, n, self.hierarchy.n_coarse)
+        _check_probabilities("fine_probabilities", self.fine_probabilities, n, self.hierarchy.n_fine)
+        _check_probabilities("coarse_probabilities", self.coarse_probabilities, n, self.hierarchy.n_coarse)
+        if self.weak_kind not in (LabelKind.VLM_COARSE, LabelKind.HUMAN_COARSE):
+            raise ModelInputError(f"weak_kind must be VLM_COARSE or HUMAN_COARSE, got {self.weak_kind!r}")
+
+    @property
+    def size(self) -> int:
+        return int(self.embeddings.shape[0])
+
+    @property
+    def annotation_type(self) -> np.ndarray:
+        """int64 (n,): 0 unlabeled, 1 weak label only, 2 full (human fine) label."""
+        types = np.where(np.asarray(self.weak_coarse_labels) != MISSING_LABEL, WEAK, UNLABELED)
+        return np.where(np.asarray(self.fine_labels) != MISSING_LABEL, FULL, types).astype(np.int64)
+
+    def coarse_probabilities_or_summed(self) -> np.ndarray | None:
+        """The coarse head's probabilities, else the fine ones summed over each coarse group."""
+        if self.coarse_probabilities is not None:
+            return np.asarray(self.coarse_probabilities, dtype=np.float64)
+        if self.fine_probabilities is None:
+            return None
+        return np.asarray(self.fine_probabilities, dtype=np.float64) @ self.hierarchy.fine_to_coarse_matrix
+
+
+def _check_labels(name: str, labels: np.ndarray, n: int, n_classes: int) -> None:
+    array = np.asarray(labels)
+    if array.shape != (n,):
+        raise ModelInputError(f"{name} must have shape ({n},) like the embeddings, got {array.shape}")
+    if not np.issubdtype(array.dtype, np.integer):
+        raise ModelInputError(f"{name} must hold integer class indices, got dtype {array.dtype}")
+    if np.any((array != MISSING_LABEL) & ((array < 0) | (array >= n_classes))):
+        raise ModelInputError(f"{name} has indices outside [0, {n_classes}) (and not {MISSING_LABEL})")
+
+
+def _check_probabilities(name: str, probabilities: np.ndarray | None, n: int, n_classes: int) -> None:
+    if probabilities is None:
+        return
+    array = np.asarray(probabilities)
+    if array.shape != (n, n_classes):
+        raise ModelInputError(f"{name} must have shape ({n}, {n_classes}), got {array.shape}")
+    if not np.all(np.isfinite(array)):
+        raise ModelInputError(f"{name} contain NaN or inf")
+
+
+def _check_budget(budget: float) -> None:
+    if not isinstance(budget, (int, float, np.floating, np.integer)) or not np.isfinite(budget) or budget <= 0:
+        raise ModelInputError(f"budget must be a finite number > 0, got {budget!r}")
+
+
+def affordable_count(budget: float, cost: float) -> int:
+    return int(np.floor(budget / cost + _BUDGET_EPSILON))
+
+
+def l2_normalised(embeddings: np.ndarray) -> np.ndarray:
+    array = np.asarray(embeddings, dtype=np.float32)
+    return array / np.maximum(np.linalg.norm(array, axis=1, keepdims=True), 1e-12)
+
+
+# ---- uncertainty --------------------------------------------------------------------------------------------
+
+
+def margin_uncertainty(probabilities: np.ndarray) -> np.ndarray:
+    """1 - (top1 - top2): 1 when the two best classes tie. A single class has margin 1 (no uncertainty)."""
+    array = np.asarray(probabilities, dtype=np.float64)
+    if array.shape[1] < 2:
+        return np.zeros(array.shape[0])
+    top_two = -np.partition(-array, 1, axis=1)[:, :2]
+    return 1.0 - (top_two[:, 0] - top_two[:, 1])
+
+
+def least_confidence_uncertainty(probabilities: np.ndarray) -> np.ndarray:
+    return 1.0 - np.asarray(probabilities, dtype=np.float64).max(axis=1)
+
+
+def entropy_uncertainty(probabilities: np.ndarray) -> np.ndarray:
+    array = np.clip(np.asarray(probabilities, dtype=np.float64), 1e-12, 1.0)
+    return -(array * np.log(array)).sum(axis=1)
+
+
+UNCERTAINTY_MEASURES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "margin": margin_uncertainty,
+    "entropy": entropy_uncertainty,
+    "least-confidence": least_confidence_uncertainty,
+}
+
+
+def percentile_rank(values: np.ndarray) -> np.ndarray:
+    """Rank of every value over all values, in (0, 1]; ties share their highest rank."""
+    sorted_values = np.sort(values)
+    return np.searchsorted(sorted_values, values, side="right") / values.size
+
+
+# ---- strategies ---------------------------------------------------------------------------------------------
+
+
+class QueryStrategy(Protocol):
+    def query(
+        self, pool: PoolState, budget: float, costs: LabelCosts, rng: np.random.Generator
+    ) -> list[Selection]: ...
+
+
+def _fine_candidates(pool: PoolState) -> np.ndarray:
+    """Samples without a human fine label (weakly labelled ones included)."""
+    return np.flatnonzero(np.asarray(pool.fine_labels) == MISSING_LABEL)
+
+
+def _human_fine(indices: Sequence[int] | np.ndarray) -> list[Selection]:
+    return [Selection(int(i), LabelKind.HUMAN_FINE) for i in indices]
+
+
+def _start(pool: PoolState, budget: float, costs: LabelCosts) -> tuple[np.ndarray, int]:
+    """Validate and return the fine candidates and how many fine labels the budget buys."""
+    _check_budget(budget)
+    candidates = _fine_candidates(pool)
+    return candidates, min(affordable_count(budget, costs.human_fine), candidates.size)
+
+
+@dataclass(frozen=True)
+class RandomQuery:
+    def query(self, pool: PoolState, budget: float, costs: LabelCosts, rng: np.random.Generator) -> list[Selection]:
+        candidates, n_picks = _start(pool, budget, costs)
+        return _human_fine(rng.choice(candidates, size=n_picks, replace=False))
+
+
+@dataclass(frozen=True)
+class _UncertaintyQuery:
+    """Human fine labels for the samples where the fine head is least sure."""
+
+    measure: str = "margin"
+
+    def query(self, pool: PoolState, budget: float, costs: LabelCosts, rng: np.random.Generator) -> list[Selection]:
+        candidates, n_picks = _start(pool, budget, costs)
+        if pool.fine_probabilities is None:
+            raise ModelInputError(
+                f"{type(self).__name__} needs fine_probabilities from a trained model; use a cold-start strategy first"
+            )
+        uncertainty = UNCERTAINTY_MEASURES[self.measure](np.asarray(pool.fine_probabilities)[candidates])
+        # Stable sort: ties go to the lower index, so the choice is reproducible.
+        order = np.argsort(-uncertainty, kind="stable")[:n_picks]
+        return _human_fine(candidates[order])
+
+
+@dataclass(frozen=True)
+class LeastConfidenceQuery(_UncertaintyQuery):
+    measure: str = "least-confidence"
+
+
+@dataclass(frozen=True)
+class MarginQuery(_UncertaintyQuery):
+    measure: str = "margin"
+
+
+@dataclass(frozen=True)
+class EntropyQuery(_UncertaintyQuery):
+    measure: str = "entropy"
+
+
+def _squared_distances(points: np.ndarray, centre: np.ndarray) -> np.ndarray:
+    return np.square(points - centre).sum(axis=1)
+
+
+def _min_squared_distances(points: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    """Squared distance of every point to its nearest centre, in chunks to bound memory."""
+    best = np.full(points.shape[0], np.inf)
+    points_sq = np.square(points).sum(axis=1)
+    for start in range(0, centres.shape[0], _DISTANCE_CHUNK):
+        chunk = centres[start : start + _DISTANCE_CHUNK]
+        distances = points_sq[:, None] + np.square(chunk).sum(axis=1)[None, :] - 2.0 * points @ chunk.T
+        best = np.minimum(best, distances.min(axis=1))
+    return np.maximum(best, 0.0)
+
+
+@dataclass(frozen=True)
+class KCenterQuery:
+    """Greedy core-set: repeatedly the candidate farthest from every full-labelled or chosen sample."""
+
+    def query(self, pool: PoolState, budget: float, costs: LabelCosts, rng: np.random.Generator) -> list[Selection]:
+        candidates, n_picks = _start(pool, budget, costs)
+        if n_picks == 0:
+            return []
+        points = l2_normalised(pool.embeddings)
+        labelled = np.flatnonzero(np.asarray(pool.fine_labels) != MISSING_LABEL)
+        chosen: list[int] = []
+        if labelled.size:
+            distance = _min_squared_distances(points[candidates], points[labelled])
+        else:
+            first = int(rng.integers(candidates.size))
+            chosen.append(first)
+            distance = _squared_distances(points[candidates], points[candidates[first]])
+        while len(chosen) < n_picks:
+            distance[chosen] = -1.0
+            farthest = int(np.argmax(distance))
+            chosen.append(farthest)
+            distance = np.minimum(distance, _squared_distances(points[candidates], points[candidates[farthest]]))
+        return _human_fine(candidates[chosen])
+
+
+def kmeans_plus_plus(points: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """k-means++ seeding: indices of ``k`` distinct points, each drawn with probability proportional to D²."""
+    chosen = [int(rng.integers(points.shape[0]))]
+    distance = _squared_distances(points, points[chosen[0]])
+    while len(chosen) < k:
+        distance[chosen] = 0.0
+        total = distance.sum()
+        if total <= 0:  # fewer distinct points than k: take any not yet chosen
+            remaining = np.setdiff1d(np.arange(points.shape[0]), chosen)
+            chosen.append(int(rng.choice(remaining)))
+        else:
+            chosen.append(int(rng.choice(points.shape[0], p=distance / total)))
+        distance = np.minimum(distance, _squared_distances(points, points[chosen[-1]]))
+    return np.asarray(chosen)
+
+
+def lloyd_kmeans(
+    points: np.ndarray, k: int, rng: np.random.Generator, max_iterations: int = 50
+) -> tuple[np.ndarray, np.ndarray]:
+    """Lloyd's algorithm from k-means++ seeds. Returns (centres (k, d), assignment (n,))."""
+    centres = points[kmeans_plus_plus(points, k, rng)].astype(np.float64)
+    assignment = np.full(points.shape[0], -1)
+    for _ in range(max_iterations):
+        distances = (
+            np.square(points).sum(axis=1)[:, None] + np.square(centres).sum(axis=1)[None, :] - 2.0 * points @ centres.T
+        )
+        new_assignment = distances.argmin(axis=1)
+        if np.array_equal(new_assignment, assignment):
+            break
+        assignment = new_assignment
+        for cluster in range(k):
+            members = assignment == cluster
+            if np.any(members):  # an emptied cluster keeps its old centre
+                centres[cluster] = points[members].mean(axis=0)
+    return centres, assignment
+
+
+@dataclass(frozen=True)
+class KMeansColdStart:
+    """k = budget / fine cost clusters of the unlabelled samples; the sample nearest each centre is labelled."""
+
+    max_iterations: int = 50
+
+    def query(self, pool: PoolState, budget: float, costs: LabelCosts, rng: np.random.Generator) -> list[Selection]:
+        candidates, n_picks = _start(pool, budget, costs)
+        if n_picks == 0:
+            return []
+        points = l2_normalised(pool.embeddings[candidates]).astype(np.float64)
+        centres, _ = lloyd_kmeans(points, n_picks, rng, self.max_iterations)
+        chosen: list[int] = []
+        taken = np.zeros(candidates.size, dtype=bool)
+        for centre in centres:
+            distance = _squared_distances(points, centre)
+            distance[taken] = np.inf  # two centres never take the same sample
+            nearest = int(np.argmin(distance))
+            taken[nearest] = True
+            chosen.append(nearest)
+        return _human_fine(candidates[chosen])
+
+
+# ---- ISO value-to-cost ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExpectedImprovement:
+    """Measured accuracy gain per label of each level and the normalised ratio used for the value."""
+
+    full_per_label: float
+    weak_per_label: float
+    full_ratio: float
+    weak_ratio: float
+    full_accuracies: tuple[tuple[float, ...], ...]
+    """Per shuffle: validation accuracy at 1/5 .. 5/5 of the full set."""
+    weak_accuracies: tuple[tuple[float, ...], ...]
+    weak_set_from_full: bool
+    """True when no weak labels existed and half of the full set stood in for them."""
+    n_evaluations: int
+
+    def to_dict(self) -> dict:
+        return {
+            "full_per_label": self.full_per_label,
+            "weak_per_label": self.weak_per_label,
+            "full_ratio": self.full_ratio,
+            "weak_ratio": self.weak_ratio,
+            "full_accuracies": [list(a) for a in self.full_accuracies],
+            "weak_accuracies": [list(a) for a in self.weak_accuracies],
+            "weak_set_from_full": self.weak_set_from_full,
+            "n_evaluations": self.n_evaluations,
+        }
+
+
+N_FIFTHS = 5
+_GAIN_WEIGHTS = np.arange(1.0, N_FIFTHS)
+"""Later gains weigh more: they describe the learning curve nearest the current set size."""
+
+
+def _fifths(indices: np.ndarray) -> list[np.ndarray]:
+    """Prefixes of 1/5 .. 5/5 of ``indices`` (each at least one sample)."""
+    sizes = [max(1, int(round(indices.size * k / N_FIFTHS))) for k in range(1, N_FIFTHS + 1)]
+    return [indices[:size] for size in sizes]
+
+
+def _per_label_gain(accuracies: np.ndarray, set_size: int) -> float:
+    """Weighted moving average of the gains between consecutive fifths, per label added."""
+    gains = np.diff(accuracies, axis=1).mean(axis=0)
+    return float(np.average(gains, weights=_GAIN_WEIGHTS) / (set_size / N_FIFTHS))
+
+
+def improvement_ratio(full_per_label: float, weak_per_label: float) -> tuple[float, float]:
+    """(full, weak) normalised so that weak = 1; a level whose gain is not positive gets 0 and the other 1;
+    both not positive: (1, 1)."""
+    if full_per_label > 0 and weak_per_label > 0:
+        return full_per_label / weak_per_label, 1.0
+    if full_per_label > 0:
+        return 1.0, 0.0
+    if weak_per_label > 0:
+        return 0.0, 1.0
+    return 1.0, 1.0
+
+
+def estimate_expected_improvement(pool: PoolState, rng: np.random.Generator, n_shuffles: int = 3) -> ExpectedImprovement:
+    """Retrain on 1/5 .. 5/5 of the weak set (all full labels kept) and of the full set (all weak labels kept),
+    ``n_shuffles`` shuffles each, through ``pool.train_and_evaluate``. The 5/5 point is the same training set
+    for both levels and is evaluated once: ``1 + 2 * n_shuffles * 4`` evaluations in all."""
+    if pool.train_and_evaluate is None:
+        raise ModelInputError("ISO needs pool.train_and_evaluate to measure the expected improvement per label")
+    if n_shuffles < 1:
+        raise ModelInputError(f"n_shuffles must be >= 1, got {n_shuffles}")
+    annotation = pool.annotation_type
+    full = np.flatnonzero(annotation == FULL)
+    weak = np.flatnonzero(annotation == WEAK)
+    weak_from_full = weak.size == 0
+    if full.size == 0:
+        raise ModelInputError("ISO needs at least one full label to measure the expected improvement")
+    if weak_from_full:
+        shuffled = rng.permutation(full)
+        weak, full = shuffled[: full.size // 2], shuffled[full.size // 2 :]
+    evaluate = pool.train_and_evaluate
+    everything = float(evaluate(full, weak))
+    n_evaluations = 1
+    full_curves, weak_curves = [], []
+    for _ in range(n_shuffles):
+        full_curve = [float(evaluate(part, weak)) for part in _fifths(rng.permutation(full))[:-1]] + [everything]
+        weak_curve = [float(evaluate(full, part)) for part in _fifths(rng.permutation(weak))[:-1]] if weak.size else []
+        weak_curves.append(weak_curve + [everything] if weak.size else [everything] * N_FIFTHS)
+        full_curves.append(full_curve)
+        n_evaluations += (N_FIFTHS - 1) * (2 if weak.size else 1)
+    full_per_label = _per_label_gain(np.asarray(full_curves), full.size)
+    weak_per_label = _per_label_gain(np.asarray(weak_curves), max(weak.size, 1))
+    full_ratio, weak_ratio = improvement_ratio(full_per_label, weak_per_label)
+    return ExpectedImprovement(
+        full_per_label=full_per_label,
+        weak_per_label=weak_per_label,
+        full_ratio=full_ratio,
+        weak_ratio=weak_ratio,
+        full_accuracies=tuple(tuple(c) for c in full_curves),
+        weak_accuracies=tuple(tuple(c) for c in weak_curves),
+        weak_set_from_full=weak_from_full,
+        n_evaluations=n_evaluations,
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class IsoCandidates:
+    """Every unlabelled sample twice: as a full (human fine) candidate and, without a weak label yet, as a weak one."""
+
+    sample: np.ndarray
+    is_full: np.ndarray
+    value: np.ndarray
+    cost: np.ndarray
+
+
+class IsoValueToCostQuery:
+    """ISO: value-to-cost ratio with instance-wise assignment of weak or full labels, batched by D² sampling.
+
+    value = percentile(uncertainty of the candidate's head) × expected improvement per label / cost. The best
+    candidate comes first; the next ones are drawn with probability ∝ D², the squared distance in
+    (L2-normalised feature × value) space to the nearest chosen candidate. Choosing a sample's full candidate
+    also retires its weak candidate (the fine label implies the coarse one). After ``query``,
+    ``last_expected_improvement`` holds the measured improvements.
+
+    A batch of cheap labels can take thousands of picks, each updating every distance; with ``distance_dim``
+    the unit features first go through a seeded Gaussian random projection (Johnson-Lindenstrauss), which keeps
+    distances within a few percent and makes a pick cost O(n * distance_dim) instead of O(n * d).
+    """
+
+    def __init__(self, uncertainty: str = "margin", n_shuffles: int = 3, distance_dim: int | None = 128) -> None:
+        if uncertainty not in UNCERTAINTY_MEASURES:
+            raise ModelInputError(f"unknown uncertainty {uncertainty!r}; expected one of {list(UNCERTAINTY_MEASURES)}")
+        if not isinstance(n_shuffles, int) or n_shuffles < 1:
+            raise ModelInputError(f"n_shuffles must be a positive integer, got {n_shuffles!r}")
+        if distance_dim is not None and (not isinstance(distance_dim, int) or distance_dim < 1):
+            raise ModelInputError(f"distance_dim must be None or a positive integer, got {distance_dim!r}")
+        self.uncertainty = uncertainty
+        self.n_shuffles = n_shuffles
+        self.distance_dim = distance_dim
+        self.last_expected_improvement: ExpectedImprovement | None = None
+
+    def candidates(self, pool: PoolState, costs: LabelCosts, improvement: ExpectedImprovement) -> IsoCandidates:
+        if pool.fine_probabilities is None:
+            raise ModelInputError("ISO needs fine_probabilities from a trained model; use a cold-start strategy first")
+        measure = UNCERTAINTY_MEASURES[self.uncertainty]
+        fine_percentile = percentile_rank(measure(np.asarray(pool.fine_probabilities)))
+        coarse_percentile = percentile_rank(measure(pool.coarse_probabilities_or_summed()))
+        annotation = pool.annotation_type
+        full_samples = np.flatnonzero(annotation != FULL)
+        weak_samples = np.flatnonzero(annotation == UNLABELED)
+        full_value = fine_percentile[full_samples] * improvement.full_ratio / costs.human_fine
+        weak_value = coarse_percentile[weak_samples] * improvement.weak_ratio / costs.weak_coarse
+        return IsoCandidates(
+            sample=np.concatenate([full_samples, weak_samples]),
+            is_full=np.concatenate([np.ones(full_samples.size, bool), np.zeros(weak_samples.size, bool)]),
+            value=np.concatenate([full_value, weak_value]),
+            cost=np.concatenate(
+                [np.full(full_samples.size, costs.human_fine), np.full(weak_samples.size, costs.weak_coarse)]
+            ),
+        )
+
+    def query(self, pool: PoolState, budget: float, costs: LabelCosts, rng: np.random.Generator) -> list[Selection]:
+        _check_budget(budget)
+        improvement = estimate_expected_improvement(pool, rng, self.n_shuffles)
+        self.last_expected_improvement = improvement
+        candidates = self.candidates(pool, costs, improvement)
+        features = random_projection(l2_normalised(pool.embeddings), self.distance_dim, rng)
+        chosen = _d2_batch(features, candidates, budget, rng)
+        return [
+            Selection(int(candidates.sample[c]), LabelKind.HUMAN_FINE if candidates.is_full[c] else pool.weak_kind)
+            for c in chosen
+        ]
+
+
+def random_projection(unit_features: np.ndarray, dim: int | None, rng: np.random.Generator) -> np.ndarray:
+    """Project to ``dim`` dimensions with a Gaussian matrix and renormalise; unchanged when ``dim`` is None or
+    not smaller than the feature dimension."""
+    if dim is None or dim >= unit_features.shape[1]:
+        return unit_features
+    projection = rng.standard_normal((unit_features.shape[1], dim)).astype(np.float32)
+    return l2_normalised(unit_features @ projection)
+
+
+def _d2_batch(features: np.ndarray, candidates: IsoCandidates, budget: float, rng: np.random.Generator) -> list[int]:
+    """Indices into ``candidates``: the best value first, then D² draws until nothing affordable is left.
+
+    Points are ``value × feature``; with unit features ``|v_a f_a - v_b f_b|² = v_a² + v_b² - 2 v_a v_b f_a·f_b``,
+    so one matrix-vector product per pick updates every candidate's distance."""
+    value = candidates.value.astype(np.float64)
+    value_squared = value**2
+    # Candidates come in pairs per sample: one product per sample, then gathered per candidate.
+    samples, candidate_sample = np.unique(candidates.sample, return_inverse=True)
+    sample_features = np.ascontiguousarray(features[samples])
+    # Retired candidates (chosen, or weak ones of a sample chosen in full) keep distance 0: never drawn.
+    distance = np.full(value.size, np.inf)
+    weak_of_sample = {int(s): i for i, s in enumerate(candidates.sample) if not candidates.is_full[i]}
+    remaining = float(budget)
+    chosen: list[int] = []
+    chosen_set: set[int] = set()
+    while True:
+        weights = np.where(candidates.cost <= remaining + _BUDGET_EPSILON, distance, 0.0)
+        if not np.any(weights > 0):
+            return chosen
+        if not chosen:
+            pick = int(np.argmax(np.where(weights > 0, value, -np.inf)))
+        else:
+            cumulative = np.cumsum(weights)
+            pick = int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right"))
+        chosen.append(pick)
+        chosen_set.add(pick)
+        remaining -= float(candidates.cost[pick])
+        # einsum, not BLAS: a threaded matrix-vector product stalls on a busy machine, thousands of times over.
+        cosine = np.einsum("ij,j->i", sample_features, sample_features[candidate_sample[pick]])[candidate_sample]
+        new_distance = value_squared + value_squared[pick] - 2.0 * value * value[pick] * cosine
+        # A floor above 0 keeps candidates that coincide with a chosen point drawable once nothing else is left.
+        np.minimum(distance, np.maximum(new_distance, _MIN_DISTANCE), out=distance)
+        distance[pick] = 0.0
+        weak_index = weak_of_sample.get(int(candidates.sample[pick]))
+        if candidates.is_full[pick] and weak_index is not None:
+            # The fine label implies the coarse one: retire the weak candidate, or refund it if already chosen.
+            distance[weak_index] = 0.0
+            if weak_index in chosen_set:
+                chosen.remove(weak_index)
+                chosen_set.discard(weak_index)
+                remaining += float(candidates.cost[weak_index])
+
+
+# ---- queue order --------------------------------------------------------------------------------------------
+
+
+def priority_scores(pool: PoolState, selections: Sequence[Selection] | None = None) -> np.ndarray:
+    """float64 (n,) in [0, 1]; ascending order = label first (Label Studio shows low prediction scores first).
+
+    Samples selected for ``HUMAN_FINE`` come first, in selection order; then the other samples without a fine
+    label by descending fine-head margin uncertainty (index order without a model); full-labelled samples last
+    with score 1.0. Unlabelled samples get ``rank / n_unlabelled``, which stays below 1.
+    """
+    fine_labels = np.asarray(pool.fine_labels)
+    scores = np.ones(pool.size)
+    unlabelled = np.flatnonzero(fine_labels == MISSING_LABEL)
+    if unlabelled.size == 0:
+        return scores
+    selected = [s.index for s in selections or () if s.kind is LabelKind.HUMAN_FINE]
+    out_of_range = [i for i in selected if not 0 <= i < pool.size]
+    if out_of_range:
+        raise ModelInputError(f"selections name samples outside the pool of {pool.size}: {out_of_range[:10]}")
+    selected = [i for i in dict.fromkeys(selected) if fine_labels[i] == MISSING_LABEL]
+    rest = np.setdiff1d(unlabelled, selected)
+    if pool.fine_probabilities is not None:
+        uncertainty = margin_uncertainty(np.asarray(pool.fine_probabilities)[rest])
+        rest = rest[np.argsort(-uncertainty, kind="stable")]
+    order = np.concatenate([np.asarray(selected, dtype=np.int64), rest])
+    scores[order] = np.arange(order.size) / order.size
+    return scores

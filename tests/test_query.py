@@ -1,0 +1,315 @@
+import numpy as np
+import pytest
+
+from model.errors import ModelInputError
+from model.hierarchy import MISSING_LABEL, LabelHierarchy
+from model.query import (
+    EntropyQuery,
+    IsoValueToCostQuery,
+    KCenterQuery,
+    KMeansColdStart,
+    LabelCosts,
+    LabelKind,
+    LeastConfidenceQuery,
+    MarginQuery,
+    PoolState,
+    RandomQuery,
+    Selection,
+    estimate_expected_improvement,
+    improvement_ratio,
+    percentile_rank,
+    priority_scores,
+)
+
+HIERARCHY = LabelHierarchy.from_groups({"a": ["a0", "a1"], "b": ["b0", "b1", "b2"]})
+N_BLOBS = 6
+PER_BLOB = 20
+
+
+def blob_embeddings(seed: int = 0, dim: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Six well separated blobs around unit directions; returns embeddings and blob index."""
+    rng = np.random.default_rng(seed)
+    centres = np.eye(dim)[:N_BLOBS] * 10 + 1.0
+    blob = np.repeat(np.arange(N_BLOBS), PER_BLOB)
+    return (centres[blob] + rng.normal(scale=0.3, size=(blob.size, dim))).astype(np.float32), blob
+
+
+def random_probabilities(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
+    return rng.dirichlet(np.ones(k), size=n).astype(np.float32)
+
+
+def make_pool(
+    n_full: int = 10, n_weak: int = 20, with_model: bool = True, train_and_evaluate=None, seed: int = 0, **overrides
+) -> PoolState:
+    embeddings, _ = blob_embeddings(seed)
+    n = embeddings.shape[0]
+    rng = np.random.default_rng(seed)
+    fine_labels = np.full(n, MISSING_LABEL, dtype=np.int64)
+    weak = np.full(n, MISSING_LABEL, dtype=np.int64)
+    order = rng.permutation(n)
+    fine_labels[order[:n_full]] = rng.integers(0, HIERARCHY.n_fine, n_full)
+    weak[order[n_full : n_full + n_weak]] = rng.integers(0, HIERARCHY.n_coarse, n_weak)
+    fields = dict(
+        embeddings=embeddings,
+        hierarchy=HIERARCHY,
+        fine_labels=fine_labels,
+        weak_coarse_labels=weak,
+        fine_probabilities=random_probabilities(rng, n, HIERARCHY.n_fine) if with_model else None,
+        train_and_evaluate=train_and_evaluate,
+    )
+    fields.update(overrides)
+    return PoolState(**fields)
+
+
+class CountingEvaluator:
+    """A stand-in for retraining: accuracy grows with the number of labels, weak ones counting ``weak_share``."""
+
+    def __init__(self, weak_share: float = 0.2) -> None:
+        self.calls: list[tuple[np.ndarray, np.ndarray]] = []
+        self.weak_share = weak_share
+
+    def __call__(self, full_indices: np.ndarray, weak_indices: np.ndarray) -> float:
+        self.calls.append((np.asarray(full_indices), np.asarray(weak_indices)))
+        return float(1.0 - np.exp(-(len(full_indices) + self.weak_share * len(weak_indices)) / 50.0))
+
+
+HUMAN_STRATEGIES = [RandomQuery(), LeastConfidenceQuery(), MarginQuery(), EntropyQuery(), KCenterQuery(), KMeansColdStart()]
+
+
+def total_cost(selections: list[Selection], costs: LabelCosts) -> float:
+    return sum(costs.of(s.kind) for s in selections)
+
+
+@pytest.mark.parametrize("strategy", HUMAN_STRATEGIES, ids=lambda s: type(s).__name__)
+def test_human_strategies_spend_the_budget_exactly_on_unlabelled_samples(strategy) -> None:
+    pool = make_pool()
+    costs = LabelCosts(human_fine=1.5, weak_coarse=0.02)
+    selections = strategy.query(pool, 10.0, costs, np.random.default_rng(0))
+
+    assert len(selections) == 6  # floor(10 / 1.5)
+    assert all(s.kind is LabelKind.HUMAN_FINE for s in selections)
+    assert total_cost(selections, costs) <= 10.0
+    indices = [s.index for s in selections]
+    assert len(set(indices)) == len(indices)
+    assert np.all(pool.fine_labels[indices] == MISSING_LABEL)
+
+
+@pytest.mark.parametrize("strategy", HUMAN_STRATEGIES, ids=lambda s: type(s).__name__)
+def test_human_strategies_are_deterministic_under_the_seed(strategy) -> None:
+    pool = make_pool()
+    first = strategy.query(pool, 7, LabelCosts(), np.random.default_rng(3))
+    second = strategy.query(pool, 7, LabelCosts(), np.random.default_rng(3))
+    assert first == second
+
+
+def test_budget_larger_than_the_pool_takes_every_unlabelled_sample() -> None:
+    pool = make_pool(n_full=110, n_weak=0)
+    selections = RandomQuery().query(pool, 1000, LabelCosts(), np.random.default_rng(0))
+    assert sorted(s.index for s in selections) == sorted(np.flatnonzero(pool.fine_labels == MISSING_LABEL))
+
+
+def test_floating_point_budget_buys_every_affordable_label() -> None:
+    pool = make_pool()
+    costs = LabelCosts(human_fine=0.1)
+    assert len(RandomQuery().query(pool, 0.3, costs, np.random.default_rng(0))) == 3
+
+
+def test_margin_picks_the_most_uncertain_samples() -> None:
+    pool = make_pool(n_full=0)
+    probabilities = np.tile(np.array([0.96, 0.01, 0.01, 0.01, 0.01], dtype=np.float32), (pool.size, 1))
+    probabilities[[5, 17, 42]] = [[0.45, 0.44, 0.05, 0.03, 0.03], [0.5, 0.3, 0.1, 0.05, 0.05], [0.4, 0.4, 0.1, 0.05, 0.05]]
+    pool = make_pool(n_full=0, fine_probabilities=probabilities)
+    selections = MarginQuery().query(pool, 3, LabelCosts(), np.random.default_rng(0))
+    assert [s.index for s in selections] == [42, 5, 17]
+
+
+def test_entropy_and_least_confidence_prefer_flat_predictions() -> None:
+    probabilities = np.tile(np.array([0.96, 0.01, 0.01, 0.01, 0.01], dtype=np.float32), (N_BLOBS * PER_BLOB, 1))
+    probabilities[9] = 0.2
+    pool = make_pool(n_full=0, fine_probabilities=probabilities)
+    for strategy in (EntropyQuery(), LeastConfidenceQuery()):
+        assert strategy.query(pool, 1, LabelCosts(), np.random.default_rng(0)) == [Selection(9, LabelKind.HUMAN_FINE)]
+
+
+@pytest.mark.parametrize("strategy", [MarginQuery(), EntropyQuery(), LeastConfidenceQuery()], ids=lambda s: type(s).__name__)
+def test_uncertainty_strategies_need_a_model(strategy) -> None:
+    with pytest.raises(ModelInputError, match="needs fine_probabilities"):
+        strategy.query(make_pool(with_model=False), 3, LabelCosts(), np.random.default_rng(0))
+
+
+def test_k_center_spreads_over_the_blobs_away_from_labelled_ones() -> None:
+    embeddings, blob = blob_embeddings()
+    fine_labels = np.full(blob.size, MISSING_LABEL, dtype=np.int64)
+    fine_labels[blob == 0] = 0  # blob 0 is fully labelled already
+    pool = PoolState(embeddings, HIERARCHY, fine_labels, np.full(blob.size, MISSING_LABEL, dtype=np.int64))
+    selections = KCenterQuery().query(pool, 5, LabelCosts(), np.random.default_rng(0))
+    assert sorted(blob[[s.index for s in selections]].tolist()) == [1, 2, 3, 4, 5]
+
+
+def test_kmeans_cold_start_covers_every_blob() -> None:
+    embeddings, blob = blob_embeddings()
+    empty = np.full(blob.size, MISSING_LABEL, dtype=np.int64)
+    pool = PoolState(embeddings, HIERARCHY, empty, empty)
+    for seed in range(3):
+        selections = KMeansColdStart().query(pool, N_BLOBS, LabelCosts(), np.random.default_rng(seed))
+        assert sorted(blob[[s.index for s in selections]].tolist()) == list(range(N_BLOBS))
+
+
+def test_iso_mixes_label_kinds_within_budget_and_never_repeats_labels() -> None:
+    evaluator = CountingEvaluator(weak_share=0.2)
+    pool = make_pool(train_and_evaluate=evaluator)
+    costs = LabelCosts(human_fine=1.0, weak_coarse=0.02)
+    strategy = IsoValueToCostQuery(n_shuffles=3)
+    selections = strategy.query(pool, 5.0, costs, np.random.default_rng(0))
+
+    kinds = {s.kind for s in selections}
+    assert kinds == {LabelKind.HUMAN_FINE, LabelKind.VLM_COARSE}
+    assert total_cost(selections, costs) <= 5.0 + 1e-9
+    annotation = pool.annotation_type
+    for selection in selections:
+        assert annotation[selection.index] != 2
+        if selection.kind is LabelKind.VLM_COARSE:
+            assert annotation[selection.index] == 0
+    assert len(set(selections)) == len(selections)
+    # Budget left over is smaller than the cheapest label that some candidate could still take.
+    remaining_weak = {int(i) for i in np.flatnonzero(annotation == 0)} - {s.index for s in selections}
+    assert 5.0 - total_cost(selections, costs) < 0.02 + 1e-9 or not remaining_weak
+    assert len(evaluator.calls) == 1 + 2 * 3 * 4 == strategy.last_expected_improvement.n_evaluations
+    assert strategy.last_expected_improvement.full_per_label > strategy.last_expected_improvement.weak_per_label > 0
+
+
+def test_iso_uses_the_pools_weak_kind() -> None:
+    pool = make_pool(train_and_evaluate=CountingEvaluator(), weak_kind=LabelKind.HUMAN_COARSE)
+    selections = IsoValueToCostQuery().query(pool, 3.0, LabelCosts(weak_coarse=0.1), np.random.default_rng(0))
+    assert LabelKind.HUMAN_COARSE in {s.kind for s in selections}
+    assert LabelKind.VLM_COARSE not in {s.kind for s in selections}
+
+
+def test_iso_full_pick_retires_the_samples_weak_candidate() -> None:
+    # A pool of two unlabelled samples and a budget that buys everything: the full pick must not be paired
+    # with a weak pick of the same sample.
+    embeddings, _ = blob_embeddings()
+    fine_labels = np.zeros(embeddings.shape[0], dtype=np.int64)
+    fine_labels[[3, 50]] = MISSING_LABEL
+    weak = np.full(embeddings.shape[0], MISSING_LABEL, dtype=np.int64)
+    rng = np.random.default_rng(0)
+    pool = PoolState(
+        embeddings, HIERARCHY, fine_labels, weak,
+        fine_probabilities=random_probabilities(rng, embeddings.shape[0], HIERARCHY.n_fine),
+        train_and_evaluate=CountingEvaluator(weak_share=0.5),
+    )
+    selections = IsoValueToCostQuery().query(pool, 100.0, LabelCosts(), np.random.default_rng(0))
+    assert sorted((s.index, s.kind) for s in selections if s.kind is LabelKind.HUMAN_FINE) == [
+        (3, LabelKind.HUMAN_FINE), (50, LabelKind.HUMAN_FINE)
+    ]
+    assert all(s.kind is LabelKind.HUMAN_FINE for s in selections)
+
+
+def test_iso_without_weak_labels_lets_half_the_full_set_stand_in() -> None:
+    evaluator = CountingEvaluator()
+    pool = make_pool(n_full=20, n_weak=0, train_and_evaluate=evaluator)
+    improvement = estimate_expected_improvement(pool, np.random.default_rng(0), n_shuffles=2)
+    assert improvement.weak_set_from_full
+    full_labelled = set(np.flatnonzero(pool.fine_labels != MISSING_LABEL).tolist())
+    final_full, final_weak = evaluator.calls[0]
+    assert len(final_full) == len(final_weak) == 10
+    assert set(final_full) | set(final_weak) == full_labelled
+    assert len(evaluator.calls) == 1 + 2 * 2 * 4
+
+
+def test_iso_is_deterministic_under_the_seed() -> None:
+    pool = make_pool(train_and_evaluate=CountingEvaluator())
+    first = IsoValueToCostQuery().query(pool, 4.0, LabelCosts(), np.random.default_rng(5))
+    second = IsoValueToCostQuery().query(pool, 4.0, LabelCosts(), np.random.default_rng(5))
+    assert first == second
+
+
+def test_iso_needs_an_evaluator_and_a_model() -> None:
+    with pytest.raises(ModelInputError, match="train_and_evaluate"):
+        IsoValueToCostQuery().query(make_pool(), 4.0, LabelCosts(), np.random.default_rng(0))
+    with pytest.raises(ModelInputError, match="fine_probabilities"):
+        IsoValueToCostQuery().query(
+            make_pool(with_model=False, train_and_evaluate=CountingEvaluator()), 4.0, LabelCosts(), np.random.default_rng(0)
+        )
+    with pytest.raises(ModelInputError, match="unknown uncertainty"):
+        IsoValueToCostQuery(uncertainty="variance")
+
+
+def test_improvement_ratio_rules() -> None:
+    assert improvement_ratio(0.04, 0.01) == pytest.approx((4.0, 1.0))
+    assert improvement_ratio(0.04, -0.01) == (1.0, 0.0)
+    assert improvement_ratio(0.0, 0.01) == (0.0, 1.0)
+    assert improvement_ratio(-0.1, 0.0) == (1.0, 1.0)
+
+
+def test_percentile_rank_is_in_unit_interval_and_monotone() -> None:
+    values = np.array([0.3, 0.1, 0.9, 0.3])
+    ranks = percentile_rank(values)
+    assert ranks.tolist() == [0.75, 0.25, 1.0, 0.75]
+
+
+def test_priority_scores_order_selected_then_uncertain_then_labelled() -> None:
+    pool = make_pool(n_full=10)
+    selections = [Selection(int(i), LabelKind.HUMAN_FINE) for i in np.flatnonzero(pool.fine_labels == MISSING_LABEL)[[7, 2]]]
+    selections.append(Selection(int(np.flatnonzero(pool.fine_labels == MISSING_LABEL)[0]), LabelKind.VLM_COARSE))
+    scores = priority_scores(pool, selections)
+
+    assert scores.shape == (pool.size,) and np.all((scores >= 0) & (scores <= 1))
+    labelled = pool.fine_labels != MISSING_LABEL
+    assert np.all(scores[labelled] == 1.0) and np.all(scores[~labelled] < 1.0)
+    order = np.argsort(scores, kind="stable")
+    assert order[0] == selections[0].index and order[1] == selections[1].index
+    rest = order[2 : int((~labelled).sum())]
+    probabilities = np.sort(pool.fine_probabilities[rest], axis=1)
+    margins = probabilities[:, -1] - probabilities[:, -2]
+    assert np.all(np.diff(margins) >= -1e-7)  # most uncertain (smallest margin) first
+    assert len(np.unique(scores[~labelled])) == int((~labelled).sum())
+
+
+def test_priority_scores_without_model_or_selection() -> None:
+    pool = make_pool(with_model=False)
+    scores = priority_scores(pool)
+    unlabelled = np.flatnonzero(pool.fine_labels == MISSING_LABEL)
+    assert np.all(np.diff(scores[unlabelled]) > 0)
+    with pytest.raises(ModelInputError, match="outside the pool"):
+        priority_scores(pool, [Selection(10_000, LabelKind.HUMAN_FINE)])
+
+
+@pytest.mark.parametrize("budget", [0, -1.0, float("nan")])
+def test_non_positive_budget_is_rejected(budget) -> None:
+    for strategy in [*HUMAN_STRATEGIES, IsoValueToCostQuery()]:
+        with pytest.raises(ModelInputError, match="budget"):
+            strategy.query(make_pool(train_and_evaluate=CountingEvaluator()), budget, LabelCosts(), np.random.default_rng(0))
+
+
+def test_bad_pools_are_rejected() -> None:
+    embeddings, _ = blob_embeddings()
+    n = embeddings.shape[0]
+    missing = np.full(n, MISSING_LABEL, dtype=np.int64)
+    with pytest.raises(ModelInputError, match="empty"):
+        PoolState(np.zeros((0, 8), dtype=np.float32), HIERARCHY, missing[:0], missing[:0])
+    nan_embeddings = embeddings.copy()
+    nan_embeddings[4, 0] = np.nan
+    with pytest.raises(ModelInputError, match="NaN"):
+        PoolState(nan_embeddings, HIERARCHY, missing, missing)
+    with pytest.raises(ModelInputError, match="fine_labels must have shape"):
+        PoolState(embeddings, HIERARCHY, missing[:-1], missing)
+    with pytest.raises(ModelInputError, match="weak_coarse_labels has indices"):
+        PoolState(embeddings, HIERARCHY, missing, np.full(n, 2, dtype=np.int64))
+    with pytest.raises(ModelInputError, match="fine_probabilities must have shape"):
+        PoolState(embeddings, HIERARCHY, missing, missing, fine_probabilities=np.ones((n, 2)))
+    with pytest.raises(ModelInputError, match="weak_kind"):
+        PoolState(embeddings, HIERARCHY, missing, missing, weak_kind=LabelKind.HUMAN_FINE)
+    with pytest.raises(ModelInputError, match="label cost"):
+        LabelCosts(human_fine=0.0)
+
+
+def test_annotation_type_is_derived_from_labels() -> None:
+    embeddings, _ = blob_embeddings()
+    n = embeddings.shape[0]
+    fine = np.full(n, MISSING_LABEL, dtype=np.int64)
+    weak = np.full(n, MISSING_LABEL, dtype=np.int64)
+    fine[[0, 1]] = 2
+    weak[[1, 2]] = 0
+    pool = PoolState(embeddings, HIERARCHY, fine, weak)
+    assert pool.annotation_type[:4].tolist() == [2, 2, 1, 0]
