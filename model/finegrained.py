@@ -69,18 +69,30 @@ class TrainingConfig:
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise ModelInputError(f"unknown variant {self.variant!r}; expected one of {list(VARIANTS)}")
-        if not isinstance(self.epochs, int) or self.epochs < 1:
-            raise ModelInputError(f"epochs must be a positive integer, got {self.epochs!r}")
+        # Values may come from numpy grids or JSON: store plain Python types so the config serialises.
+        object.__setattr__(self, "use_transition", bool(self.use_transition))
+        for name in ("epochs", "seed", "weak_batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise ModelInputError(f"{name} must be an integer, got {value!r}")
+            object.__setattr__(self, name, int(value))
         for name in ("learning_rate", "weight_decay", "weak_loss_weight"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+                raise ModelInputError(f"{name} must be a number, got {value!r}")
+            if not np.isfinite(value) or value < 0:
                 raise ModelInputError(f"{name} must be a finite number >= 0, got {value!r}")
+            object.__setattr__(self, name, float(value))
+        if self.epochs < 1:
+            raise ModelInputError(f"epochs must be a positive integer, got {self.epochs!r}")
         if self.learning_rate <= 0:
             raise ModelInputError(f"learning_rate must be > 0, got {self.learning_rate!r}")
-        if not isinstance(self.weak_batch_size, int) or self.weak_batch_size < 1:
+        if self.weak_batch_size < 1:
             raise ModelInputError(f"weak_batch_size must be a positive integer, got {self.weak_batch_size!r}")
-        if self.num_threads is not None and (not isinstance(self.num_threads, int) or self.num_threads < 1):
-            raise ModelInputError(f"num_threads must be None or a positive integer, got {self.num_threads!r}")
+        if self.num_threads is not None:
+            if isinstance(self.num_threads, bool) or not isinstance(self.num_threads, (int, np.integer)) or self.num_threads < 1:
+                raise ModelInputError(f"num_threads must be None or a positive integer, got {self.num_threads!r}")
+            object.__setattr__(self, "num_threads", int(self.num_threads))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -223,7 +235,12 @@ class FineGrainedClassifier:
         coarse_transition_matrix: np.ndarray | None = None,
         human_coarse_labels: np.ndarray | None = None,
     ) -> FineGrainedClassifier:
-        """Train from scratch. Labels are int64 with ``MISSING_LABEL``; at least one fine label is required."""
+        """Train from scratch. Labels are int64 with ``MISSING_LABEL``; at least one fine label is required.
+
+        A sample's best label wins: a full label makes its weak and human coarse labels redundant, and a human
+        coarse label overrides a weak one. Without a transition matrix (or with ``use_transition`` False) the
+        weak labels are scored as if they were clean. ``fine-only`` ignores coarse labels altogether.
+        """
         with _torch_threads(self.config.num_threads):
             training_set, feature_mean = self._training_set(
                 embeddings, fine_labels, weak_coarse_labels, human_coarse_labels

@@ -74,6 +74,8 @@ class PoolState:
     train_and_evaluate: TrainAndEvaluate | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.hierarchy, LabelHierarchy):
+            raise ModelInputError(f"PoolState needs a LabelHierarchy, got {type(self.hierarchy).__name__}")
         embeddings = np.asarray(self.embeddings)
         if embeddings.ndim != 2 or embeddings.shape[0] == 0 or embeddings.shape[1] == 0:
             raise ModelInputError(f"the pool is empty or not (n, d): embeddings have shape {embeddings.shape}")

@@ -300,6 +300,8 @@ def test_bad_pools_are_rejected() -> None:
         PoolState(embeddings, HIERARCHY, missing, missing, fine_probabilities=np.ones((n, 2)))
     with pytest.raises(ModelInputError, match="weak_kind"):
         PoolState(embeddings, HIERARCHY, missing, missing, weak_kind=LabelKind.HUMAN_FINE)
+    with pytest.raises(ModelInputError, match="LabelHierarchy"):
+        PoolState(embeddings, None, missing, missing)
     with pytest.raises(ModelInputError, match="label cost"):
         LabelCosts(human_fine=0.0)
 
