@@ -10,7 +10,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -696,7 +696,7 @@ class MLBackend:
         if model is None and model_version == COLD_START_VERSION:
             priorities_version, _ = state.priorities()
             if priorities_version != COLD_START_VERSION:
-                queue_scores = self._cold_start_scores(tasks, unlabeled, features)
+                queue_scores = self._cold_start_scores(tasks, unlabeled, features, labeling.hierarchy)
                 state.write_priorities(COLD_START_VERSION, queue_scores)
         already = state.pushed_tasks(model_version)
         to_push = [i for i in unlabeled if tasks[i]["id"] not in already]
@@ -704,14 +704,23 @@ class MLBackend:
             self._push(project_id, client, tasks, to_push, labeling, features, model, model_version, queue_scores)
 
     def _cold_start_scores(
-        self, tasks: Sequence[Mapping[str, Any]], unlabeled: list[int], features: TaskFeatures
+        self,
+        tasks: Sequence[Mapping[str, Any]],
+        unlabeled: list[int],
+        features: TaskFeatures,
+        hierarchy: LabelHierarchy,
     ) -> dict[int, float]:
         """Diverse first picks (k-means representatives) get the lowest scores; the rest follow the VLM's doubt."""
         matrix = np.stack([features.embeddings[features.keys[i]] for i in unlabeled]).astype(np.float32)
-        weak_margins = np.array(
-            [_margin(features.weak_probabilities[features.keys[i]]) if self.weak_annotator is not None else 0.0
-             for i in unlabeled], dtype=np.float64)
-        scores = cold_start_scores(matrix, weak_margins, self.config.query_batch_size, seed=0)
+        weak_rows = np.zeros((len(unlabeled), hierarchy.n_coarse), dtype=np.float32)
+        if self.weak_annotator is not None:
+            raw = np.stack([features.weak_probabilities[features.keys[i]] for i in unlabeled]).astype(np.float32)
+            weak_rows = self.weak_in_project_order(raw, hierarchy)
+        answered = weak_rows.sum(axis=1) > 0
+        weak_coarse = np.where(answered, weak_rows.argmax(axis=1), MISSING_LABEL).astype(np.int64)
+        weak_margins = np.array([_margin(row) if ok else 0.0 for row, ok in zip(weak_rows, answered)])
+        selected = cold_start_scores(matrix, hierarchy, weak_coarse, self.config.query_batch_size)
+        scores = _rank_scores(selected, weak_margins, np.arange(len(unlabeled)))
         return {int(tasks[i]["id"]): float(s) for i, s in zip(unlabeled, scores)}
 
     def _push(
@@ -820,17 +829,22 @@ class MLBackend:
         coarse_probabilities = np.asarray(classifier.predict_coarse_proba(embeddings), dtype=np.float32)
 
         unlabeled_rows = np.flatnonzero(~labeled)
-        row_scores = queue_scores(
+        from model.query import LabelCosts
+
+        row_scores, queue_summary = queue_scores(
             embeddings=embeddings,
             hierarchy=hierarchy,
             fine_labels=fine,
-            weak_coarse_labels=weak_for_training,
+            # a human coarse label stands in for the VLM's answer on its task
+            weak_coarse_labels=np.where(human_coarse != MISSING_LABEL, human_coarse, weak_for_training),
             fine_probabilities=fine_probabilities,
             coarse_probabilities=coarse_probabilities,
-            budget=self.config.query_batch_size,
-            cost_full=self.config.cost_full,
-            cost_weak=self.config.cost_weak,
-            candidate_rows=unlabeled_rows,
+            coarse_transition_matrix=estimate.matrix,
+            budget_labels=self.config.query_batch_size,
+            costs=LabelCosts(human_fine=self.config.cost_full, weak_coarse=self.config.cost_weak),
+            new_classifier=lambda cfg: self._new_classifier(
+                hierarchy, int(embeddings.shape[1]), replace(cfg, num_threads=self.config.torch_threads)
+            ),
         )
         scores = {int(tasks[usable[row]]["id"]): float(row_scores[row]) for row in unlabeled_rows}
         metrics = {
@@ -841,6 +855,7 @@ class MLBackend:
             "n_weak": int(np.sum(weak_for_training != MISSING_LABEL)),
             "n_trusted_pairs": n_trusted,
             "training_config": training_config.to_dict() if hasattr(training_config, "to_dict") else {},
+            "queue": queue_summary,
         }
         state.append_transition(
             {"model_version": new_version, "n_trusted": n_trusted, "coarse_classes": list(hierarchy.coarse_classes),
@@ -917,15 +932,25 @@ def _rank_scores(selected: Sequence[int], base: np.ndarray, rows: np.ndarray) ->
     return scores
 
 
-def cold_start_scores(embeddings: np.ndarray, weak_margins: np.ndarray, budget: int, seed: int = 0) -> np.ndarray:
-    """No human label yet: k-means representatives first (diverse seed), then the VLM's least certain answers."""
-    from model.query import KMeansColdStart, LabelCosts, LabelKind
+def cold_start_scores(
+    embeddings: np.ndarray, hierarchy: LabelHierarchy, weak_coarse: np.ndarray, budget: int, seed: int = 0
+) -> list[int]:
+    """No human label yet: the k-means representatives to label first (a diverse seed), in pick order."""
+    from model.query import KMeansColdStart, LabelCosts, LabelKind, PoolState
 
     n = embeddings.shape[0]
-    pool = _pool_state(embeddings, None, np.full(n, MISSING_LABEL, dtype=np.int64), None, None, None)
+    pool = PoolState(
+        embeddings=embeddings,
+        hierarchy=hierarchy,
+        fine_labels=np.full(n, MISSING_LABEL, dtype=np.int64),
+        weak_coarse_labels=weak_coarse,
+    )
     selections = KMeansColdStart().query(pool, float(min(budget, n)), LabelCosts(), np.random.default_rng(seed))
-    selected = [s.index for s in selections if s.kind == LabelKind.HUMAN_FINE]
-    return _rank_scores(selected, np.asarray(weak_margins, dtype=np.float64), np.arange(n))
+    return [s.index for s in selections if s.kind is LabelKind.HUMAN_FINE]
+
+
+MIN_FULL_LABELS_FOR_ISO = 6
+ISO_EVALUATION_EPOCHS = 50
 
 
 def queue_scores(
@@ -936,34 +961,24 @@ def queue_scores(
     weak_coarse_labels: np.ndarray,
     fine_probabilities: np.ndarray,
     coarse_probabilities: np.ndarray,
-    budget: int,
-    cost_full: float,
-    cost_weak: float,
-    candidate_rows: np.ndarray,
+    coarse_transition_matrix: np.ndarray,
+    budget_labels: int,
+    costs: Any,
+    new_classifier: Callable[[Any], Any],
     seed: int = 0,
-) -> np.ndarray:
-    """Value-to-cost picks for the next ``budget`` human labels first, then model priority for the rest."""
-    from model.query import IsoValueToCostQuery, LabelCosts, LabelKind, priority_scores
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Queue scores of every row (ascending = label first) and a summary of how they were chosen.
 
-    pool = _pool_state(
-        embeddings, hierarchy, fine_labels, weak_coarse_labels, fine_probabilities, coarse_probabilities
-    )
-    costs = LabelCosts(human_fine=cost_full, weak_coarse=cost_weak)
-    try:
-        selections = IsoValueToCostQuery().query(pool, float(budget), costs, np.random.default_rng(seed))
-    except ModelInputError as exc:
-        logger.warning("value-to-cost query failed (%s); ranking by priority only", exc)
-        selections = []
-    candidates = set(int(r) for r in candidate_rows)
-    selected = [s.index for s in selections if s.kind == LabelKind.HUMAN_FINE and s.index in candidates]
-    base = np.asarray(priority_scores(pool), dtype=np.float64)
-    return _rank_scores(selected, base, np.asarray(candidate_rows, dtype=np.int64))
+    The head of the queue is the ISO value-to-cost batch for the next ``budget_labels`` human labels, its expected
+    improvement measured by retraining on parts of the labels and scoring a held-out third of the fine labels.
+    With too few fine labels for that, the head is the margin-uncertainty batch. The rest follow the fine head's
+    margin (model.query.priority_scores)."""
+    from model.finegrained import TrainingConfig
+    from model.query import IsoValueToCostQuery, MarginQuery, PoolState, priority_scores
 
-
-def _pool_state(embeddings, hierarchy, fine_labels, weak_coarse_labels, fine_probabilities, coarse_probabilities):
-    from model.query import PoolState
-
-    return PoolState(
+    rng = np.random.default_rng(seed)
+    full = np.flatnonzero(fine_labels != MISSING_LABEL)
+    common = dict(
         embeddings=embeddings,
         hierarchy=hierarchy,
         fine_labels=fine_labels,
@@ -971,6 +986,43 @@ def _pool_state(embeddings, hierarchy, fine_labels, weak_coarse_labels, fine_pro
         fine_probabilities=fine_probabilities,
         coarse_probabilities=coarse_probabilities,
     )
+    budget = float(budget_labels) * costs.human_fine
+    if full.size < MIN_FULL_LABELS_FOR_ISO:
+        pool = PoolState(**common)
+        selections = MarginQuery().query(pool, budget, costs, rng)
+        return priority_scores(pool, selections), {"strategy": "margin", "n_selected": len(selections)}
+
+    validation = rng.permutation(full)[: max(2, full.size // 3)]
+    parents = hierarchy.parent_array
+
+    def train_and_evaluate(full_indices: np.ndarray, weak_indices: np.ndarray) -> float:
+        train_full = np.setdiff1d(full_indices, validation)
+        if train_full.size == 0:
+            return 1.0 / hierarchy.n_fine
+        rows = np.union1d(train_full, weak_indices)
+        fine = np.full(rows.size, MISSING_LABEL, dtype=np.int64)
+        weak = np.full(rows.size, MISSING_LABEL, dtype=np.int64)
+        position = {int(r): i for i, r in enumerate(rows)}
+        for r in train_full:
+            fine[position[int(r)]] = fine_labels[r]
+        for r in weak_indices:
+            # A weak index without a weak label stands for the sample's true coarse label (model.query's contract).
+            answer = weak_coarse_labels[r] if weak_coarse_labels[r] != MISSING_LABEL else parents[fine_labels[r]]
+            if fine[position[int(r)]] == MISSING_LABEL:
+                weak[position[int(r)]] = answer
+        classifier = new_classifier(TrainingConfig(epochs=ISO_EVALUATION_EPOCHS))
+        classifier.fit(embeddings[rows], fine, weak, coarse_transition_matrix)
+        predicted = classifier.predict_fine_proba(embeddings[validation]).argmax(axis=1)
+        return float(np.mean(predicted == fine_labels[validation]))
+
+    pool = PoolState(**common, train_and_evaluate=train_and_evaluate)
+    strategy = IsoValueToCostQuery(n_shuffles=1)
+    selections = strategy.query(pool, budget, costs, rng)
+    improvement = strategy.last_expected_improvement
+    summary = {"strategy": "iso", "n_selected": len(selections), "n_validation": int(validation.size)}
+    if improvement is not None:
+        summary["expected_improvement"] = {"full_ratio": improvement.full_ratio, "weak_ratio": improvement.weak_ratio}
+    return priority_scores(pool, selections), summary
 
 
 # --- components loaded at start-up ---------------------------------------------------------------------------------
