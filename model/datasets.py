@@ -105,7 +105,9 @@ def to_pil(image: np.ndarray, *, invert: bool, size: int, pad_fraction: float = 
 
     Fashion-MNIST shows a light object on black. ``invert=True`` gives a dark object on white, which looks
     more like the product photos an ImageNet classifier has seen; ``pad_fraction`` adds a background margin
-    on each side (as a fraction of the object's width) so the object does not touch the frame.
+    on each side (as a fraction of the image width) so the object does not touch the frame. For the shipped
+    ImageNet map, ``invert=True, pad_fraction=0.15, size=224`` measured best on a train slice (73% coarse
+    accuracy against 57% for the raw image at 224 px).
     """
     pixels = np.asarray(image)
     if pixels.ndim != 2 or pixels.dtype != np.uint8:

@@ -353,6 +353,12 @@ def test_vlm_answers_are_matched_or_dropped():
     assert vlm.cost_per_label == 0.02 and isinstance(vlm, WeakAnnotator)
 
 
+def test_vlm_name_leaves_out_credentials_in_the_url():
+    vlm = OpenAICompatibleVLM("https://user:secret@vlm.example:8443/api/", None, "m", COARSE)
+    assert vlm.name == "vlm:m@vlm.example:8443/api"
+    assert vlm.url == "https://user:secret@vlm.example:8443/api/v1/chat/completions"
+
+
 def test_vlm_keeps_aspect_ratio_and_accepts_a_v1_base_url():
     with VLMStubServer({RED: "bags"}, api_key=API_KEY) as server:
         vlm = _vlm(server, base_url=server.base_url + "/v1/", image_size=100)

@@ -7,6 +7,7 @@ import io
 import logging
 import re
 import time
+import urllib.parse
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -114,7 +115,9 @@ class OpenAICompatibleVLM:
         self.max_tokens = int(max_tokens)
         self._session = session or requests.Session()
         self._sleep = sleep
-        self.name = f"vlm:{model}@{base}"
+        parsed = urllib.parse.urlsplit(base)
+        # The name ends up in logs and file names: keep credentials that a URL may carry out of it.
+        self.name = f"vlm:{model}@{parsed.hostname}{f':{parsed.port}' if parsed.port else ''}{parsed.path}"
 
     def __repr__(self) -> str:  # never shows the API key
         return f"OpenAICompatibleVLM(url={self.url!r}, model={self.model!r}, classes={len(self.coarse_classes)})"
