@@ -60,7 +60,7 @@ class TrainingConfig:
     epochs: int = 100
     learning_rate: float = 0.05
     weight_decay: float = 1e-4
-    weak_loss_weight: float = 0.5
+    weak_loss_weight: float = 1.0
     seed: int = 0
     num_threads: int | None = None
     weak_batch_size: int = 1024

@@ -292,3 +292,12 @@ def test_fit_speed_is_loosely_bounded() -> None:
     start = time.process_time()
     FineGrainedClassifier(hierarchy, dim, config()).fit(embeddings, fine_labels, weak, np.eye(4))
     assert time.process_time() - start <= 6.0
+
+
+def test_config_from_numpy_values_serialises_and_round_trips() -> None:
+    chosen = TrainingConfig(epochs=np.int64(20), learning_rate=np.float32(0.1), num_threads=np.int64(1))
+    data = json.loads(json.dumps(chosen.to_dict()))
+    assert TrainingConfig.from_dict(data) == chosen
+    assert isinstance(chosen.epochs, int) and isinstance(chosen.learning_rate, float)
+    with pytest.raises(ModelInputError, match="unknown training config fields"):
+        TrainingConfig.from_dict({**data, "momentum": 0.9})
