@@ -34,9 +34,9 @@ def _serve(args: argparse.Namespace) -> int:
                 self.cfg.set(key, value)
 
         def load(self):  # called in each worker: models load there, not in the arbiter
-            from backend.app import create_app
+            from backend.wsgi import app
 
-            return create_app(config)
+            return app
 
     _Server().run()
     return 0
