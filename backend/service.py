@@ -22,7 +22,7 @@ from backend.label_config import LabelConfigError, ProjectLabeling, build_predic
 from backend.ls_client import ImageFetchError, LabelStudioAPI, LabelStudioClientFactory, LabelStudioError, check_image_url
 from backend.metrics import BackendMetrics
 from backend.state import COLD_START_VERSION, ImageKeyIndex, ProjectState, version_number
-from model.errors import ModelInputError
+from model.errors import ModelInputError, UnknownClassError
 from model.hierarchy import MISSING_LABEL, LabelHierarchy
 
 logger = logging.getLogger(__name__)
@@ -379,7 +379,8 @@ class MLBackend:
             outcome = {"status": "ok", "action": action, **self._project_updated(project_id, data)}
         else:
             outcome = {"status": "ignored", "action": action, "message": f"action {action!r} is not handled"}
-        self.metrics.webhooks.labels(action=action if outcome["status"] != "ignored" else "other", outcome=outcome["status"]).inc()
+        action_label = action if outcome["status"] != "ignored" else "other"
+        self.metrics.webhooks.labels(action=action_label, outcome=outcome["status"]).inc()
         return outcome
 
     def _project_updated(self, project_id: int, data: Mapping[str, Any]) -> dict[str, Any]:
@@ -394,7 +395,9 @@ class MLBackend:
             logger.error("project %s: the updated label config is unusable: %s", project_id, exc)
             return {"label_config_changed": True, "usable": False, "message": str(exc)}
         ctx.label_config = new_config
-        return {"label_config_changed": True, "usable": True}
+        # The classes may have changed: the next model must be trained on the new ones.
+        self.queue_fit(project_id)
+        return {"label_config_changed": True, "usable": True, "job": f"fit:{project_id}"}
 
     def train_legacy(
         self, project_id: int, tasks: Sequence[Mapping[str, Any]], label_config: str | None
@@ -789,13 +792,16 @@ class MLBackend:
             if labels is None:
                 continue
             labeled[row] = True
-            if labels.fine is not None:
-                fine[row] = hierarchy.fine_index(labels.fine)
-                trusted_coarse[row] = hierarchy.coarse_index(hierarchy.parent_name(labels.fine))
-            elif labels.coarse is not None:
-                human_coarse[row] = hierarchy.coarse_index(labels.coarse)
-                if labels.coarse_is_trusted:
-                    trusted_coarse[row] = human_coarse[row]
+            try:
+                if labels.fine is not None:
+                    fine[row] = hierarchy.fine_index(labels.fine)
+                    trusted_coarse[row] = hierarchy.coarse_index(hierarchy.parent_name(labels.fine))
+                elif labels.coarse is not None:
+                    human_coarse[row] = hierarchy.coarse_index(labels.coarse)
+                    if labels.coarse_is_trusted:
+                        trusted_coarse[row] = human_coarse[row]
+            except UnknownClassError as exc:  # a label the current config no longer has
+                logger.warning("project %s task %s: %s", project_id, tasks[i].get("id"), exc)
         if not np.any(fine != MISSING_LABEL):
             logger.info("project %s: no fine labels yet; the cold-start queue stays", project_id)
             return None

@@ -117,7 +117,8 @@ def machine() -> dict:
     except OSError:
         pass
     return {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
-            "cpu_count": os.cpu_count()}
+            "cpu_count": os.cpu_count(), "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
+            "note": "shared box: other jobs were running; no GPU"}
 
 
 def main(argv: list[str] | None = None) -> int:

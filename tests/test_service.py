@@ -341,6 +341,7 @@ def test_project_updated_reparses_a_changed_config(fake_ls, make_config, make_ba
                                              "project": {"id": PROJECT_ID, "label_config": new_config}})
     assert response.status_code == 200
     assert response.get_json()["label_config_changed"] is True and response.get_json()["usable"] is True
+    assert parts.backend.jobs.runs_started == 1  # a fit for the new classes
     response = client.post("/webhook", json={"action": "PROJECT_UPDATED",
                                              "project": {"id": PROJECT_ID, "label_config": "<View></View>"}})
     assert response.status_code == 200 and response.get_json()["usable"] is False
@@ -396,3 +397,23 @@ def test_real_backbone_and_weak_annotator_end_to_end_through_predict(fake_ls, ma
         assert counter_value(backend, "vlm_al_embeddings_computed_total") == 6
     finally:
         backend.jobs.shutdown()
+
+
+def test_transition_matrix_is_reestimated_from_fine_labels_and_hand_set_coarse_labels(fake_ls, make_config,
+                                                                                     make_backend):
+    add_pool(fake_ls, 3)
+    annotate_some(fake_ls, 1)  # tasks 1-4: fine labels, VLM right on all of them
+    parts = make_backend(make_config(push_predictions=False))
+    parts.backend.run_fit(PROJECT_ID)
+    # task 5 is a red "T-shirt" image (the VLM says Top); an annotator sets the coarse choice to Shoe by hand
+    fake_ls.tasks[4]["annotations"].append({"id": 555, "was_cancelled": False, "updated_at": "2026-01-02T00:00:00Z",
+                                            "result": [{"from_name": "coarse", "to_name": "image", "type": "choices",
+                                                        "value": {"choices": ["Shoe"]}, "origin": "manual"}]})
+    parts.backend.run_fit(PROJECT_ID)
+    first, second = ProjectState(parts.backend.config.model_dir, PROJECT_ID).transition_history()
+    top, shoe = 0, 1
+    assert first["counts"] == [[2, 0], [0, 2]] and first["n_trusted"] == 4
+    assert second["counts"] == [[2, 0], [1, 2]] and second["n_trusted"] == 5
+    assert second["matrix"][shoe][top] > first["matrix"][shoe][top]
+    current = ProjectState(parts.backend.config.model_dir, PROJECT_ID).current()
+    assert current.model_version == "vlm-al-v2" and current.metrics["n_human_coarse"] == 1
