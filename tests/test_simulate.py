@@ -118,3 +118,82 @@ def test_options_parse_and_reject_bad_values():
         parse_options(["--strategies", "random,best"])
     with pytest.raises(ModelInputError, match="budget"):
         parse_options(["--budget", "0"])
+
+
+def test_main_rejects_bad_options_and_reads_a_hierarchy_file(tmp_path, capsys):
+    from model.datasets import FASHION_MNIST_CLASSES
+    from model.simulate import load_hierarchy, main
+
+    assert main(["--budget", "0"]) == 2
+    assert "--budget must be > 0" in capsys.readouterr().err
+    path = tmp_path / "map.json"
+    path.write_text(json.dumps({name: ("shoes" if name in ("Sandal", "Sneaker", "Ankle boot") else "other")
+                                for name in FASHION_MNIST_CLASSES}))
+    hierarchy = load_hierarchy(str(path))
+    assert hierarchy.fine_classes == FASHION_MNIST_CLASSES and hierarchy.n_coarse == 2
+    path.write_text(json.dumps({"Sandal": "shoes"}))
+    assert main(["--hierarchy", str(path)]) == 2
+    assert "without a parent" in capsys.readouterr().err
+
+
+def _summary(per_seed: list[list[float]]) -> dict:
+    from model.simulate import StrategyRun, summarise_runs
+
+    runs = [
+        StrategyRun(cost=[30.0 * (r + 1) for r in range(len(acc))], accuracy=acc, human_fine_labels=[0] * len(acc),
+                    weak_labels=[0] * len(acc), human_coarse_labels=[0] * len(acc))
+        for acc in per_seed
+    ]
+    return summarise_runs(runs)
+
+
+def test_targets_and_markdown_say_when_a_target_is_missed(tmp_path):
+    from model.simulate import plot_learning_curves, render_markdown, targets
+
+    strategies = {
+        "random": _summary([[0.6, 0.70, 0.74], [0.6, 0.72, 0.76]]),
+        "margin": _summary([[0.6, 0.71, 0.80], [0.6, 0.73, 0.80]]),
+        "ours": _summary([[0.6, 0.74, 0.78], [0.6, 0.76, 0.78]]),
+    }
+    block = {"weak_annotator": {"coarse_accuracy": 0.85, "answered_fraction": 1.0}, "strategies": strategies,
+             "plot": "curve.png"}
+    block["targets"] = targets(block)
+    # Mean over rounds 1..2: ours 0.765, random 0.73 -> +3.5 points (< 5); margin is better at the final budget.
+    assert block["targets"]["ours_minus_random_mean_over_rounds"] == pytest.approx(0.035)
+    assert block["targets"]["ours_beats_random_by_5_points"] is False
+    assert block["targets"]["best_other_at_final_budget"] == "margin"
+    assert block["targets"]["ours_best_at_final_budget"] is False
+    assert strategies["ours"]["accuracy_std"][1] == pytest.approx(0.01)
+    config = {"pool_size": 100, "split": "train", "test_size": 50, "image_size": 112, "seeds": 2,
+              "seed_per_class": 3, "rounds": 2, "budget": 30.0, "cost_weak": 0.02, "cost_human_coarse": 0.1,
+              "threads": 1, "machine": {"platform": "test", "cpu_count": 1, "torch": "x"}}
+    text = render_markdown({"config": config, "conditions": {"simulated": block}, "wall_seconds": 1.0})
+    assert "| ours | 78.0 ± 0.0 | 76.5 | +3.5 | 90.0 |" in text
+    assert text.count("**missed**") == 2
+    plot_learning_curves(tmp_path / "curve.png", "simulated", strategies)
+    assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.bench
+def test_reduced_benchmark_ours_beats_random(tmp_path):
+    from model.simulate import main, mean_after_seed
+
+    out = tmp_path / "out"
+    argv = [
+        "--pool-size", "1500", "--test-size", "1000", "--seeds", "2", "--rounds", "3",
+        "--strategies", "random,ours", "--weak-annotator", "simulated",
+        "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--no-progress",
+    ]
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    strategies = results["simulated"]["strategies"]
+    for summary in strategies.values():
+        assert len(summary["accuracy_mean"]) == 4 and len(summary["accuracy_per_seed"]) == 2
+        steps = np.diff(summary["cost"])
+        assert np.all(steps <= 30.0 + 1e-9) and np.all(steps > 20.0)
+    ours = mean_after_seed(strategies["ours"]["accuracy_per_seed"])
+    random = mean_after_seed(strategies["random"]["accuracy_per_seed"])
+    assert ours > random, f"ours {ours:.4f} vs random {random:.4f}"
+    assert (out / "learning_curve_simulated.png").is_file() and (out / "results.md").is_file()
+    # The rerun reads the embedding cache instead of running the backbone again.
+    assert any((tmp_path / "cache").rglob("*.npz"))
