@@ -205,7 +205,9 @@ class LabelStudioClient:
             except OSError as exc:
                 raise ImageFetchError(f"cannot read the downloaded image {url}: {exc}") from exc
             if size > self._max_image_bytes:
-                raise ImageFetchError(f"image {url} has {size} bytes, more than MAX_IMAGE_BYTES={self._max_image_bytes}")
+                raise ImageFetchError(
+                    f"image {url} has {size} bytes, more than MAX_IMAGE_BYTES={self._max_image_bytes}"
+                )
             with open(path, "rb") as handle:
                 return handle.read()
         finally:

@@ -19,7 +19,7 @@ import numpy as np
 from backend.config import Config, SecretRedactingFilter
 from backend.jobs import JobRunner, ThreadJobRunner, project_lock
 from backend.label_config import LabelConfigError, ProjectLabeling, build_prediction, parse_label_config, task_labels
-from backend.ls_client import ImageFetchError, LabelStudioAPI, LabelStudioClientFactory, LabelStudioError, check_image_url
+from backend.ls_client import ImageFetchError, LabelStudioAPI, LabelStudioClientFactory, LabelStudioError
 from backend.metrics import BackendMetrics
 from backend.state import COLD_START_VERSION, ImageKeyIndex, ProjectState, version_number
 from model.errors import ModelInputError, UnknownClassError
@@ -692,7 +692,9 @@ class MLBackend:
             return
         state = self.state(project_id)
         model, model_version = self._served_model(project_id, labeling)
-        unlabeled = [i for i, t in enumerate(tasks) if features.keys[i] is not None and task_labels(labeling, t) is None]
+        unlabeled = [
+            i for i, t in enumerate(tasks) if features.keys[i] is not None and task_labels(labeling, t) is None
+        ]
         if not unlabeled:
             return
         queue_scores: dict[int, float] | None = None
@@ -746,9 +748,13 @@ class MLBackend:
             embeddings=features.embeddings,
             weak_probabilities=features.weak_probabilities,
         )
-        predictions = self._predictions(project_id, subset, labeling, sub_features, model, model_version, queue_scores)
+        predictions = self._predictions(
+            project_id, subset, labeling, sub_features, model, model_version, queue_scores
+        )
         payload = [
-            {"task": int(task["id"]), **prediction} for task, prediction in zip(subset, predictions) if prediction["result"]
+            {"task": int(task["id"]), **prediction}
+            for task, prediction in zip(subset, predictions)
+            if prediction["result"]
         ]
         created = client.import_predictions(project_id, payload)
         self.metrics.predictions_pushed.inc(created)
@@ -837,7 +843,7 @@ class MLBackend:
         unlabeled_rows = np.flatnonzero(~labeled)
         from model.query import LabelCosts
 
-        row_scores, queue_summary = queue_scores(
+        row_scores, queue_summary = queue_priorities(
             embeddings=embeddings,
             hierarchy=hierarchy,
             fine_labels=fine,
@@ -959,7 +965,7 @@ MIN_FULL_LABELS_FOR_ISO = 6
 ISO_EVALUATION_EPOCHS = 50
 
 
-def queue_scores(
+def queue_priorities(
     *,
     embeddings: np.ndarray,
     hierarchy: LabelHierarchy,

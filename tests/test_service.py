@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 
 import numpy as np
@@ -11,7 +10,7 @@ import pytest
 from backend.app import create_app
 from backend.jobs import ThreadJobRunner
 from backend.state import COLD_START_VERSION, ProjectState
-from conftest import API_KEY, PROJECT_ID, counter_value, label_config, png_bytes
+from conftest import API_KEY, PROJECT_ID, counter_value, png_bytes
 
 FINES = ["T-shirt", "Shirt", "Sneaker", "Boot"]
 
