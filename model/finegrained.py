@@ -50,8 +50,8 @@ _TRANSITION_FLOOR = 1e-6
 class TrainingConfig:
     """How to train.
 
-    ``epochs`` counts optimiser steps: each uses every trusted label and one chunk of ``weak_batch_size`` weak
-    labels (with fewer weak labels than that, every step is full-batch). ``num_threads`` None leaves torch's
+    ``epochs`` counts optimiser steps; each step sees one chunk of ``batch_size`` rows of every label type (with
+    fewer labels than that, every step is full-batch). ``num_threads`` None leaves torch's
     setting; otherwise it is set for the duration of fit/predict and restored.
     """
 
@@ -63,15 +63,16 @@ class TrainingConfig:
     weak_loss_weight: float = 1.0
     seed: int = 0
     num_threads: int | None = None
-    weak_batch_size: int = 1024
-    """Weak rows per step: many weak labels are visited in shuffled chunks (full labels are used every step)."""
+    batch_size: int = 512
+    """Rows per label type per step: each type (full, human coarse, weak) is shuffled once and visited in chunks
+    of at most this many rows; a type with fewer rows is used whole at every step."""
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise ModelInputError(f"unknown variant {self.variant!r}; expected one of {list(VARIANTS)}")
         # Values may come from numpy grids or JSON: store plain Python types so the config serialises.
         object.__setattr__(self, "use_transition", bool(self.use_transition))
-        for name in ("epochs", "seed", "weak_batch_size"):
+        for name in ("epochs", "seed", "batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
                 raise ModelInputError(f"{name} must be an integer, got {value!r}")
@@ -87,8 +88,8 @@ class TrainingConfig:
             raise ModelInputError(f"epochs must be a positive integer, got {self.epochs!r}")
         if self.learning_rate <= 0:
             raise ModelInputError(f"learning_rate must be > 0, got {self.learning_rate!r}")
-        if self.weak_batch_size < 1:
-            raise ModelInputError(f"weak_batch_size must be a positive integer, got {self.weak_batch_size!r}")
+        if self.batch_size < 1:
+            raise ModelInputError(f"batch_size must be a positive integer, got {self.batch_size!r}")
         if self.num_threads is not None:
             if isinstance(self.num_threads, bool) or not isinstance(self.num_threads, (int, np.integer)) or self.num_threads < 1:
                 raise ModelInputError(f"num_threads must be None or a positive integer, got {self.num_threads!r}")
@@ -180,33 +181,35 @@ def validate_transition_matrix(matrix: np.ndarray, n_coarse: int) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class _TrainingSet:
-    """Normalised, centred training rows grouped by label type; the groups are disjoint (a sample's best label
-    wins). Full and human-coarse rows are few and used at every step; weak rows are many, so they are
-    shuffled once and visited in contiguous chunks."""
+class _LabelGroup:
+    """Normalised, centred rows of one label type with their targets, shuffled once."""
 
-    trusted_embeddings: torch.Tensor
-    """Full rows first, then human-coarse rows."""
-    fine_targets: torch.Tensor
-    human_coarse_targets: torch.Tensor
-    weak_embeddings: torch.Tensor
-    weak_targets: torch.Tensor
+    embeddings: torch.Tensor
+    targets: torch.Tensor
 
     @property
-    def n_full(self) -> int:
-        return int(self.fine_targets.shape[0])
+    def size(self) -> int:
+        return int(self.targets.shape[0])
 
-    def weak_chunks(self, chunk_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        n_weak = int(self.weak_targets.shape[0])
-        if n_weak == 0:
-            return [(self.weak_embeddings, self.weak_targets)]
-        n_chunks = -(-n_weak // chunk_size)
-        # Equal-sized chunks, so that every step weighs the weak loss alike.
-        bounds = np.linspace(0, n_weak, n_chunks + 1).round().astype(int)
-        return [
-            (self.weak_embeddings[start:stop], self.weak_targets[start:stop])
-            for start, stop in zip(bounds[:-1], bounds[1:])
-        ]
+    def chunks(self, chunk_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Contiguous chunks of nearly equal size (so every step weighs this label type alike)."""
+        n_chunks = max(1, -(-self.size // chunk_size))
+        bounds = np.linspace(0, self.size, n_chunks + 1).round().astype(int)
+        return [(self.embeddings[start:stop], self.targets[start:stop]) for start, stop in zip(bounds[:-1], bounds[1:])]
+
+
+@dataclass(frozen=True)
+class _Batch:
+    full: tuple[torch.Tensor, torch.Tensor]
+    human_coarse: tuple[torch.Tensor, torch.Tensor]
+    weak: tuple[torch.Tensor, torch.Tensor]
+
+
+def _batches(groups: dict[str, _LabelGroup], chunk_size: int, steps: int) -> Iterator[_Batch]:
+    """One batch per step: the next chunk of every label type, each type cycling through its own chunks."""
+    chunks = {name: group.chunks(chunk_size) for name, group in groups.items()}
+    for step in range(steps):
+        yield _Batch(**{name: parts[step % len(parts)] for name, parts in chunks.items()})
 
 
 class FineGrainedClassifier:
@@ -242,11 +245,9 @@ class FineGrainedClassifier:
         weak labels are scored as if they were clean. ``fine-only`` ignores coarse labels altogether.
         """
         with _torch_threads(self.config.num_threads):
-            training_set, feature_mean = self._training_set(
-                embeddings, fine_labels, weak_coarse_labels, human_coarse_labels
-            )
+            groups, feature_mean = self._training_set(embeddings, fine_labels, weak_coarse_labels, human_coarse_labels)
             transition = self._transition_tensor(coarse_transition_matrix)
-            self._parameters = self._optimise(training_set, feature_mean, transition)
+            self._parameters = self._optimise(groups, feature_mean, transition)
         return self
 
     def _training_set(
@@ -255,7 +256,8 @@ class FineGrainedClassifier:
         fine_labels: np.ndarray,
         weak_coarse_labels: np.ndarray | None,
         human_coarse_labels: np.ndarray | None,
-    ) -> tuple[_TrainingSet, torch.Tensor]:
+    ) -> tuple[dict[str, _LabelGroup], torch.Tensor]:
+        """Label groups ``full``, ``human_coarse`` and ``weak`` (disjoint: a sample's best label wins)."""
         array = _validated_embeddings(embeddings, self.embedding_dim)
         n = array.shape[0]
         fine = _validated_labels("fine_labels", fine_labels, n, self.hierarchy.n_fine)
@@ -269,19 +271,20 @@ class FineGrainedClassifier:
         weak_rows = np.flatnonzero((weak != MISSING_LABEL) & ~has_full & (human_coarse == MISSING_LABEL))
         if self.config.variant == "fine-only":
             human_coarse_rows, weak_rows = human_coarse_rows[:0], weak_rows[:0]
-        weak_rows = np.random.default_rng(self.config.seed).permutation(weak_rows)
-
-        trusted = _l2_normalise(torch.from_numpy(array[np.concatenate([full_rows, human_coarse_rows])]))
-        weak_embeddings = _l2_normalise(torch.from_numpy(array[weak_rows]))
-        feature_mean = torch.cat([trusted, weak_embeddings]).mean(dim=0)
-        training_set = _TrainingSet(
-            trusted_embeddings=trusted - feature_mean,
-            fine_targets=torch.from_numpy(fine[full_rows]),
-            human_coarse_targets=torch.from_numpy(human_coarse[human_coarse_rows]),
-            weak_embeddings=weak_embeddings - feature_mean,
-            weak_targets=torch.from_numpy(weak[weak_rows]),
-        )
-        return training_set, feature_mean
+        rng = np.random.default_rng(self.config.seed)
+        rows = {
+            "full": rng.permutation(full_rows),
+            "human_coarse": rng.permutation(human_coarse_rows),
+            "weak": rng.permutation(weak_rows),
+        }
+        targets = {"full": fine, "human_coarse": human_coarse, "weak": weak}
+        normalised = {name: _l2_normalise(torch.from_numpy(array[index])) for name, index in rows.items()}
+        feature_mean = torch.cat(list(normalised.values())).mean(dim=0)
+        groups = {
+            name: _LabelGroup(normalised[name] - feature_mean, torch.from_numpy(targets[name][index]))
+            for name, index in rows.items()
+        }
+        return groups, feature_mean
 
     def _transition_tensor(self, matrix: np.ndarray | None) -> torch.Tensor | None:
         if matrix is None:
@@ -306,16 +309,13 @@ class FineGrainedClassifier:
         return parameters
 
     def _optimise(
-        self, training_set: _TrainingSet, feature_mean: torch.Tensor, transition: torch.Tensor | None
+        self, groups: dict[str, _LabelGroup], feature_mean: torch.Tensor, transition: torch.Tensor | None
     ) -> dict[str, torch.Tensor]:
         parameters = {name: tensor.requires_grad_() for name, tensor in self._initial_parameters().items()}
         optimiser = torch.optim.Adam(parameters.values(), lr=self.config.learning_rate)
-        chunks = training_set.weak_chunks(self.config.weak_batch_size)
-        for step in range(self.config.epochs):
-            weak_embeddings, weak_targets = chunks[step % len(chunks)]
+        for batch in _batches(groups, self.config.batch_size, self.config.epochs):
             optimiser.zero_grad(set_to_none=True)
-            loss = self._loss(parameters, training_set, weak_embeddings, weak_targets, transition)
-            loss.backward()
+            self._loss(parameters, batch, transition).backward()
             optimiser.step()
         fitted = {name: tensor.detach().clone() for name, tensor in parameters.items()}
         fitted["feature_mean"] = feature_mean.clone()
@@ -325,47 +325,39 @@ class FineGrainedClassifier:
         coarse = _log_softmax(fine_logits).exp() @ self._fine_to_coarse
         return coarse.clamp_min(_LOG_FLOOR).log()
 
-    def _loss(
-        self,
-        parameters: dict[str, torch.Tensor],
-        training_set: _TrainingSet,
-        weak_embeddings: torch.Tensor,
-        weak_targets: torch.Tensor,
-        transition: torch.Tensor | None,
-    ) -> torch.Tensor:
+    def _loss(self, parameters: dict[str, torch.Tensor], batch: _Batch, transition: torch.Tensor | None) -> torch.Tensor:
         """Mean loss per label type; the coarse-level types are scaled by ``weak_loss_weight`` so that hundreds
         of cheap coarse labels do not drown a handful of full ones."""
-        config, n_full = self.config, training_set.n_full
+        config = self.config
+        (full_x, fine_targets), (human_x, human_targets), (weak_x, weak_targets) = batch.full, batch.human_coarse, batch.weak
         fine_weight, fine_bias = parameters["fine_head.weight"], parameters["fine_head.bias"]
         penalty = fine_weight.square().sum()
         if config.variant == "reference":
             coarse_weight, coarse_bias = parameters["coarse_head.weight"], parameters["coarse_head.bias"]
             penalty = penalty + coarse_weight.square().sum()
-            # One pass over the trusted rows for both heads.
-            trusted_logits = F.linear(
-                training_set.trusted_embeddings, torch.cat([fine_weight, coarse_weight]), torch.cat([fine_bias, coarse_bias])
-            )
-            n_fine = self.hierarchy.n_fine
-            fine_logits = trusted_logits[:n_full, :n_fine]
-            trusted_coarse_log_probs = _log_softmax(trusted_logits[:, n_fine:])
-            weak_coarse_log_probs = _log_softmax(F.linear(weak_embeddings, coarse_weight, coarse_bias))
-            true_coarse = self._fine_to_coarse.argmax(dim=1)[training_set.fine_targets]
-            full_coarse_loss = F.nll_loss(trusted_coarse_log_probs[:n_full], true_coarse)
-        else:
-            trusted_logits = F.linear(training_set.trusted_embeddings, fine_weight, fine_bias)
-            fine_logits = trusted_logits[:n_full]
-            trusted_coarse_log_probs = self._coarse_log_probabilities(trusted_logits)
-            weak_coarse_log_probs = self._coarse_log_probabilities(F.linear(weak_embeddings, fine_weight, fine_bias))
-            full_coarse_loss = torch.zeros(())
+            # One pass over the full rows for both heads.
+            full_logits = F.linear(full_x, torch.cat([fine_weight, coarse_weight]), torch.cat([fine_bias, coarse_bias]))
+            fine_logits, full_coarse_logits = full_logits.split([self.hierarchy.n_fine, self.hierarchy.n_coarse], dim=1)
+            true_coarse = self._fine_to_coarse.argmax(dim=1)[fine_targets]
+            loss = F.nll_loss(_log_softmax(full_coarse_logits), true_coarse)
 
-        loss = F.nll_loss(_log_softmax(fine_logits), training_set.fine_targets) + full_coarse_loss
-        if training_set.human_coarse_targets.numel():
-            human_loss = F.nll_loss(trusted_coarse_log_probs[n_full:], training_set.human_coarse_targets)
-            loss = loss + config.weak_loss_weight * human_loss
-        if weak_targets.numel():
+            def coarse_log_probs(x: torch.Tensor) -> torch.Tensor:
+                return _log_softmax(F.linear(x, coarse_weight, coarse_bias))
+        else:
+            fine_logits = F.linear(full_x, fine_weight, fine_bias)
+            loss = torch.zeros(())
+
+            def coarse_log_probs(x: torch.Tensor) -> torch.Tensor:
+                return self._coarse_log_probabilities(F.linear(x, fine_weight, fine_bias))
+
+        loss = loss + F.nll_loss(_log_softmax(fine_logits), fine_targets)
+        if config.variant != "fine-only" and human_targets.numel():
+            loss = loss + config.weak_loss_weight * F.nll_loss(coarse_log_probs(human_x), human_targets)
+        if config.variant != "fine-only" and weak_targets.numel():
+            weak_log_probs = coarse_log_probs(weak_x)
             if transition is not None:
-                weak_coarse_log_probs = (weak_coarse_log_probs.exp() @ transition).clamp_min(_LOG_FLOOR).log()
-            loss = loss + config.weak_loss_weight * F.nll_loss(weak_coarse_log_probs, weak_targets)
+                weak_log_probs = (weak_log_probs.exp() @ transition).clamp_min(_LOG_FLOOR).log()
+            loss = loss + config.weak_loss_weight * F.nll_loss(weak_log_probs, weak_targets)
         return loss + 0.5 * config.weight_decay * penalty
 
     # ---- prediction -----------------------------------------------------------------------------------------

@@ -129,10 +129,10 @@ def test_human_coarse_labels_train_the_hierarchical_fine_head() -> None:
 def test_same_seed_gives_identical_probabilities() -> None:
     data = scarce_label_split(0, spread=2.5)
     args = (data["embeddings"], data["fine_labels"], data["weak"], FLIPPING_TRANSITION)
-    # A weak batch smaller than the weak set exercises the seeded shuffling of weak chunks too.
-    first = FineGrainedClassifier(HIERARCHY, DIM, config(seed=3, weak_batch_size=500)).fit(*args)
-    second = FineGrainedClassifier(HIERARCHY, DIM, config(seed=3, weak_batch_size=500)).fit(*args)
-    other = FineGrainedClassifier(HIERARCHY, DIM, config(seed=4, weak_batch_size=500)).fit(*args)
+    # A batch smaller than the weak set exercises the seeded shuffling of chunks too.
+    first = FineGrainedClassifier(HIERARCHY, DIM, config(seed=3, batch_size=500)).fit(*args)
+    second = FineGrainedClassifier(HIERARCHY, DIM, config(seed=3, batch_size=500)).fit(*args)
+    other = FineGrainedClassifier(HIERARCHY, DIM, config(seed=4, batch_size=500)).fit(*args)
     np.testing.assert_array_equal(
         first.predict_fine_proba(data["embeddings"]), second.predict_fine_proba(data["embeddings"])
     )
@@ -243,6 +243,7 @@ def test_bad_fit_input_raises(args, kwargs, message) -> None:
         ({"learning_rate": 0.0}, "learning_rate"),
         ({"weak_loss_weight": -1.0}, "weak_loss_weight"),
         ({"num_threads": 0}, "num_threads"),
+        ({"batch_size": 0}, "batch_size"),
     ],
 )
 def test_bad_config_raises(overrides, message) -> None:
