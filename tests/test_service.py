@@ -416,3 +416,42 @@ def test_transition_matrix_is_reestimated_from_fine_labels_and_hand_set_coarse_l
     assert second["matrix"][shoe][top] > first["matrix"][shoe][top]
     current = ProjectState(parts.backend.config.model_dir, PROJECT_ID).current()
     assert current.model_version == "vlm-al-v2" and current.metrics["n_human_coarse"] == 1
+
+
+def test_label_studio_client_pages_through_every_task(fake_ls, tmp_path):
+    from backend.ls_client import TASK_PAGE_SIZE, LabelStudioClient
+
+    for task_id in range(1, TASK_PAGE_SIZE + 3):
+        fake_ls.tasks.append({"id": task_id, "data": {"image": f"/data/local-files/?d=x/{task_id}.png"},
+                              "annotations": []})
+    client = LabelStudioClient(fake_ls.url, API_KEY, tmp_path / "downloads", max_image_bytes=1000)
+    tasks = client.fetch_tasks(PROJECT_ID)
+    assert [t["id"] for t in tasks] == list(range(1, TASK_PAGE_SIZE + 3))
+    assert all(h == f"Token {API_KEY}" for h in fake_ls.auth_headers)
+
+
+@pytest.mark.parametrize(
+    ("url", "accepted"),
+    [
+        ("/data/local-files/?d=a/b.png", True),
+        ("/data/upload/3/abc-b.png", True),
+        ("upload/3/abc-b.png", True),
+        ("s3://bucket/key.png", True),
+        ("http://127.0.0.1:8080/data/local-files/?d=a.png", True),
+        ("http://localhost:8080/data/local-files/?d=a.png", True),
+        ("http://127.0.0.1:9999/a.png", False),
+        ("https://example.com/a.png", False),
+        ("//example.com/a.png", False),
+        ("file:///etc/passwd", False),
+        ("", False),
+        (None, False),
+    ],
+)
+def test_only_label_studio_image_urls_are_fetched(url, accepted):
+    from backend.ls_client import ImageFetchError, check_image_url
+
+    if accepted:
+        assert check_image_url(url, "http://127.0.0.1:8080") == url
+    else:
+        with pytest.raises(ImageFetchError):
+            check_image_url(url, "http://127.0.0.1:8080")
