@@ -91,7 +91,8 @@ class TrainingConfig:
         if self.batch_size < 1:
             raise ModelInputError(f"batch_size must be a positive integer, got {self.batch_size!r}")
         if self.num_threads is not None:
-            if isinstance(self.num_threads, bool) or not isinstance(self.num_threads, (int, np.integer)) or self.num_threads < 1:
+            threads = self.num_threads
+            if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
                 raise ModelInputError(f"num_threads must be None or a positive integer, got {self.num_threads!r}")
             object.__setattr__(self, "num_threads", int(self.num_threads))
 
@@ -325,11 +326,15 @@ class FineGrainedClassifier:
         coarse = _log_softmax(fine_logits).exp() @ self._fine_to_coarse
         return coarse.clamp_min(_LOG_FLOOR).log()
 
-    def _loss(self, parameters: dict[str, torch.Tensor], batch: _Batch, transition: torch.Tensor | None) -> torch.Tensor:
+    def _loss(
+        self, parameters: dict[str, torch.Tensor], batch: _Batch, transition: torch.Tensor | None
+    ) -> torch.Tensor:
         """Mean loss per label type; the coarse-level types are scaled by ``weak_loss_weight`` so that hundreds
         of cheap coarse labels do not drown a handful of full ones."""
         config = self.config
-        (full_x, fine_targets), (human_x, human_targets), (weak_x, weak_targets) = batch.full, batch.human_coarse, batch.weak
+        full_x, fine_targets = batch.full
+        human_x, human_targets = batch.human_coarse
+        weak_x, weak_targets = batch.weak
         fine_weight, fine_bias = parameters["fine_head.weight"], parameters["fine_head.bias"]
         penalty = fine_weight.square().sum()
         if config.variant == "reference":

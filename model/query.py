@@ -379,7 +379,9 @@ _GAIN_WEIGHTS = np.arange(1.0, N_FIFTHS)
 
 
 def _fifths(indices: np.ndarray) -> list[np.ndarray]:
-    """Prefixes of 1/5 .. 5/5 of ``indices`` (each at least one sample)."""
+    """Prefixes of 1/5 .. 5/5 of ``indices`` (each at least one sample; flat when ``indices`` is empty)."""
+    if indices.size == 0:
+        return [indices] * N_FIFTHS
     sizes = [max(1, int(round(indices.size * k / N_FIFTHS))) for k in range(1, N_FIFTHS + 1)]
     return [indices[:size] for size in sizes]
 
@@ -402,7 +404,9 @@ def improvement_ratio(full_per_label: float, weak_per_label: float) -> tuple[flo
     return 1.0, 1.0
 
 
-def estimate_expected_improvement(pool: PoolState, rng: np.random.Generator, n_shuffles: int = 3) -> ExpectedImprovement:
+def estimate_expected_improvement(
+    pool: PoolState, rng: np.random.Generator, n_shuffles: int = 3
+) -> ExpectedImprovement:
     """Retrain on 1/5 .. 5/5 of the weak set (all full labels kept) and of the full set (all weak labels kept),
     ``n_shuffles`` shuffles each, through ``pool.train_and_evaluate``. The 5/5 point is the same training set
     for both levels and is evaluated once: ``1 + 2 * n_shuffles * 4`` evaluations in all."""
@@ -424,11 +428,12 @@ def estimate_expected_improvement(pool: PoolState, rng: np.random.Generator, n_s
     n_evaluations = 1
     full_curves, weak_curves = [], []
     for _ in range(n_shuffles):
-        full_curve = [float(evaluate(part, weak)) for part in _fifths(rng.permutation(full))[:-1]] + [everything]
-        weak_curve = [float(evaluate(full, part)) for part in _fifths(rng.permutation(weak))[:-1]] if weak.size else []
-        weak_curves.append(weak_curve + [everything] if weak.size else [everything] * N_FIFTHS)
-        full_curves.append(full_curve)
-        n_evaluations += (N_FIFTHS - 1) * (2 if weak.size else 1)
+        # Accuracy at 1/5 .. 4/5 of one level with the other level whole; 5/5 is ``everything``.
+        full_curves.append([float(evaluate(part, weak)) for part in _fifths(rng.permutation(full))[:-1]])
+        weak_curves.append([float(evaluate(full, part)) for part in _fifths(rng.permutation(weak))[:-1]])
+        n_evaluations += len(full_curves[-1]) + len(weak_curves[-1])
+    full_curves = [curve + [everything] for curve in full_curves]
+    weak_curves = [curve + [everything] for curve in weak_curves]
     full_per_label = _per_label_gain(np.asarray(full_curves), full.size)
     weak_per_label = _per_label_gain(np.asarray(weak_curves), max(weak.size, 1))
     full_ratio, weak_ratio = improvement_ratio(full_per_label, weak_per_label)
