@@ -531,6 +531,10 @@ def _candidate_configs(base_config: TrainingConfig, candidates: Mapping[str, Seq
     return [replace(base_config, **dict(zip(names, values))) for values in itertools.product(*candidates.values())]
 
 
+def _without(labels: np.ndarray | None, held_out: np.ndarray) -> np.ndarray | None:
+    return None if labels is None else np.where(held_out, MISSING_LABEL, labels)
+
+
 def cross_validated_accuracy(
     hierarchy: LabelHierarchy,
     embeddings: np.ndarray,
@@ -548,9 +552,13 @@ def cross_validated_accuracy(
         held_out = folds == fold
         if not np.any(held_out):
             continue
-        training_labels = np.where(held_out, MISSING_LABEL, fine_labels)
+        # A held-out sample keeps no label of any kind in training, so its coarse labels cannot leak either.
         classifier = FineGrainedClassifier(hierarchy, embeddings.shape[1], config).fit(
-            embeddings, training_labels, weak_coarse_labels, coarse_transition_matrix, human_coarse_labels
+            embeddings,
+            _without(fine_labels, held_out),
+            _without(weak_coarse_labels, held_out),
+            coarse_transition_matrix,
+            _without(human_coarse_labels, held_out),
         )
         predicted = classifier.predict_fine_proba(embeddings[held_out]).argmax(axis=1)
         accuracies.append(float(np.mean(predicted == fine_labels[held_out])))
@@ -578,7 +586,12 @@ def select_training_config(
         raise ModelInputError(f"n_folds must be an integer >= 2, got {n_folds!r}")
     configs = _candidate_configs(base_config, candidates)
     array = _validated_embeddings(embeddings, int(np.asarray(embeddings).shape[-1]))
-    fine = _validated_labels("fine_labels", fine_labels, array.shape[0], hierarchy.n_fine)
+    n = array.shape[0]
+    fine = _validated_labels("fine_labels", fine_labels, n, hierarchy.n_fine)
+    if weak_coarse_labels is not None:
+        weak_coarse_labels = _validated_labels("weak_coarse_labels", weak_coarse_labels, n, hierarchy.n_coarse)
+    if human_coarse_labels is not None:
+        human_coarse_labels = _validated_labels("human_coarse_labels", human_coarse_labels, n, hierarchy.n_coarse)
     full = np.flatnonzero(fine != MISSING_LABEL)
     if len(configs) == 1 or full.size < n_folds:
         return configs[0]

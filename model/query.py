@@ -41,8 +41,11 @@ class LabelCosts:
     def __post_init__(self) -> None:
         for name in ("human_fine", "weak_coarse"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not np.isfinite(value) or value <= 0:
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+                raise ModelInputError(f"label cost {name} must be a number, got {value!r}")
+            if not np.isfinite(value) or value <= 0:
                 raise ModelInputError(f"label cost {name} must be a finite number > 0, got {value!r}")
+            object.__setattr__(self, name, float(value))
 
     def of(self, kind: LabelKind) -> float:
         return self.human_fine if kind is LabelKind.HUMAN_FINE else self.weak_coarse

@@ -302,3 +302,27 @@ def test_config_from_numpy_values_serialises_and_round_trips() -> None:
     assert isinstance(chosen.epochs, int) and isinstance(chosen.learning_rate, float)
     with pytest.raises(ModelInputError, match="unknown training config fields"):
         TrainingConfig.from_dict({**data, "momentum": 0.9})
+
+
+def test_cross_validation_hides_every_label_of_held_out_samples(monkeypatch) -> None:
+    """A held-out sample's weak label must not reach training: here it would give the answer away."""
+    embeddings, fine = fine_blobs(0, spread=1.0)
+    fine_labels = np.full(fine.size, MISSING_LABEL, dtype=np.int64)
+    fine_labels[::40] = fine[::40]
+    weak = np.full(fine.size, MISSING_LABEL, dtype=np.int64)
+    weak[::40] = HIERARCHY.parent_array[fine[::40]]
+    seen: list[np.ndarray] = []
+
+    class Recording(FineGrainedClassifier):
+        def fit(self, embeddings, fine_labels, weak_coarse_labels=None, *args, **kwargs):
+            seen.append((fine_labels != MISSING_LABEL) | (weak_coarse_labels != MISSING_LABEL))
+            return super().fit(embeddings, fine_labels, weak_coarse_labels, *args, **kwargs)
+
+    monkeypatch.setattr("model.finegrained.FineGrainedClassifier", Recording)
+    select_training_config(
+        HIERARCHY, embeddings, fine_labels, weak, None, config(epochs=5), {"learning_rate": [0.01, 0.05]}
+    )
+    assert len(seen) == 6
+    labelled = np.flatnonzero(fine_labels != MISSING_LABEL)
+    for used in seen:
+        assert 0 < used[labelled].sum() < labelled.size
