@@ -26,7 +26,6 @@ PROJECT_TITLE = "Fashion-MNIST (vlm-al demo)"
 DEMO_USERNAME = "demo@vlm-al.local"
 ML_BACKEND_TITLE = "vlm-al"
 IMAGES_SUBDIR = "fashion-mnist"
-DISPLAY_IMAGE_SIZE = 112
 PREDICTIONS_TIMEOUT_S = 600.0
 # If the background indexing has pushed nothing by then, ask Label Studio to call /predict as well.
 PREDICTION_ACTION_AFTER_S = 90.0
@@ -141,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         login = lsb.load_or_create_login(data_dir / "label-studio-login.json", DEMO_USERNAME)
         document_root = data_dir / "files"
         images_dir = document_root / IMAGES_SUBDIR
-        images = lsb.write_fashion_mnist_pngs(images_dir, args.tasks, size=DISPLAY_IMAGE_SIZE)
+        images = lsb.write_fashion_mnist_pngs(images_dir, args.tasks)
         logger.info("%d Fashion-MNIST images in %s", len(images.paths), images_dir)
 
         ls_port = lsb.first_free_port(args.port)

@@ -54,6 +54,7 @@ class LabeledProject:
     class_by_task: dict[int, str]
     labeling: ProjectLabeling
     ml_backend_id: int | None = None
+    annotated: set[int] = field(default_factory=set)
 
     @property
     def client(self):
@@ -89,6 +90,7 @@ class LabeledProject:
 
     def annotate(self, task_id: int) -> None:
         self.client.annotations.create(id=task_id, result=self.annotation_result(self.class_by_task[task_id]))
+        self.annotated.add(task_id)
 
     def wait_for_fit(self, n_fine: int, timeout_s: float = FIT_TIMEOUT_S) -> str:
         """Wait until a fit that saw `n_fine` full labels is current and Label Studio's project follows it."""
@@ -114,11 +116,9 @@ class LabeledProject:
 
         def ready() -> list[dict] | None:
             version = model_version or self.model_version()
-            labeled = {t.id for t in self.client.tasks.list(project=self.project_id, fields="task_only")
-                       if t.is_labeled}
             current = [p for p in self.predictions() if p["model_version"] == version]
             covered = {p["task"] for p in current}
-            unlabeled = set(self.task_ids) - labeled
+            unlabeled = set(self.task_ids) - self.annotated
             return current if unlabeled and unlabeled <= covered else None
 
         return lsb.wait_until(ready, timeout_s, f"predictions of {model_version or 'the current version'}",

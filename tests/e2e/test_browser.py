@@ -79,9 +79,10 @@ def test_coarse_preannotation_then_species_reaches_next_model(project: LabeledPr
     version_before = project.model_version()
     hierarchy = project.labeling.hierarchy
     predictions = {p["task"]: p for p in project.predictions() if p["model_version"] == version_before}
-    task_id, predicted_coarse = _unlabeled_task_and_coarse(project, predictions)
+    task_id, predicted_coarse, suggested_fine, picked = _task_to_label(project, predictions)
+    task_url = f"{project.stack.label_studio.url}/projects/{project.project_id}/data?task={task_id}"
 
-    page.goto(f"{project.stack.label_studio.url}/projects/{project.project_id}/data?task={task_id}")
+    page.goto(task_url)
     page.wait_for_selector(".lsf-main-view")
 
     coarse_box = choice(page, predicted_coarse)
@@ -93,6 +94,7 @@ def test_coarse_preannotation_then_species_reaches_next_model(project: LabeledPr
     species = hierarchy.children(predicted_coarse)
     for fine in species:
         assert choice(page, fine).is_visible(), f"{fine!r} of {predicted_coarse!r} is not shown"
+        assert choice(page, fine).locator("input").is_checked() == (fine == suggested_fine)
     for other_coarse in hierarchy.coarse_classes:
         if other_coarse != predicted_coarse:
             for fine in hierarchy.children(other_coarse):
@@ -100,12 +102,10 @@ def test_coarse_preannotation_then_species_reaches_next_model(project: LabeledPr
     choice(page, species[-1]).scroll_into_view_if_needed()
     page.screenshot(path=str(SCREENSHOTS / "before_submit.png"))
 
-    true_class = project.class_by_task[task_id]
-    picked = true_class if true_class in species else species[0]
-    # A fine suggestion from the model may already be ticked; the human's pick is what must be saved.
-    if not choice(page, picked).locator("input").is_checked():
-        choice(page, picked).click()
+    choice(page, picked).click()
     assert choice(page, picked).locator("input").is_checked()
+    if suggested_fine is not None:
+        assert not choice(page, suggested_fine).locator("input").is_checked(), "single choice kept two species"
     page.locator("button:has-text('Submit')").click()
 
     def saved_annotation() -> dict | None:
@@ -113,31 +113,50 @@ def test_coarse_preannotation_then_species_reaches_next_model(project: LabeledPr
         return annotations[0].model_dump() if annotations else None
 
     annotation = lsb.wait_until(saved_annotation, 30, f"the annotation of task {task_id}")
-    page.screenshot(path=str(SCREENSHOTS / "after_submit.png"))
+    project.annotated.add(task_id)
     by_control = {r["from_name"]: r for r in annotation["result"]}
     fine_control = project.labeling.fine_control_by_coarse[predicted_coarse]
     assert by_control[project.labeling.coarse_control]["value"]["choices"] == [predicted_coarse]
     assert by_control[fine_control]["value"]["choices"] == [picked]
+    assert set(by_control) == {project.labeling.coarse_control, fine_control}
+
+    # The submitted annotation, reopened: what the annotator saved.
+    page.goto(task_url)
+    page.wait_for_selector(".lsf-main-view")
+    choice(page, picked).wait_for(state="visible")
+    assert choice(page, picked).locator("input").is_checked()
+    choice(page, species[-1]).scroll_into_view_if_needed()
+    page.screenshot(path=str(SCREENSHOTS / "after_submit.png"))
 
     # The webhook leads to a retrain that includes the browser's label next to the API ones.
     version_after = project.wait_for_fit(n_fine=N_ANNOTATED_BY_API + 1)
     assert version_after != version_before
-    labeled_in_fit = project.state().current().metrics["n_fine"]
-    assert labeled_in_fit == N_ANNOTATED_BY_API + 1
+    assert project.state().current().metrics["n_fine"] == N_ANNOTATED_BY_API + 1
 
 
-def _unlabeled_task_and_coarse(project: LabeledProject, predictions: dict[int, dict]) -> tuple[int, str]:
-    """An unlabeled task with a coarse prediction; prefer one the VLM got right, so the true species is listed."""
+def _task_to_label(project: LabeledProject, predictions: dict[int, dict]) -> tuple[int, str, str | None, str]:
+    """(task, VLM coarse, model's species suggestion or None, species the test picks) for an unlabeled task.
+
+    The pick always differs from the suggestion, so the test really clicks. Preferred: a coarse-only
+    prediction that the VLM got right, so the picked species is the true one.
+    """
+    labeling = project.labeling
     candidates = []
-    for task_id in project.task_ids[N_ANNOTATED_BY_API:]:
+    for task_id in project.task_ids:
         prediction = predictions.get(task_id)
-        if prediction is None:
+        if task_id in project.annotated or prediction is None:
             continue
-        coarse = [r for r in prediction["result"] if r["from_name"] == project.labeling.coarse_control]
-        if coarse:
-            predicted = coarse[0]["value"]["choices"][0]
-            right = predicted == project.coarse_of(project.class_by_task[task_id])
-            candidates.append((not right, task_id, predicted))
-    assert candidates, "no unlabeled task has a coarse prediction"
-    _, task_id, predicted = min(candidates)
-    return task_id, predicted
+        chosen = {r["from_name"]: r["value"]["choices"][0] for r in prediction["result"] if r.get("type") == "choices"}
+        coarse = chosen.get(labeling.coarse_control)
+        if coarse is None:
+            continue
+        suggested = chosen.get(labeling.fine_control_by_coarse[coarse])
+        true_class = project.class_by_task[task_id]
+        species = [fine for fine in labeling.hierarchy.children(coarse) if fine != suggested]
+        if not species:
+            continue
+        right = true_class in species
+        picked = true_class if right else species[0]
+        candidates.append(((suggested is not None, not right, task_id), (task_id, coarse, suggested, picked)))
+    assert candidates, "no unlabeled task has a coarse prediction with a species left to pick"
+    return min(candidates)[1]
