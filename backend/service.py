@@ -624,6 +624,18 @@ class MLBackend:
             queue_scores = stored if priorities_version == model_version else {}
         queue_scores = queue_scores or {}
 
+        # Per-row choices computed for the whole batch at once; the loop below only assembles predictions.
+        weak_answered = weak_rows.sum(axis=1) > 0
+        weak_choice = weak_rows.argmax(axis=1)
+        weak_top = weak_rows.max(axis=1)
+        if coarse_rows is not None:
+            model_coarse_choice, model_coarse_top = coarse_rows.argmax(axis=1), coarse_rows.max(axis=1)
+        if fine_rows is not None:
+            fine_choice, fine_top = fine_rows.argmax(axis=1), fine_rows.max(axis=1)
+            default_scores = _margins(fine_rows)
+        else:
+            default_scores = np.where(weak_answered, _margins(weak_rows), 0.0)
+
         results: list[dict[str, Any]] = []
         row_of = {i: row for row, i in enumerate(usable)}
         for i, task in enumerate(tasks):
@@ -632,32 +644,25 @@ class MLBackend:
             if row is None:
                 results.append({"result": [], "score": 0.0, "model_version": model_version})
                 continue
-            weak_row = weak_rows[row]
             coarse, coarse_score = None, 0.0
-            if weak_row.sum() > 0:
-                c = int(np.argmax(weak_row))
-                coarse, coarse_score = hierarchy.coarse_classes[c], float(weak_row[c])
+            if weak_answered[row]:
+                coarse, coarse_score = hierarchy.coarse_classes[weak_choice[row]], float(weak_top[row])
             elif coarse_rows is not None:
-                c = int(np.argmax(coarse_rows[row]))
-                coarse, coarse_score = hierarchy.coarse_classes[c], float(coarse_rows[row][c])
+                coarse = hierarchy.coarse_classes[model_coarse_choice[row]]
+                coarse_score = float(model_coarse_top[row])
             fine, fine_score = None, None
-            if fine_rows is not None:
-                f = int(np.argmax(fine_rows[row]))
-                if fine_rows[row][f] >= self.config.fine_confidence_threshold:
-                    fine, fine_score = hierarchy.fine_classes[f], float(fine_rows[row][f])
-            if isinstance(task_id, int) and task_id in queue_scores:
-                score = queue_scores[task_id]
-            elif fine_rows is not None:
-                score = _margin(fine_rows[row])
-            else:
-                score = _margin(weak_row) if weak_row.sum() > 0 else 0.0
+            if fine_rows is not None and fine_top[row] >= self.config.fine_confidence_threshold:
+                fine, fine_score = hierarchy.fine_classes[fine_choice[row]], _unit(fine_top[row])
+            score = queue_scores.get(task_id) if isinstance(task_id, int) else None
+            if score is None:
+                score = float(default_scores[row])
             results.append(
                 build_prediction(
                     labeling,
                     coarse=coarse,
                     coarse_score=_unit(coarse_score),
                     fine=fine,
-                    fine_score=_unit(fine_score) if fine_score is not None else None,
+                    fine_score=fine_score,
                     score=_unit(score),
                     model_version=model_version,
                 )
@@ -899,6 +904,14 @@ class MLBackend:
 def _as_stored(vectors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The float16 round trip of the store, so a fresh result equals the cached one bit for bit."""
     return {k: np.asarray(v, dtype=np.float16).astype(np.float32) for k, v in vectors.items()}
+
+
+def _margins(probabilities: np.ndarray) -> np.ndarray:
+    """Row-wise top-1 minus top-2 probability."""
+    if probabilities.shape[1] < 2:
+        return np.ones(probabilities.shape[0])
+    top_two = np.partition(probabilities, -2, axis=1)[:, -2:]
+    return (top_two[:, 1] - top_two[:, 0]).astype(np.float64)
 
 
 def _margin(probabilities: np.ndarray) -> float:
