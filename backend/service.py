@@ -764,7 +764,9 @@ class MLBackend:
         created = client.import_predictions(project_id, payload)
         self.metrics.predictions_pushed.inc(created)
         self.state(project_id).record_pushed(model_version, [p["task"] for p in payload], replace=replace)
-        client.set_model_version(project_id, model_version)
+        # Label Studio refuses a model_version that no prediction carries.
+        if created > 0:
+            client.set_model_version(project_id, model_version)
         logger.info("project %s: pushed %d/%d predictions of %s", project_id, created, len(payload), model_version)
         return created
 
