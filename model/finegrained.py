@@ -196,7 +196,9 @@ class _LabelGroup:
         """Contiguous chunks of nearly equal size (so every step weighs this label type alike)."""
         n_chunks = max(1, -(-self.size // chunk_size))
         bounds = np.linspace(0, self.size, n_chunks + 1).round().astype(int)
-        return [(self.embeddings[start:stop], self.targets[start:stop]) for start, stop in zip(bounds[:-1], bounds[1:])]
+        return [
+            (self.embeddings[start:stop], self.targets[start:stop]) for start, stop in zip(bounds[:-1], bounds[1:])
+        ]
 
 
 @dataclass(frozen=True)
@@ -217,10 +219,12 @@ class FineGrainedClassifier:
     """Linear heads on frozen, L2-normalised embeddings. See the module docstring for the variants."""
 
     def __init__(self, hierarchy: LabelHierarchy, embedding_dim: int, config: TrainingConfig | None = None) -> None:
-        if not isinstance(embedding_dim, int) or embedding_dim < 1:
+        if isinstance(embedding_dim, bool) or not isinstance(embedding_dim, (int, np.integer)) or embedding_dim < 1:
             raise ModelInputError(f"embedding_dim must be a positive integer, got {embedding_dim!r}")
+        if not isinstance(hierarchy, LabelHierarchy):
+            raise ModelInputError(f"hierarchy must be a LabelHierarchy, got {type(hierarchy).__name__}")
         self.hierarchy = hierarchy
-        self.embedding_dim = embedding_dim
+        self.embedding_dim = int(embedding_dim)
         self.config = config or TrainingConfig()
         self._fine_to_coarse = torch.from_numpy(np.array(hierarchy.fine_to_coarse_matrix, dtype=np.float32))
         self._parameters: dict[str, torch.Tensor] | None = None
