@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from backend import ls_bootstrap as lsb
@@ -135,6 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     data_dir = args.data_dir.expanduser().resolve()
     label_studio: lsb.LabelStudioServer | None = None
     backend: lsb.BackendServer | None = None
+    starting: ThreadPoolExecutor | None = None
     try:
         venv_dir = lsb.ensure_label_studio_venv(args.label_studio_venv, log=logger.info)
         login = lsb.load_or_create_login(data_dir / "label-studio-login.json", DEMO_USERNAME)
@@ -144,12 +146,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.info("%d Fashion-MNIST images in %s", len(images.paths), images_dir)
 
         ls_port = lsb.first_free_port(args.port)
+        backend_port = lsb.first_free_port(args.backend_port if args.backend_port != ls_port else ls_port + 1)
         label_studio = lsb.LabelStudioServer(
             venv_dir, data_dir / "label-studio", document_root, login, port=ls_port,
             log_path=data_dir / "logs" / "label-studio.log",
         )
-        logger.info("starting Label Studio on %s (first start migrates its database: about a minute)", label_studio.url)
-        label_studio.start()
+        backend = lsb.BackendServer(
+            backend_environment(config, label_studio.url, login.token, data_dir / "model_dir"),
+            log_path=data_dir / "logs" / "backend.log",
+            port=backend_port,
+        )
+        logger.info("starting Label Studio on %s (a first start migrates its database: a minute or two) "
+                    "and the backend on %s", label_studio.url, backend.url)
+        # The backend loads its models while Label Studio migrates.
+        starting = ThreadPoolExecutor(max_workers=2)
+        for started in [starting.submit(label_studio.start), starting.submit(backend.start)]:
+            started.result()
         client = label_studio.client()
 
         project_id = find_project(client, PROJECT_TITLE)
@@ -165,14 +177,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             logger.info("project %d: %d tasks imported", project_id, len(images.paths))
 
-        backend_port = lsb.first_free_port(args.backend_port if args.backend_port != ls_port else ls_port + 1)
-        backend = lsb.BackendServer(
-            backend_environment(config, label_studio.url, login.token, data_dir / "model_dir"),
-            log_path=data_dir / "logs" / "backend.log",
-            port=backend_port,
-        )
-        logger.info("starting the backend on %s (loads the models)", backend.url)
-        backend.start()
         ml_backend_id = ensure_ml_backend(client, project_id, backend.url)
         n_predictions = wait_for_predictions(client, project_id, ml_backend_id, PREDICTIONS_TIMEOUT_S)
 
@@ -198,6 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for server in (backend, label_studio):
             if server is not None:
                 server.stop()
+        if starting is not None:
+            starting.shutdown(wait=True)  # a start still polling sees its process gone and returns
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         logger.info("stopped")

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import venv
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -152,10 +153,15 @@ class ManagedProcess:
         self.stop_grace_s = stop_grace_s
         self.process: subprocess.Popen[bytes] | None = None
         self.startup_seconds: float | None = None
+        # start() may run in a helper thread while the main thread is told to stop (Ctrl-C).
+        self._state_lock = threading.Lock()
+        self._stop_requested = False
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as log_file:
+        with self._state_lock, open(self.log_path, "ab") as log_file:
+            if self._stop_requested:
+                raise LabelStudioError(f"{self.name} was stopped before it started")
             self.process = subprocess.Popen(
                 self.command,
                 env=self.env,
@@ -199,6 +205,8 @@ class ManagedProcess:
 
     def stop(self) -> int | None:
         """Stop the whole process group; return the exit code (None if it was never started)."""
+        with self._state_lock:
+            self._stop_requested = True
         if self.process is None:
             return None
         if self.process.poll() is None:

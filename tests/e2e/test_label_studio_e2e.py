@@ -1,15 +1,22 @@
 """End to end against a real Label Studio: connect, pre-annotate, retrain on webhooks, and drive the queue.
 
 The tests run in file order and build on each other (one project, one backend), like an annotator's session.
+The last one runs `vlm-al demo` with its own servers.
 """
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
+from label_studio_sdk import LabelStudio
 
 from backend import ls_bootstrap as lsb
 
-from .conftest import FIT_TIMEOUT_S, LabeledProject, Stack, backend_get, make_project
+from .conftest import FIT_TIMEOUT_S, REPO_ROOT, LabeledProject, Stack, backend_get, make_project
 
 pytestmark = pytest.mark.e2e
 
@@ -108,3 +115,42 @@ def test_start_training_retrains(project: LabeledProject) -> None:
     new_version = lsb.wait_until(retrained, FIT_TIMEOUT_S, "a retrain after START_TRAINING")
     assert new_version != version
     assert project.state().current().metrics["n_fine"] == N_ANNOTATED
+
+
+def test_demo_sets_up_and_ctrl_c_stops_both(label_studio_venv: Path, tmp_path: Path) -> None:
+    """`vlm-al demo`: its own Label Studio and backend, a connected project with predictions; SIGINT stops both."""
+    data_dir = tmp_path / "demo"
+    output = tmp_path / "demo.out"
+    ls_port, backend_port = lsb.first_free_port(18080), lsb.first_free_port(19090)
+    env = {**lsb.clean_environment(Path(sys.executable).parent), "TORCH_THREADS": "1"}
+    with open(output, "wb") as stdout:
+        demo = subprocess.Popen(
+            [sys.executable, "-m", "backend.cli", "demo", "--tasks", "12", "--data-dir", str(data_dir),
+             "--label-studio-venv", str(label_studio_venv),
+             "--port", str(ls_port), "--backend-port", str(backend_port)],
+            stdout=stdout, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT,
+        )
+    try:
+        lsb.wait_until(lambda: "vlm-al demo is running" in output.read_text() or demo.poll() is not None,
+                       420, "the demo's banner", interval_s=1.0)
+        printed = output.read_text()
+        assert demo.poll() is None, printed[-3000:]
+        login = lsb.load_or_create_login(data_dir / "label-studio-login.json", "unused")
+        assert login.password in printed and login.token in printed
+        client = LabelStudio(base_url=f"http://127.0.0.1:{ls_port}", api_key=login.token)
+        (project,) = client.projects.list()
+        assert project.sampling == lsb.UNCERTAINTY_SAMPLING
+        assert f"/projects/{project.id}/" in printed
+        (ml_backend,) = client.ml.list(project=project.id)
+        assert ml_backend.url == f"http://127.0.0.1:{backend_port}"
+        predictions = [p for p in client.predictions.list(project=project.id)
+                       if p.model_version == project.model_version]
+        assert len({p.task for p in predictions}) == 12
+
+        demo.send_signal(signal.SIGINT)
+        assert demo.wait(timeout=90) == 0, output.read_text()[-3000:]
+        assert lsb.port_is_free(ls_port) and lsb.port_is_free(backend_port)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
