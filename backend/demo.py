@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from label_studio_sdk import LabelStudio
+
 from backend import ls_bootstrap as lsb
 from backend.config import Config, ConfigError
 
@@ -69,14 +71,14 @@ def backend_environment(config: Config, label_studio_url: str, token: str, model
     return env
 
 
-def find_project(client, title: str) -> int | None:
+def find_project(client: LabelStudio, title: str) -> int | None:
     for project in client.projects.list():
         if project.title == title:
             return int(project.id)
     return None
 
 
-def ensure_ml_backend(client, project_id: int, url: str) -> int:
+def ensure_ml_backend(client: LabelStudio, project_id: int, url: str) -> int:
     """Connect the backend, or point an existing connection (from an earlier run) at its current URL."""
     for ml_backend in client.ml.list(project=project_id):
         if ml_backend.url != url:
@@ -85,7 +87,7 @@ def ensure_ml_backend(client, project_id: int, url: str) -> int:
     return lsb.connect_ml_backend(client, project_id, url, title=ML_BACKEND_TITLE)
 
 
-def wait_for_predictions(client, project_id: int, ml_backend_id: int, timeout_s: float) -> int:
+def wait_for_predictions(client: LabelStudio, project_id: int, ml_backend_id: int, timeout_s: float) -> int:
     """Wait until the tasks hold predictions of the project's model_version (what Uncertainty sampling reads).
 
     The backend pushes them after indexing and moves the project's model_version. If nothing arrives for a
@@ -192,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     except KeyboardInterrupt:
         return 0 if stop_requested.is_set() else 130
-    except (lsb.LabelStudioError, TimeoutError, ValueError) as error:
+    except (lsb.LabelStudioError, TimeoutError, ValueError, OSError) as error:
         print(f"vlm-al demo: {error}", file=sys.stderr)
         return 1
     finally:
@@ -209,7 +211,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.info("stopped")
 
 
-def print_banner(label_studio, backend, login, project_id: int, n_predictions: int, data_dir: Path) -> None:
+def print_banner(
+    label_studio: lsb.LabelStudioServer,
+    backend: lsb.BackendServer,
+    login: lsb.LabelStudioLogin,
+    project_id: int,
+    n_predictions: int,
+    data_dir: Path,
+) -> None:
     lines = [
         "",
         "vlm-al demo is running",
