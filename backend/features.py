@@ -1,0 +1,349 @@
+"""Task features: image URL -> content key -> embedding + weak coarse answer, all cached."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from backend.label_config import ProjectLabeling
+from backend.ls_client import ImageFetchError, LabelStudioAPI, LabelStudioError
+from backend.metrics import BackendMetrics
+from backend.state import ImageKeyIndex
+from model.errors import ModelInputError
+from model.hierarchy import LabelHierarchy
+
+logger = logging.getLogger(__name__)
+
+FEATURE_CHUNK = 64
+"""Images decoded and embedded at a time (bounds memory while indexing a large project)."""
+DOWNLOAD_THREADS = 4
+WEAK_ANNOTATOR_CACHE_SIZE = 64
+
+
+# --- component protocols (the model library implements them; tests inject small fakes) ------------------------
+
+
+class Backbone(Protocol):
+    name: str
+    dim: int
+
+    def embed(self, images: Sequence[Any]) -> np.ndarray: ...
+
+
+class WeakAnnotator(Protocol):
+    name: str
+    coarse_classes: Sequence[str]
+    cost_per_label: float
+
+    def annotate(self, images: Sequence[Any]) -> Any: ...
+
+
+class EmbeddingStoreLike(Protocol):
+    def get_many(self, namespace: str, keys: Sequence[str]) -> dict[str, np.ndarray]: ...
+
+    def put_many(self, namespace: str, vectors: Mapping[str, np.ndarray]) -> None: ...
+
+
+WeakAnnotatorFactory = Callable[[LabelHierarchy], WeakAnnotator]
+"""Builds a weak annotator prompted with a project's own classes (the heavy model is loaded once, beforehand)."""
+
+
+@dataclass(frozen=True)
+class ImageCodec:
+    """Turns downloaded bytes into a content key and a decoded RGB image (model.images / embedding_store)."""
+
+    content_key: Callable[[bytes], str]
+    decode: Callable[[bytes], Any]
+
+
+def weak_namespace(annotator: WeakAnnotator) -> str:
+    """Store namespace of an annotator's answers; it names the class set, so answers for two sets never mix."""
+    classes_digest = hashlib.sha256(json.dumps(list(annotator.coarse_classes)).encode()).hexdigest()[:8]
+    return f"weak:{annotator.name}:classes-{classes_digest}"
+
+
+def weak_in_project_order(
+    probabilities: np.ndarray, weak_classes: Sequence[str] | None, hierarchy: LabelHierarchy
+) -> np.ndarray:
+    """Reorder weak probability columns (annotator class order) into the project's coarse order by name.
+
+    Classes the project lacks are dropped and rows renormalised; a row left at zero means no answer."""
+    n = probabilities.shape[0]
+    out = np.zeros((n, hierarchy.n_coarse), dtype=np.float32)
+    if weak_classes is None or n == 0:
+        return out
+    for column, name in enumerate(weak_classes):
+        if name in hierarchy.coarse_classes:
+            out[:, hierarchy.coarse_index(name)] = probabilities[:, column]
+    totals = out.sum(axis=1, keepdims=True)
+    np.divide(out, totals, out=out, where=totals > 0)
+    return out
+
+
+@dataclass
+class TaskFeatures:
+    """Per task position: content key or the error that made the task unusable."""
+
+    keys: list[str | None]
+    errors: dict[int, str]
+    embeddings: dict[str, np.ndarray]
+    weak_probabilities: dict[str, np.ndarray]
+    """In the weak annotator's own class order."""
+    weak_classes: tuple[str, ...] | None = None
+    """The weak annotator's class order; None without a weak annotator."""
+
+    def usable_positions(self) -> list[int]:
+        return [i for i, key in enumerate(self.keys) if key is not None]
+
+    def embedding_matrix(self, positions: Sequence[int]) -> np.ndarray:
+        return np.stack([self.embeddings[self.keys[i]] for i in positions]).astype(np.float32)  # type: ignore[index]
+
+    def weak_matrix(self, positions: Sequence[int], hierarchy: LabelHierarchy) -> np.ndarray:
+        """Weak probabilities of the tasks at ``positions`` in the project's coarse order (zero rows: no answer)."""
+        if self.weak_classes is None or not positions:
+            return np.zeros((len(positions), hierarchy.n_coarse), dtype=np.float32)
+        raw = np.stack([self.weak_probabilities[self.keys[i]] for i in positions]).astype(np.float32)  # type: ignore[index]
+        return weak_in_project_order(raw, self.weak_classes, hierarchy)
+
+    def subset(self, positions: Sequence[int]) -> TaskFeatures:
+        """The features of the tasks at ``positions``, in that order (errors dropped: only usable tasks are taken)."""
+        return TaskFeatures(
+            keys=[self.keys[i] for i in positions],
+            errors={},
+            embeddings=self.embeddings,
+            weak_probabilities=self.weak_probabilities,
+            weak_classes=self.weak_classes,
+        )
+
+
+class WeakAnnotators:
+    """The weak annotator of each project: one fixed annotator (its classes matched by name), or one built per
+    hierarchy by a factory and cached, so each project is prompted with its own class names."""
+
+    def __init__(self, fixed: WeakAnnotator | None = None, factory: WeakAnnotatorFactory | None = None) -> None:
+        if fixed is not None and factory is not None:
+            raise ValueError("give a fixed weak annotator or a weak annotator factory, not both")
+        self.fixed = fixed
+        self.factory = factory
+        self._built: OrderedDict[LabelHierarchy, WeakAnnotator] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def for_hierarchy(self, hierarchy: LabelHierarchy) -> WeakAnnotator | None:
+        if self.factory is None:
+            return self.fixed
+        with self._lock:
+            annotator = self._built.get(hierarchy)
+            if annotator is not None:
+                self._built.move_to_end(hierarchy)
+                return annotator
+        annotator = self.factory(hierarchy)
+        with self._lock:
+            self._built[hierarchy] = annotator
+            while len(self._built) > WEAK_ANNOTATOR_CACHE_SIZE:
+                self._built.popitem(last=False)
+        return annotator
+
+    def describe(self) -> str | None:
+        """For /health: the fixed annotator's name, or what the factory builds."""
+        if self.fixed is not None:
+            return self.fixed.name
+        if self.factory is not None:
+            return getattr(self.factory, "description", "per-project")
+        return None
+
+
+def _as_stored(vectors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The float16 round trip of the store, so a fresh result equals the cached one bit for bit."""
+    return {k: np.asarray(v, dtype=np.float16).astype(np.float32) for k, v in vectors.items()}
+
+
+class FeatureExtractor:
+    """Embeddings and weak answers of tasks' images: cache first, download and compute what is missing."""
+
+    def __init__(
+        self,
+        *,
+        backbone: Backbone,
+        weak_annotators: WeakAnnotators,
+        embedding_store: EmbeddingStoreLike,
+        image_codec: ImageCodec,
+        image_index: ImageKeyIndex,
+        metrics: BackendMetrics,
+        client_for: Callable[[int], LabelStudioAPI],
+    ) -> None:
+        self.backbone = backbone
+        self.weak_annotators = weak_annotators
+        self.store = embedding_store
+        self.codec = image_codec
+        self.image_index = image_index
+        self.metrics = metrics
+        self._client_for = client_for
+        self._downloads = ThreadPoolExecutor(max_workers=DOWNLOAD_THREADS, thread_name_prefix="vlm-al-download")
+
+    def features(
+        self,
+        project_id: int,
+        tasks: Sequence[Mapping[str, Any]],
+        labeling: ProjectLabeling,
+        client: LabelStudioAPI | None = None,
+    ) -> TaskFeatures:
+        """Embeddings and weak answers of the tasks' images: cache first, download and compute what is missing."""
+        weak_annotator = self.weak_annotators.for_hierarchy(labeling.hierarchy)
+        namespace = weak_namespace(weak_annotator) if weak_annotator is not None else None
+        urls: list[str | None] = []
+        errors: dict[int, str] = {}
+        for position, task in enumerate(tasks):
+            data = task.get("data") if isinstance(task, Mapping) else None
+            url = data.get(labeling.image_value_key) if isinstance(data, Mapping) else None
+            if not isinstance(url, str) or not url.strip():
+                errors[position] = f"the task has no image URL under data.{labeling.image_value_key}"
+                urls.append(None)
+            else:
+                urls.append(url.strip())
+        known = self.image_index.get_many(project_id, [u for u in urls if u])
+        keys: list[str | None] = [known.get(u) if u else None for u in urls]
+
+        downloaded: dict[int, bytes] = {}
+        need_download = [i for i, u in enumerate(urls) if u and keys[i] is None]
+        if need_download:
+            self._download(project_id, tasks, urls, need_download, client, downloaded, errors)
+            new_keys: dict[str, str] = {}
+            for i, data_bytes in downloaded.items():
+                keys[i] = self.codec.content_key(data_bytes)
+                new_keys[urls[i]] = keys[i]  # type: ignore[index]
+            self.image_index.put_many(project_id, new_keys)
+
+        present = sorted({k for k in keys if k})
+        embeddings = self.store.get_many(self.backbone.name, present) if present else {}
+        weak = self.store.get_many(namespace, present) if present and namespace else {}
+        missing_positions: dict[str, int] = {}
+        for i, key in enumerate(keys):
+            if key and (key not in embeddings or (namespace and key not in weak)):
+                missing_positions.setdefault(key, i)
+        if missing_positions:
+            redownload = [i for i in missing_positions.values() if i not in downloaded]
+            if redownload:
+                self._download(project_id, tasks, urls, redownload, client, downloaded, errors)
+            self._compute(weak_annotator, namespace, missing_positions, downloaded, embeddings, weak, errors)
+        for i, key in enumerate(keys):
+            if key is not None and key not in embeddings and i not in errors:
+                failed = next((errors[j] for j, k in enumerate(keys) if k == key and j in errors), "no embedding")
+                errors[i] = failed
+        for i in errors:
+            keys[i] = None
+        if errors:
+            self.metrics.image_errors.inc(len(errors))
+            for i, message in sorted(errors.items()):
+                logger.error("project %s task %s: %s", project_id, tasks[i].get("id"), message)
+        weak_classes = tuple(weak_annotator.coarse_classes) if weak_annotator is not None else None
+        return TaskFeatures(
+            keys=keys, errors=errors, embeddings=embeddings, weak_probabilities=weak, weak_classes=weak_classes
+        )
+
+    def _download(
+        self,
+        project_id: int,
+        tasks: Sequence[Mapping[str, Any]],
+        urls: list[str | None],
+        positions: list[int],
+        client: LabelStudioAPI | None,
+        downloaded: dict[int, bytes],
+        errors: dict[int, str],
+    ) -> None:
+        try:
+            client = client or self._client_for(project_id)
+        except LabelStudioError as exc:
+            for i in positions:
+                errors[i] = str(exc)
+            return
+
+        def fetch(i: int) -> tuple[int, bytes | None, str | None]:
+            try:
+                return i, client.download_image(urls[i], task_id=tasks[i].get("id")), None  # type: ignore[arg-type]
+            except (ImageFetchError, LabelStudioError, OSError) as exc:
+                return i, None, str(exc)
+
+        for i, data_bytes, error in self._downloads.map(fetch, positions):
+            if error is not None:
+                errors[i] = error
+            else:
+                downloaded[i] = data_bytes  # type: ignore[assignment]
+                self.metrics.images_downloaded.inc()
+
+    def _compute(
+        self,
+        weak_annotator: WeakAnnotator | None,
+        namespace: str | None,
+        missing_positions: Mapping[str, int],
+        downloaded: Mapping[int, bytes],
+        embeddings: dict[str, np.ndarray],
+        weak: dict[str, np.ndarray],
+        errors: dict[int, str],
+    ) -> None:
+        shares_backbone = weak_annotator is not None and getattr(weak_annotator, "backbone", None) is self.backbone
+        weak_from_logits = (
+            shares_backbone
+            and hasattr(self.backbone, "embed_and_logits")
+            and hasattr(weak_annotator, "annotate_logits")
+        )
+        weak_from_embeddings = shares_backbone and hasattr(weak_annotator, "annotate_embeddings")
+        items = [(key, i) for key, i in missing_positions.items() if i in downloaded]
+        for start in range(0, len(items), FEATURE_CHUNK):
+            chunk = items[start : start + FEATURE_CHUNK]
+            images, chunk_keys = [], []
+            for key, i in chunk:
+                try:
+                    images.append(self.codec.decode(downloaded[i]))
+                    chunk_keys.append(key)
+                except (ModelInputError, OSError, ValueError) as exc:
+                    errors[i] = f"unreadable image: {exc}"
+            if not images:
+                continue
+            need_embedding = [j for j, key in enumerate(chunk_keys) if key not in embeddings]
+            if need_embedding and weak_from_logits:
+                # One forward pass gives the embedding and the ImageNet logits the label map reads.
+                vectors, logits = self.backbone.embed_and_logits([images[j] for j in need_embedding])
+                new = {chunk_keys[j]: np.asarray(vectors[row], np.float32) for row, j in enumerate(need_embedding)}
+                self.store.put_many(self.backbone.name, new)
+                embeddings.update(_as_stored(new))
+                self.metrics.embeddings_computed.inc(len(new))
+                missing_weak = [row for row, j in enumerate(need_embedding) if chunk_keys[j] not in weak]
+                if missing_weak:
+                    answers = weak_annotator.annotate_logits(np.asarray(logits)[missing_weak])
+                    new_weak = {
+                        chunk_keys[need_embedding[row]]: np.asarray(answers.coarse_probabilities[k], np.float32)
+                        for k, row in enumerate(missing_weak)
+                    }
+                    self.store.put_many(namespace, new_weak)
+                    weak.update(_as_stored(new_weak))
+                    self.metrics.weak_labels_computed.inc(len(new_weak))
+                need_embedding = []
+            if need_embedding:
+                vectors = np.asarray(self.backbone.embed([images[j] for j in need_embedding]), dtype=np.float32)
+                new = {chunk_keys[j]: vectors[row] for row, j in enumerate(need_embedding)}
+                self.store.put_many(self.backbone.name, new)
+                embeddings.update(_as_stored(new))
+                self.metrics.embeddings_computed.inc(len(new))
+            if weak_annotator is not None and namespace is not None:
+                need_weak = [j for j, key in enumerate(chunk_keys) if key not in weak]
+                if need_weak:
+                    if weak_from_embeddings:
+                        answers = weak_annotator.annotate_embeddings(
+                            np.stack([embeddings[chunk_keys[j]] for j in need_weak])
+                        )
+                    else:
+                        answers = weak_annotator.annotate([images[j] for j in need_weak])
+                    probabilities = np.asarray(answers.coarse_probabilities, dtype=np.float32)
+                    new_weak = {chunk_keys[j]: probabilities[row] for row, j in enumerate(need_weak)}
+                    self.store.put_many(namespace, new_weak)
+                    weak.update(_as_stored(new_weak))
+                    self.metrics.weak_labels_computed.inc(len(new_weak))

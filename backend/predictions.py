@@ -1,0 +1,90 @@
+"""Label Studio predictions from task features, the served model's probabilities and the queue scores."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from backend.features import TaskFeatures
+from backend.label_config import ProjectLabeling, build_prediction
+
+
+def build_predictions(
+    tasks: Sequence[Mapping[str, Any]],
+    labeling: ProjectLabeling,
+    features: TaskFeatures,
+    model: Any,
+    model_version: str,
+    queue_scores: Mapping[int, float],
+    fine_confidence_threshold: float,
+) -> list[dict[str, Any]]:
+    """One prediction per task, in order: the weak (else model) coarse choice, the model's fine choice when it is
+    at least ``fine_confidence_threshold`` sure, and the task's queue score (else the margin: low = label first).
+    A task without usable features gets an empty prediction."""
+    hierarchy = labeling.hierarchy
+    usable = features.usable_positions()
+    weak_rows = features.weak_matrix(usable, hierarchy)
+    fine_rows = coarse_rows = None
+    if model is not None and usable:
+        matrix = features.embedding_matrix(usable)
+        fine_rows = np.asarray(model.predict_fine_proba(matrix), dtype=np.float32)
+        coarse_rows = np.asarray(model.predict_coarse_proba(matrix), dtype=np.float32)
+
+    # Per-row choices computed for the whole batch at once; the loop below only assembles predictions.
+    weak_answered = weak_rows.sum(axis=1) > 0
+    weak_choice = weak_rows.argmax(axis=1)
+    weak_top = weak_rows.max(axis=1)
+    if coarse_rows is not None:
+        model_coarse_choice, model_coarse_top = coarse_rows.argmax(axis=1), coarse_rows.max(axis=1)
+    if fine_rows is not None:
+        fine_choice, fine_top = fine_rows.argmax(axis=1), fine_rows.max(axis=1)
+        default_scores = margins(fine_rows)
+    else:
+        default_scores = np.where(weak_answered, margins(weak_rows), 0.0)
+
+    results: list[dict[str, Any]] = []
+    row_of = {i: row for row, i in enumerate(usable)}
+    for i, task in enumerate(tasks):
+        task_id = task.get("id")
+        row = row_of.get(i)
+        if row is None:
+            results.append({"result": [], "score": 0.0, "model_version": model_version})
+            continue
+        coarse, coarse_score = None, 0.0
+        if weak_answered[row]:
+            coarse, coarse_score = hierarchy.coarse_classes[weak_choice[row]], float(weak_top[row])
+        elif coarse_rows is not None:
+            coarse = hierarchy.coarse_classes[model_coarse_choice[row]]
+            coarse_score = float(model_coarse_top[row])
+        fine, fine_score = None, None
+        if fine_rows is not None and fine_top[row] >= fine_confidence_threshold:
+            fine, fine_score = hierarchy.fine_classes[fine_choice[row]], _unit(fine_top[row])
+        score = queue_scores.get(task_id) if isinstance(task_id, int) else None
+        if score is None:
+            score = float(default_scores[row])
+        results.append(
+            build_prediction(
+                labeling,
+                coarse=coarse,
+                coarse_score=_unit(coarse_score),
+                fine=fine,
+                fine_score=fine_score,
+                score=_unit(score),
+                model_version=model_version,
+            )
+        )
+    return results
+
+
+def margins(probabilities: np.ndarray) -> np.ndarray:
+    """Row-wise top-1 minus top-2 probability: small = uncertain = worth labeling first."""
+    if probabilities.shape[1] < 2:
+        return np.ones(probabilities.shape[0])
+    top_two = np.partition(probabilities, -2, axis=1)[:, -2:]
+    return (top_two[:, 1] - top_two[:, 0]).astype(np.float64)
+
+
+def _unit(value: float) -> float:
+    return float(min(max(float(value), 0.0), 1.0))

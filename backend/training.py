@@ -1,0 +1,271 @@
+"""The fit pipeline's pure parts: labels from tasks, trusted pairs, T estimation, training, queue priorities."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from backend.label_config import ProjectLabeling, task_labels
+from backend.predictions import margins
+from model.errors import UnknownClassError
+from model.hierarchy import MISSING_LABEL, LabelHierarchy
+
+logger = logging.getLogger(__name__)
+
+MIN_FINE_LABELS_FOR_CV = 9
+CV_CANDIDATES = {"weak_loss_weight": [0.25, 0.5, 1.0]}
+SELECTED_SCORE_SPAN = 0.05
+"""Queue scores below this are reserved for the planned next human labels, in the order they were chosen."""
+MIN_FULL_LABELS_FOR_ISO = 6
+ISO_EVALUATION_EPOCHS = 50
+
+NewClassifier = Callable[[Any], Any]
+"""Builds an untrained classifier for the project's hierarchy and embedding size from a TrainingConfig."""
+
+
+@dataclass
+class CollectedLabels:
+    """Human labels per row (MISSING_LABEL where absent), as class indices of the project's hierarchy."""
+
+    fine: np.ndarray
+    human_coarse: np.ndarray
+    """Coarse-only annotations."""
+    trusted_coarse: np.ndarray
+    """Coarse labels a human vouched for (the parent of a fine label, or a hand-set coarse choice): T's pairs."""
+    labeled: np.ndarray
+    """Whether the row's task has an annotation at all."""
+
+
+def collect_labels(
+    labeling: ProjectLabeling, tasks: Sequence[Mapping[str, Any]], positions: Sequence[int], project_id: int
+) -> CollectedLabels:
+    """The annotations of ``tasks[positions]``; a label the current config no longer has is logged and skipped."""
+    hierarchy = labeling.hierarchy
+    n = len(positions)
+    fine = np.full(n, MISSING_LABEL, dtype=np.int64)
+    human_coarse = np.full(n, MISSING_LABEL, dtype=np.int64)
+    trusted_coarse = np.full(n, MISSING_LABEL, dtype=np.int64)
+    labeled = np.zeros(n, dtype=bool)
+    for row, i in enumerate(positions):
+        labels = task_labels(labeling, tasks[i])
+        if labels is None:
+            continue
+        labeled[row] = True
+        try:
+            if labels.fine is not None:
+                fine[row] = hierarchy.fine_index(labels.fine)
+                trusted_coarse[row] = hierarchy.coarse_index(hierarchy.parent_name(labels.fine))
+            elif labels.coarse is not None:
+                human_coarse[row] = hierarchy.coarse_index(labels.coarse)
+                if labels.coarse_is_trusted:
+                    trusted_coarse[row] = human_coarse[row]
+        except UnknownClassError as exc:
+            logger.warning("project %s task %s: %s", project_id, tasks[i].get("id"), exc)
+    return CollectedLabels(fine=fine, human_coarse=human_coarse, trusted_coarse=trusted_coarse, labeled=labeled)
+
+
+def weak_answers(weak_probabilities: np.ndarray) -> np.ndarray:
+    """The weak annotator's coarse index per row (project order), MISSING_LABEL where it gave no answer."""
+    answered = weak_probabilities.sum(axis=1) > 0
+    return np.where(answered, weak_probabilities.argmax(axis=1), MISSING_LABEL).astype(np.int64)
+
+
+@dataclass
+class FitOutcome:
+    classifier: Any
+    training_config: Any
+    transition_estimate: Any
+    """model.noise's estimate of the coarse transition matrix T (``.matrix``, ``.to_dict()``)."""
+    n_trusted: int
+    weak_for_training: np.ndarray
+    row_scores: np.ndarray
+    """Queue score of every row (ascending = label first); only unlabeled rows are meant to be used."""
+    queue_summary: dict[str, Any]
+
+    def metrics(self, labels: CollectedLabels, n_tasks: int) -> dict[str, Any]:
+        config = self.training_config
+        return {
+            "n_tasks": n_tasks,
+            "n_usable": int(labels.fine.shape[0]),
+            "n_fine": int(np.sum(labels.fine != MISSING_LABEL)),
+            "n_human_coarse": int(np.sum(labels.human_coarse != MISSING_LABEL)),
+            "n_weak": int(np.sum(self.weak_for_training != MISSING_LABEL)),
+            "n_trusted_pairs": self.n_trusted,
+            "training_config": config.to_dict() if hasattr(config, "to_dict") else {},
+            "queue": self.queue_summary,
+        }
+
+
+def fit_and_rank(
+    *,
+    hierarchy: LabelHierarchy,
+    embeddings: np.ndarray,
+    labels: CollectedLabels,
+    weak_probabilities: np.ndarray,
+    new_classifier: NewClassifier,
+    torch_threads: int | None,
+    budget_labels: int,
+    cost_full: float,
+    cost_weak: float,
+) -> FitOutcome:
+    """Estimate T from trusted pairs, choose a training config (CV once there are enough fine labels), train on
+    every row and rank the unlabeled rows for the next human labels."""
+    from model.finegrained import TrainingConfig, select_training_config
+    from model.noise import estimate_coarse_transition_matrix
+    from model.query import LabelCosts
+
+    weak_answer = weak_answers(weak_probabilities)
+    fine, human_coarse = labels.fine, labels.human_coarse
+    estimate = estimate_coarse_transition_matrix(labels.trusted_coarse, weak_answer, hierarchy.n_coarse)
+    n_trusted = int(np.sum((labels.trusted_coarse != MISSING_LABEL) & (weak_answer != MISSING_LABEL)))
+    # With a local VLM weak labels cost compute, not money: every task without a human label gets one.
+    weak_for_training = np.where(labels.labeled, MISSING_LABEL, weak_answer).astype(np.int64)
+    base = TrainingConfig(variant="hierarchical", use_transition=True, num_threads=torch_threads)
+    training_config = base
+    if int(np.sum(fine != MISSING_LABEL)) >= MIN_FINE_LABELS_FOR_CV:
+        training_config = select_training_config(
+            hierarchy, embeddings, fine, weak_for_training, estimate.matrix, base, CV_CANDIDATES,
+            human_coarse_labels=human_coarse,
+        )
+    classifier = new_classifier(training_config)
+    classifier.fit(embeddings, fine, weak_for_training, estimate.matrix, human_coarse)
+    fine_probabilities = np.asarray(classifier.predict_fine_proba(embeddings), dtype=np.float32)
+    coarse_probabilities = np.asarray(classifier.predict_coarse_proba(embeddings), dtype=np.float32)
+    row_scores, queue_summary = queue_priorities(
+        embeddings=embeddings,
+        hierarchy=hierarchy,
+        fine_labels=fine,
+        # a human coarse label stands in for the VLM's answer on its task
+        weak_coarse_labels=np.where(human_coarse != MISSING_LABEL, human_coarse, weak_for_training),
+        fine_probabilities=fine_probabilities,
+        coarse_probabilities=coarse_probabilities,
+        coarse_transition_matrix=estimate.matrix,
+        budget_labels=budget_labels,
+        costs=LabelCosts(human_fine=cost_full, weak_coarse=cost_weak),
+        new_classifier=lambda cfg: new_classifier(replace(cfg, num_threads=torch_threads)),
+    )
+    return FitOutcome(
+        classifier=classifier,
+        training_config=training_config,
+        transition_estimate=estimate,
+        n_trusted=n_trusted,
+        weak_for_training=weak_for_training,
+        row_scores=row_scores,
+        queue_summary=queue_summary,
+    )
+
+
+# --- queue scores: ascending = label first ------------------------------------------------------------------------
+
+
+def _rank_scores(selected: Sequence[int], base: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Planned picks get [0, SELECTED_SCORE_SPAN) in pick order; every other row SPAN + (1 - SPAN) * base."""
+    scores = np.full(base.shape[0], 1.0, dtype=np.float64)
+    scores[rows] = SELECTED_SCORE_SPAN + (1.0 - SELECTED_SCORE_SPAN) * np.clip(base[rows], 0.0, 1.0)
+    for order, row in enumerate(selected):
+        scores[row] = SELECTED_SCORE_SPAN * order / max(len(selected), 1)
+    return scores
+
+
+def cold_start_queue(
+    embeddings: np.ndarray, weak_probabilities: np.ndarray, hierarchy: LabelHierarchy, budget: int
+) -> np.ndarray:
+    """Queue score per row before any fine label: diverse first picks (k-means representatives) lowest, the rest
+    following the VLM's doubt."""
+    answered = weak_probabilities.sum(axis=1) > 0
+    weak_margins = np.where(answered, margins(weak_probabilities), 0.0)
+    selected = cold_start_scores(embeddings, hierarchy, weak_answers(weak_probabilities), budget)
+    return _rank_scores(selected, weak_margins, np.arange(embeddings.shape[0]))
+
+
+def cold_start_scores(
+    embeddings: np.ndarray, hierarchy: LabelHierarchy, weak_coarse: np.ndarray, budget: int, seed: int = 0
+) -> list[int]:
+    """No human label yet: the k-means representatives to label first (a diverse seed), in pick order."""
+    from model.query import KMeansColdStart, LabelCosts, LabelKind, PoolState
+
+    n = embeddings.shape[0]
+    pool = PoolState(
+        embeddings=embeddings,
+        hierarchy=hierarchy,
+        fine_labels=np.full(n, MISSING_LABEL, dtype=np.int64),
+        weak_coarse_labels=weak_coarse,
+    )
+    selections = KMeansColdStart().query(pool, float(min(budget, n)), LabelCosts(), np.random.default_rng(seed))
+    return [s.index for s in selections if s.kind is LabelKind.HUMAN_FINE]
+
+
+def queue_priorities(
+    *,
+    embeddings: np.ndarray,
+    hierarchy: LabelHierarchy,
+    fine_labels: np.ndarray,
+    weak_coarse_labels: np.ndarray,
+    fine_probabilities: np.ndarray,
+    coarse_probabilities: np.ndarray,
+    coarse_transition_matrix: np.ndarray,
+    budget_labels: int,
+    costs: Any,
+    new_classifier: Callable[[Any], Any],
+    seed: int = 0,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Queue scores of every row (ascending = label first) and a summary of how they were chosen.
+
+    The head of the queue is the ISO value-to-cost batch for the next ``budget_labels`` human labels, its expected
+    improvement measured by retraining on parts of the labels and scoring a held-out third of the fine labels.
+    With too few fine labels for that, the head is the margin-uncertainty batch. The rest follow the fine head's
+    margin (model.query.priority_scores)."""
+    from model.finegrained import TrainingConfig
+    from model.query import IsoValueToCostQuery, MarginQuery, PoolState, priority_scores
+
+    rng = np.random.default_rng(seed)
+    full = np.flatnonzero(fine_labels != MISSING_LABEL)
+    common = dict(
+        embeddings=embeddings,
+        hierarchy=hierarchy,
+        fine_labels=fine_labels,
+        weak_coarse_labels=weak_coarse_labels,
+        fine_probabilities=fine_probabilities,
+        coarse_probabilities=coarse_probabilities,
+    )
+    budget = float(budget_labels) * costs.human_fine
+    if full.size < MIN_FULL_LABELS_FOR_ISO:
+        pool = PoolState(**common)
+        selections = MarginQuery().query(pool, budget, costs, rng)
+        return priority_scores(pool, selections), {"strategy": "margin", "n_selected": len(selections)}
+
+    validation = rng.permutation(full)[: max(2, full.size // 3)]
+    parents = hierarchy.parent_array
+
+    def train_and_evaluate(full_indices: np.ndarray, weak_indices: np.ndarray) -> float:
+        train_full = np.setdiff1d(full_indices, validation)
+        if train_full.size == 0:
+            return 1.0 / hierarchy.n_fine
+        rows = np.union1d(train_full, weak_indices)
+        fine = np.full(rows.size, MISSING_LABEL, dtype=np.int64)
+        weak = np.full(rows.size, MISSING_LABEL, dtype=np.int64)
+        position = {int(r): i for i, r in enumerate(rows)}
+        for r in train_full:
+            fine[position[int(r)]] = fine_labels[r]
+        for r in weak_indices:
+            # A weak index without a weak label stands for the sample's true coarse label (model.query's contract).
+            answer = weak_coarse_labels[r] if weak_coarse_labels[r] != MISSING_LABEL else parents[fine_labels[r]]
+            if fine[position[int(r)]] == MISSING_LABEL:
+                weak[position[int(r)]] = answer
+        classifier = new_classifier(TrainingConfig(epochs=ISO_EVALUATION_EPOCHS))
+        classifier.fit(embeddings[rows], fine, weak, coarse_transition_matrix)
+        predicted = classifier.predict_fine_proba(embeddings[validation]).argmax(axis=1)
+        return float(np.mean(predicted == fine_labels[validation]))
+
+    pool = PoolState(**common, train_and_evaluate=train_and_evaluate)
+    strategy = IsoValueToCostQuery(n_shuffles=1)
+    selections = strategy.query(pool, budget, costs, rng)
+    improvement = strategy.last_expected_improvement
+    summary = {"strategy": "iso", "n_selected": len(selections), "n_validation": int(validation.size)}
+    if improvement is not None:
+        summary["expected_improvement"] = {"full_ratio": improvement.full_ratio, "weak_ratio": improvement.weak_ratio}
+    return priority_scores(pool, selections), summary
