@@ -82,11 +82,9 @@ def create_app(config: Config, backend: MLBackend | None = None) -> Flask:
     def predict() -> Response:
         body = _json_object()
         tasks = _tasks(body, "tasks")
-        project_raw = body.get("project")
-        project_id = parse_project_id(project_raw) if project_raw not in (None, "") else None
         label_config = _optional_str(body, "label_config")
-        results, model_version = backend.predict(project_id, tasks, label_config)
-        return jsonify(results=results, model_version=model_version)
+        response = backend.predict_response(tasks, project=body.get("project"), label_config=label_config)
+        return jsonify(results=response.predictions, model_version=response.model_version)
 
     @app.post("/webhook")
     def webhook() -> Response:

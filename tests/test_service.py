@@ -77,7 +77,7 @@ def test_identical_images_under_two_urls_are_embedded_once(fake_ls, make_config,
     fake_ls.add_task(1, "T-shirt", image=same)
     fake_ls.add_task(2, "T-shirt", image=same)
     parts = make_backend(make_config(push_predictions=False))
-    results, _ = parts.backend.predict(PROJECT_ID, fake_ls.tasks, fake_ls.label_config)
+    results = parts.backend.predict(fake_ls.tasks, project=PROJECT_ID, label_config=fake_ls.label_config)
     assert [r["result"][0]["value"]["choices"] for r in results] == [["Top"], ["Top"]]
     assert counter_value(parts.backend, "vlm_al_embeddings_computed_total") == 1
 
@@ -121,7 +121,7 @@ def test_image_over_the_byte_limit_is_refused(fake_ls, make_config, make_backend
     fake_ls.add_task(1, "Boot")
     fake_ls.add_task(2, "Boot", image=png_bytes((30, 200, 220), size=256, jitter=1))
     parts = make_backend(make_config(push_predictions=False, max_image_bytes=5000))
-    results, _ = parts.backend.predict(PROJECT_ID, fake_ls.tasks, fake_ls.label_config)
+    results = parts.backend.predict(fake_ls.tasks, project=PROJECT_ID, label_config=fake_ls.label_config)
     assert results[0]["result"] and results[1]["result"] == []
 
 
@@ -192,7 +192,8 @@ def test_fit_trains_saves_pushes_once_and_moves_the_project_version(fake_ls, mak
     assert {p["model_version"] for p in pushed} == {"vlm-al-v1"}
     assert fake_ls.patches[-1] == {"model_version": "vlm-al-v1"}
     # the fine suggestion now appears, in the fine control of the VLM's group
-    results, version = backend.predict(PROJECT_ID, fake_ls.tasks, fake_ls.label_config)
+    response = backend.predict_response(fake_ls.tasks, project=PROJECT_ID, label_config=fake_ls.label_config)
+    results, version = response.predictions, response.model_version
     assert version == "vlm-al-v1"
     for task, prediction in zip(fake_ls.tasks, results):
         names = [r["from_name"] for r in prediction["result"]]
@@ -210,7 +211,8 @@ def test_fine_suggestion_respects_the_confidence_threshold(fake_ls, make_config,
     annotate_some(fake_ls, 2)
     parts = make_backend(make_config(fine_confidence_threshold=1.0, push_predictions=False))
     parts.backend.run_fit(PROJECT_ID)
-    results, version = parts.backend.predict(PROJECT_ID, fake_ls.tasks, fake_ls.label_config)
+    response = parts.backend.predict_response(fake_ls.tasks, project=PROJECT_ID, label_config=fake_ls.label_config)
+    results, version = response.predictions, response.model_version
     assert version == "vlm-al-v1"
     assert all(len(p["result"]) == 1 for p in results)  # nothing reaches probability 1.0
 
@@ -231,7 +233,7 @@ def test_restart_serves_the_last_model_at_once(fake_ls, make_config, make_backen
     config = make_config(push_predictions=False)
     first = make_backend(config)
     first.backend.run_fit(PROJECT_ID)
-    before, _ = first.backend.predict(PROJECT_ID, fake_ls.tasks, fake_ls.label_config)
+    before = first.backend.predict(fake_ls.tasks, project=PROJECT_ID, label_config=fake_ls.label_config)
 
     second = make_backend(config)
     second.backend.warm_start()
@@ -258,7 +260,8 @@ def test_fit_that_dies_half_way_keeps_the_previous_version(fake_ls, make_config,
         state.commit_version("vlm-al-v2", broken_save, "hash")
     assert state.current().model_version == "vlm-al-v1"
     assert state.list_versions() == ["vlm-al-v1"]
-    results, version = parts.backend.predict(PROJECT_ID, fake_ls.tasks, fake_ls.label_config)
+    response = parts.backend.predict_response(fake_ls.tasks, project=PROJECT_ID, label_config=fake_ls.label_config)
+    results, version = response.predictions, response.model_version
     assert version == "vlm-al-v1" and len(results[0]["result"]) == 2
 
 
@@ -350,7 +353,7 @@ def test_project_updated_reparses_a_changed_config(fake_ls, make_config, make_ba
 def real_components(tmp_path_factory):
     """The shipped default: efficientnet_lite0 with its packaged ImageNet weights + the ImageNet-map annotator."""
     from backend.config import Config
-    from backend.service import build_components
+    from backend.components import build_components
 
     return build_components(Config(model_dir=tmp_path_factory.mktemp("real"), image_size=64))
 
