@@ -12,7 +12,8 @@ from werkzeug.exceptions import HTTPException
 
 from backend.config import Config, configure_logging
 from backend.metrics import CONTENT_TYPE_LATEST
-from backend.service import InvalidInput, MLBackend, parse_project_id
+from backend.protocol import InvalidInput, parse_project_id
+from backend.service import MLBackend
 
 logger = logging.getLogger(__name__)
 

@@ -111,7 +111,8 @@ class TaskFeatures:
         """Weak probabilities of the tasks at ``positions`` in the project's coarse order (zero rows: no answer)."""
         if self.weak_classes is None or not positions:
             return np.zeros((len(positions), hierarchy.n_coarse), dtype=np.float32)
-        raw = np.stack([self.weak_probabilities[self.keys[i]] for i in positions]).astype(np.float32)  # type: ignore[index]
+        rows = [self.weak_probabilities[self.keys[i]] for i in positions]  # type: ignore[index]
+        raw = np.stack(rows).astype(np.float32)
         return weak_in_project_order(raw, self.weak_classes, hierarchy)
 
     def subset(self, positions: Sequence[int]) -> TaskFeatures:

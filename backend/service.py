@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,64 +24,21 @@ from backend.features import (
     WeakAnnotators,
 )
 from backend.jobs import JobRunner, ThreadJobRunner, project_lock
-from backend.label_config import LabelConfigError, ProjectLabeling, parse_label_config, task_labels
+from backend.label_config import ProjectLabeling, task_labels
 from backend.ls_client import LabelStudioAPI, LabelStudioClientFactory, LabelStudioError
 from backend.metrics import BackendMetrics
 from backend.predictions import build_predictions
+from backend.projects import LabelConfigs, Projects, schema_hash
+from backend.protocol import InvalidInput, parse_project_id
 from backend.state import COLD_START_VERSION, ImageKeyIndex, ProjectState, version_number
 from backend.training import cold_start_queue, collect_labels, fit_and_rank
-from model.errors import ModelInputError
 from model.hierarchy import MISSING_LABEL, LabelHierarchy
+
+__all__ = ["HANDLED_FIT_EVENTS", "InvalidInput", "MLBackend", "ModelResponse", "parse_project_id"]
 
 logger = logging.getLogger(__name__)
 
 HANDLED_FIT_EVENTS = frozenset({"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED", "START_TRAINING"})
-
-
-class InvalidInput(ValueError):
-    """A request the backend refuses; becomes an HTTP 4xx with this message."""
-
-    def __init__(self, message: str, status: int = 400, kind: str = "bad_request") -> None:
-        super().__init__(message)
-        self.status = status
-        self.kind = kind
-
-
-def parse_project_id(value: Any) -> int:
-    """Label Studio sends ``"<id>.<created timestamp>"`` in /setup and /predict, an int in webhooks."""
-    if isinstance(value, bool):
-        raise InvalidInput(f"project must be an id, got {value!r}")
-    if isinstance(value, int):
-        project_id = value
-    elif isinstance(value, str):
-        head = value.strip().split(".", 1)[0]
-        if not head.isdigit():
-            raise InvalidInput(f"project must look like '<id>' or '<id>.<timestamp>', got {value!r}")
-        project_id = int(head)
-    elif isinstance(value, Mapping) and "id" in value:
-        return parse_project_id(value["id"])
-    else:
-        raise InvalidInput(f"project must be an id, got {type(value).__name__}")
-    if project_id < 0:
-        raise InvalidInput(f"project id must be >= 0, got {project_id}")
-    return project_id
-
-
-def schema_hash(label_config: str) -> str:
-    return hashlib.sha256(label_config.encode("utf-8")).hexdigest()[:16]
-
-
-@dataclass
-class ProjectContext:
-    project_id: int
-    hostname: str | None = None
-    access_token: str | None = None
-    label_config: str | None = None
-    model_version: str | None = None
-    model: Any = None
-    indexed_schema: str | None = None
-    """Hash of the label config this process last indexed the project with (/setup comes often)."""
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 @dataclass
@@ -125,14 +78,8 @@ class MLBackend:
         self.metrics = metrics or BackendMetrics()
         self.jobs = jobs or ThreadJobRunner(config.fit_debounce_seconds, on_finish=self._job_finished)
         self.redactor = redactor
-        self._classifier_factory = classifier_factory
-        self._classifier_loader = classifier_loader
-        self._projects: dict[int, ProjectContext] = {}
-        self._projects_lock = threading.Lock()
-        self._states: dict[int, ProjectState] = {}
-        self._labelings: OrderedDict[str, ProjectLabeling] = OrderedDict()
-        self._labelings_lock = threading.Lock()
-        self._parent_map = _read_parent_map(config.parent_map_file)
+        self.projects = Projects(Path(config.model_dir), classifier_factory, classifier_loader)
+        self.label_configs = LabelConfigs(config.parent_map_file, config.taxonomy_coarse_level, self.weak_annotators)
         self.extractor = FeatureExtractor(
             backbone=backbone,
             weak_annotators=self.weak_annotators,
@@ -169,100 +116,23 @@ class MLBackend:
 
     def warm_start(self) -> None:
         """Load the current model of every project on disk, so the first request after a restart is served."""
-        projects_dir = Path(self.config.model_dir) / "projects"
-        if not projects_dir.is_dir():
-            return
-        for path in sorted(projects_dir.iterdir()):
-            if path.is_dir() and path.name.isdigit():
-                try:
-                    self._served_model(int(path.name), None)
-                except Exception:
-                    logger.exception("project %s: cannot load its current model", path.name)
+        self.projects.warm_start()
 
     # --- small helpers ----------------------------------------------------------------------------------------
 
-    def _context(self, project_id: int) -> ProjectContext:
-        with self._projects_lock:
-            ctx = self._projects.get(project_id)
-            if ctx is None:
-                ctx = ProjectContext(project_id)
-                self._projects[project_id] = ctx
-            return ctx
-
     def state(self, project_id: int) -> ProjectState:
-        """One ProjectState per project, so its parsed pointer and priorities stay cached between requests."""
-        with self._projects_lock:
-            state = self._states.get(project_id)
-            if state is None:
-                state = self._states[project_id] = ProjectState(Path(self.config.model_dir), project_id)
-            return state
+        return self.projects.state(project_id)
 
     def labeling(self, label_config: str) -> ProjectLabeling:
         """Parse (and cache by content) a label config; unusable ones raise InvalidInput 422 naming the problem."""
-        digest = schema_hash(label_config)
-        with self._labelings_lock:
-            cached = self._labelings.get(digest)
-            if cached is not None:
-                self._labelings.move_to_end(digest)
-                return cached
-        try:
-            parsed = parse_label_config(
-                label_config, parent_map=self._parent_map, coarse_level=self.config.taxonomy_coarse_level
-            )
-            # Build (and cache) the project's weak annotator now, so classes it cannot use are refused here.
-            self.weak_annotators.for_hierarchy(parsed.hierarchy)
-        except (LabelConfigError, ModelInputError) as exc:
-            raise InvalidInput(f"unsupported label config: {exc}", status=422, kind="unsupported_label_config") from exc
-        with self._labelings_lock:
-            self._labelings[digest] = parsed
-            while len(self._labelings) > 64:
-                self._labelings.popitem(last=False)
-        return parsed
-
-    def _client(self, project_id: int) -> LabelStudioAPI:
-        ctx = self._context(project_id)
-        return self.ls_clients(ctx.hostname, ctx.access_token)
+        return self.label_configs.parse(label_config)
 
     def current_model_version(self, project_id: int | None) -> str:
-        if project_id is None:
-            return COLD_START_VERSION
-        current = self.state(project_id).current()
-        return current.model_version if current is not None else COLD_START_VERSION
+        return self.projects.current_model_version(project_id)
 
-    def _served_model(self, project_id: int, labeling: ProjectLabeling | None) -> tuple[Any, str]:
-        """(fine classifier or None, model_version); reloads when another process moved current.json."""
-        current = self.state(project_id).current()
-        if current is None:
-            return None, COLD_START_VERSION
-        ctx = self._context(project_id)
-        with ctx.lock:
-            if ctx.model_version != current.model_version:
-                ctx.model = self._load_classifier(project_id, current.model_version)
-                ctx.model_version = current.model_version
-            model = ctx.model
-        if model is not None and labeling is not None and model.hierarchy != labeling.hierarchy:
-            # The label config changed since this model was trained; its classes no longer match.
-            return None, current.model_version
-        return model, current.model_version
-
-    def _load_classifier(self, project_id: int, model_version: str) -> Any:
-        directory = self.state(project_id).version_dir(model_version)
-        try:
-            if self._classifier_loader is not None:
-                return self._classifier_loader(directory, None)
-            from model.finegrained import FineGrainedClassifier
-
-            return FineGrainedClassifier.load(directory)
-        except Exception:
-            logger.exception("project %s: cannot load model %s", project_id, model_version)
-            return None
-
-    def _new_classifier(self, hierarchy: LabelHierarchy, dim: int, training_config: Any) -> Any:
-        if self._classifier_factory is not None:
-            return self._classifier_factory(hierarchy, dim, training_config)
-        from model.finegrained import FineGrainedClassifier
-
-        return FineGrainedClassifier(hierarchy, dim, training_config)
+    def _client(self, project_id: int) -> LabelStudioAPI:
+        ctx = self.projects.context(project_id)
+        return self.ls_clients(ctx.hostname, ctx.access_token)
 
     def _job_finished(self, key: str, error: BaseException | None, seconds: float) -> None:
         kind = key.split(":", 1)[0]
@@ -274,8 +144,7 @@ class MLBackend:
 
     def health(self) -> dict[str, Any]:
         """From memory only: Label Studio gives /health one second."""
-        with self._projects_lock:
-            loaded = {pid: ctx.model_version for pid, ctx in self._projects.items() if ctx.model_version}
+        loaded = self.projects.loaded_versions()
         newest = max(loaded.values(), key=lambda v: version_number(v) or 0, default=COLD_START_VERSION)
         return {
             "status": "UP",
@@ -291,13 +160,13 @@ class MLBackend:
         if access_token and self.redactor is not None:
             self.redactor.add_secrets([access_token])
         labeling = self.labeling(schema) if schema is not None else None
-        ctx = self._context(project_id)
+        ctx = self.projects.context(project_id)
         with ctx.lock:
             ctx.hostname = hostname or ctx.hostname
             ctx.access_token = access_token or ctx.access_token
             if schema:
                 ctx.label_config = schema
-        _, model_version = self._served_model(project_id, labeling)
+        _, model_version = self.projects.served_model(project_id, labeling)
         # Label Studio calls /setup on most reads of the ML backend; index once per config, then on TASKS_CREATED.
         if schema and ctx.indexed_schema != schema_hash(schema) and self._can_reach_label_studio(project_id):
             self.queue_index(project_id)
@@ -335,7 +204,7 @@ class MLBackend:
         """Predictions and the model version that made them. A task whose image is unusable gets an empty
         prediction; if every task fails, the request is refused (422) with the reasons."""
         project_id = parse_project_id(project) if project not in (None, "") else None
-        ctx = self._context(project_id) if project_id is not None else None
+        ctx = self.projects.context(project_id) if project_id is not None else None
         config_xml = label_config if label_config is not None else (ctx.label_config if ctx is not None else None)
         if config_xml is None:
             raise InvalidInput("missing 'label_config' and no /setup was received for this project")
@@ -345,7 +214,7 @@ class MLBackend:
         if project_id is None:
             model, model_version = None, COLD_START_VERSION
         else:
-            model, model_version = self._served_model(project_id, labeling)
+            model, model_version = self.projects.served_model(project_id, labeling)
         if not tasks:
             return ModelResponse([], model_version)
         features = self.extractor.features(project_id if project_id is not None else 0, tasks, labeling)
@@ -379,7 +248,7 @@ class MLBackend:
     def _project_updated(self, project_id: int, data: Mapping[str, Any]) -> dict[str, Any]:
         project = data.get("project")
         new_config = project.get("label_config") if isinstance(project, Mapping) else None
-        ctx = self._context(project_id)
+        ctx = self.projects.context(project_id)
         if not isinstance(new_config, str) or new_config == ctx.label_config:
             return {"label_config_changed": False}
         try:
@@ -398,7 +267,7 @@ class MLBackend:
         """POST /train: the body lists annotated tasks, but the fit fetches every annotation itself anyway."""
         if label_config:
             self.labeling(label_config)
-            self._context(project_id).label_config = label_config
+            self.projects.context(project_id).label_config = label_config
         self.queue_fit(project_id)
         return {"status": "queued", "job": f"fit:{project_id}", "annotated_tasks": len(tasks)}
 
@@ -417,15 +286,7 @@ class MLBackend:
         self.jobs.submit(f"fit:{project_id}", lambda: self.run_fit(project_id))
 
     def versions(self, project_id: int | None) -> list[str]:
-        if project_id is not None:
-            return self.state(project_id).list_versions()
-        projects_dir = Path(self.config.model_dir) / "projects"
-        found: set[str] = set()
-        if projects_dir.is_dir():
-            for path in projects_dir.iterdir():
-                if path.name.isdigit():
-                    found.update(self.state(int(path.name)).list_versions())
-        return sorted(found, key=lambda v: (version_number(v) or 0, v))
+        return self.projects.versions(project_id)
 
     def _predictions(
         self,
@@ -451,10 +312,10 @@ class MLBackend:
         project = client.get_project(project_id)
         label_config = project.get("label_config") if isinstance(project, Mapping) else None
         if not isinstance(label_config, str) or not label_config:
-            label_config = self._context(project_id).label_config
+            label_config = self.projects.context(project_id).label_config
         if not label_config:
             raise LabelStudioError(f"project {project_id} has no label config")
-        self._context(project_id).label_config = label_config
+        self.projects.context(project_id).label_config = label_config
         return self.labeling(label_config), label_config
 
     def run_index(self, project_id: int) -> None:
@@ -468,11 +329,11 @@ class MLBackend:
         labeling, label_config = self._project_labeling(project_id, client)
         tasks = client.fetch_tasks(project_id)
         features = self.extractor.features(project_id, tasks, labeling, client)
-        self._context(project_id).indexed_schema = schema_hash(label_config)
+        self.projects.context(project_id).indexed_schema = schema_hash(label_config)
         if not self.config.push_predictions:
             return
         state = self.state(project_id)
-        model, model_version = self._served_model(project_id, labeling)
+        model, model_version = self.projects.served_model(project_id, labeling)
         unlabeled = [
             i for i, t in enumerate(tasks) if features.keys[i] is not None and task_labels(labeling, t) is None
         ]
@@ -561,7 +422,7 @@ class MLBackend:
             embeddings=embeddings,
             labels=labels,
             weak_probabilities=features.weak_matrix(usable, hierarchy),
-            new_classifier=lambda training_config: self._new_classifier(hierarchy, dim, training_config),
+            new_classifier=lambda training_config: self.projects.new_classifier(hierarchy, dim, training_config),
             torch_threads=self.config.torch_threads,
             budget_labels=self.config.query_batch_size,
             cost_full=self.config.cost_full,
@@ -579,9 +440,7 @@ class MLBackend:
         state.commit_version(
             new_version, classifier.save, schema_hash(label_config), outcome.metrics(labels, len(tasks))
         )
-        ctx = self._context(project_id)
-        with ctx.lock:
-            ctx.model, ctx.model_version = classifier, new_version
+        self.projects.serve(project_id, classifier, new_version)
         if self.config.push_predictions and unlabeled_rows.size:
             positions = [usable[row] for row in unlabeled_rows]
             self._push(project_id, client, tasks, positions, labeling, features, classifier, new_version, scores,
@@ -605,17 +464,3 @@ def _required_project(data: Mapping[str, Any]) -> Any:
     if project is None:
         raise InvalidInput("the webhook body has no 'project'")
     return project
-
-
-def _read_parent_map(path: Path | None) -> dict[str, str] | None:
-    if path is None:
-        return None
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"PARENT_MAP_FILE {path}: cannot read a JSON parent map: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ValueError(f"PARENT_MAP_FILE {path}: expected a JSON object {{fine: coarse}}")
-    return {str(k): str(v) for k, v in data.items()}
-
-

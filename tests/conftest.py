@@ -20,7 +20,8 @@ from backend.jobs import InlineJobRunner
 from backend.label_config import recommended_label_config
 from backend.ls_client import LabelStudioClientFactory
 from backend.metrics import BackendMetrics
-from backend.service import ImageCodec, MLBackend
+from backend.features import ImageCodec
+from backend.service import MLBackend
 from model.embedding_store import EmbeddingStore, content_key
 from model.hierarchy import LabelHierarchy
 from model.images import ImageLimits, decode_image
