@@ -240,14 +240,16 @@ def make_backend(fake_ls: FakeLabelStudio) -> Callable[..., BackendParts]:
     """A backend with fake models wired to the fake Label Studio (LABEL_STUDIO_URL/API key set in its Config)."""
     built: list[MLBackend] = []
 
-    def build(config: Config, jobs: Any = None) -> BackendParts:
+    def build(config: Config, jobs: Any = None, weak_annotator_factory: Any = None) -> BackendParts:
+        """With ``weak_annotator_factory``, each project's weak annotator comes from it instead of FakeWeakAnnotator."""
         config = replace(config, label_studio_url=fake_ls.url, label_studio_api_key=API_KEY)
         backbone, weak = FakeBackbone(), FakeWeakAnnotator()
         store = EmbeddingStore(config.model_dir / "embeddings.sqlite")
         backend = MLBackend(
             config,
             backbone=backbone,
-            weak_annotator=weak,
+            weak_annotator=weak if weak_annotator_factory is None else None,
+            weak_annotator_factory=weak_annotator_factory,
             embedding_store=store,
             image_codec=image_codec(ImageLimits(max_bytes=config.max_image_bytes, max_pixels=config.max_image_pixels)),
             ls_clients=LabelStudioClientFactory(

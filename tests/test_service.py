@@ -458,3 +458,136 @@ def test_only_label_studio_image_urls_are_fetched(url, accepted):
     else:
         with pytest.raises(ImageFetchError):
             check_image_url(url, "http://127.0.0.1:8080")
+
+
+# --- weak annotators built from each project's own classes ---------------------------------------------------------
+
+BIRD_GROUPS = {"Raptor": ["Eagle", "Hawk"], "Songbird": ["Robin", "Finch"]}
+
+
+class PromptedFakeAnnotator:
+    """A text-prompted 'VLM': asked to choose among the classes it was built with; reddish images get the first.
+
+    Its name does not change with the classes (like OpenAICompatibleVLM's), so only the cache namespace keeps the
+    answers for two class sets apart."""
+
+    name = "fake-prompted-vlm"
+    cost_per_label = 0.02
+
+    def __init__(self, coarse_classes) -> None:
+        self.coarse_classes = tuple(coarse_classes)
+        self.prompt = "Which one of these categories is it? " + "; ".join(self.coarse_classes)
+        self.images_annotated = 0
+
+    def annotate(self, images):
+        from conftest import FakeWeakLabels
+
+        self.images_annotated += len(images)
+        rows = [[0.8, 0.2] if np.asarray(im, dtype=np.float32)[..., 0].mean() > 128 else [0.2, 0.8] for im in images]
+        p = np.asarray(rows, dtype=np.float32)
+        return FakeWeakLabels(p.argmax(axis=1).astype(np.int64), p)
+
+
+def test_two_projects_get_weak_annotators_prompted_with_their_own_classes(fake_ls, make_config, make_backend):
+    from backend.label_config import recommended_label_config
+    from model.hierarchy import LabelHierarchy
+
+    fake_ls.add_task(1, "T-shirt")
+    fake_ls.add_task(2, "Boot")
+    built: list[PromptedFakeAnnotator] = []
+
+    def factory(hierarchy):
+        built.append(PromptedFakeAnnotator(hierarchy.coarse_classes))
+        return built[-1]
+
+    parts = make_backend(make_config(push_predictions=False), weak_annotator_factory=factory)
+    clothing_config = fake_ls.label_config
+    bird_config = recommended_label_config(LabelHierarchy.from_groups(BIRD_GROUPS))
+    clothing = parts.backend.predict(fake_ls.tasks, project=f"{PROJECT_ID}.1", label_config=clothing_config)
+    birds = parts.backend.predict(fake_ls.tasks, project=PROJECT_ID + 1, label_config=bird_config)
+    again = parts.backend.predict(fake_ls.tasks, project=PROJECT_ID + 1, label_config=bird_config)
+
+    assert [a.coarse_classes for a in built] == [("Top", "Shoe"), ("Raptor", "Songbird")]
+    assert "Top; Shoe" in built[0].prompt and "Raptor" not in built[0].prompt
+    assert "Raptor; Songbird" in built[1].prompt and "Top" not in built[1].prompt
+    assert [p["result"][0]["value"]["choices"] for p in clothing] == [["Top"], ["Shoe"]]
+    assert [p["result"][0]["value"]["choices"] for p in birds] == [["Raptor"], ["Songbird"]]
+    assert again == birds
+    # the same images: embedded once, but asked once per class set (never answered from the other set's cache)
+    assert counter_value(parts.backend, "vlm_al_embeddings_computed_total") == 2
+    assert counter_value(parts.backend, "vlm_al_weak_labels_computed_total") == 4
+    assert [a.images_annotated for a in built] == [2, 2]
+
+
+def test_open_clip_factory_prompts_each_hierarchy_with_its_own_names_over_one_model():
+    from backend.components import OpenClipZeroShotFactory
+    from backend.features import WeakAnnotators, weak_namespace
+    from model.embeddings import OpenClipImageBackbone
+    from model.hierarchy import LabelHierarchy
+    from test_weak_annotators import TINY_OPEN_CLIP
+
+    clip = OpenClipImageBackbone("ViT-S-32", pretrained=None, model_overrides=TINY_OPEN_CLIP)
+    annotators = WeakAnnotators(factory=OpenClipZeroShotFactory(clip, cost_per_label=0.01))
+    clothing_hierarchy = LabelHierarchy.from_groups({"Top": ["T-shirt", "Shirt"], "Shoe": ["Sneaker", "Boot"]})
+    bird_hierarchy = LabelHierarchy.from_groups(BIRD_GROUPS)
+    clothing = annotators.for_hierarchy(clothing_hierarchy)
+    birds = annotators.for_hierarchy(bird_hierarchy)
+    assert annotators.for_hierarchy(LabelHierarchy.from_groups(BIRD_GROUPS)) is birds  # cached by hierarchy
+    assert clothing.backbone is clip and birds.backbone is clip  # the heavy model is loaded once
+    assert clothing.coarse_classes == ("Top", "Shoe") and birds.coarse_classes == ("Raptor", "Songbird")
+    assert "a photo of a Raptor." in birds.prompts_for("Raptor")
+    assert not np.allclose(clothing.class_text_embeddings, birds.class_text_embeddings)
+    assert weak_namespace(clothing) != weak_namespace(birds)
+
+
+def test_vlm_factory_asks_for_the_projects_classes_and_caches_them_apart():
+    from backend.components import OpenAICompatibleVLMFactory
+    from backend.features import weak_namespace
+    from model.hierarchy import LabelHierarchy
+
+    factory = OpenAICompatibleVLMFactory("http://127.0.0.1:9", "secret-key", "tiny-vlm", cost_per_label=0.02)
+    clothing = factory(LabelHierarchy.from_groups({"Top": ["T-shirt", "Shirt"], "Shoe": ["Sneaker", "Boot"]}))
+    birds = factory(LabelHierarchy.from_groups(BIRD_GROUPS))
+    assert "Raptor; Songbird" in birds.prompt and "Top" not in birds.prompt
+    assert "Top; Shoe" in clothing.prompt
+    assert clothing.name == birds.name and weak_namespace(clothing) != weak_namespace(birds)
+    assert "secret-key" not in repr(factory)
+
+
+def test_open_clip_backbone_is_shared_only_when_model_and_weights_match(tmp_path):
+    import hashlib
+    from types import SimpleNamespace
+
+    from backend.components import _same_open_clip_weights
+
+    tagged = SimpleNamespace(model_name="ViT-B-32", weights_id="laion2b_s34b_b79k")
+    assert _same_open_clip_weights(tagged, "ViT-B-32", "laion2b_s34b_b79k")
+    assert not _same_open_clip_weights(tagged, "ViT-B-32", "openai")
+    assert not _same_open_clip_weights(tagged, "ViT-B-16", "laion2b_s34b_b79k")
+    checkpoint = tmp_path / "clip.safetensors"
+    checkpoint.write_bytes(b"weights")
+    from_file = SimpleNamespace(model_name="ViT-B-32",
+                                weights_id=f"file-{hashlib.sha256(b'weights').hexdigest()[:12]}")
+    assert _same_open_clip_weights(from_file, "ViT-B-32", str(checkpoint))
+    assert not _same_open_clip_weights(tagged, "ViT-B-32", str(checkpoint))
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(b"other weights")
+    assert not _same_open_clip_weights(from_file, "ViT-B-32", str(other))
+    random_weights = SimpleNamespace(model_name="ViT-B-32", weights_id="random-seed0")
+    assert _same_open_clip_weights(random_weights, "ViT-B-32", None)
+    assert not _same_open_clip_weights(random_weights, "ViT-B-32", "openai")
+
+
+def test_classes_the_weak_annotator_cannot_use_are_a_422_naming_the_problem(fake_ls, make_config, make_backend):
+    from model.errors import ModelInputError
+
+    def factory(hierarchy):
+        raise ModelInputError(f"coarse classes are not distinguishable in text answers: {hierarchy.coarse_classes}")
+
+    fake_ls.add_task(1, "Boot")
+    parts = make_backend(make_config(push_predictions=False), weak_annotator_factory=factory)
+    client = create_app(parts.backend.config, parts.backend).test_client()
+    response = client.post("/predict", json=predict_body(fake_ls))
+    assert response.status_code == 422
+    body = response.get_json()
+    assert body["error"] == "unsupported_label_config" and "not distinguishable" in body["message"]
