@@ -6,7 +6,6 @@ Screenshots go to bench/results/browser/.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,8 +43,8 @@ def project(stack: Stack) -> LabeledProject:
 
 @pytest.fixture
 def page(stack: Stack, tmp_path: Path) -> Iterator[object]:
-    if not CHROMIUM.exists() or shutil.which("chromium") is None:
-        pytest.skip("Debian chromium is not installed (apt-get install chromium)")
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (scripts/setup.sh does)")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
