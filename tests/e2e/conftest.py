@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import requests
+from label_studio_sdk import LabelStudio
 
 from backend import ls_bootstrap as lsb
 from backend.label_config import ProjectLabeling, parse_label_config, recommended_label_config
@@ -40,7 +41,7 @@ class Stack:
     model_dir: Path
     timings: dict[str, float] = field(default_factory=dict)
 
-    def client(self):
+    def client(self) -> LabelStudio:
         return self.label_studio.client()
 
 
@@ -57,7 +58,7 @@ class LabeledProject:
     annotated: set[int] = field(default_factory=set)
 
     @property
-    def client(self):
+    def client(self) -> LabelStudio:
         return self.stack.client()
 
     def connect(self) -> int:
