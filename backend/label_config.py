@@ -19,17 +19,13 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+# Label configs configs arrive over HTTP: defusedxml refuses entity-expansion and external-entity tricks.
+from defusedxml import DefusedXmlException
+from defusedxml.ElementTree import fromstring as _xml_fromstring
 from label_studio_sdk.label_interface import LabelInterface
 
 from model.errors import HierarchyError
 from model.hierarchy import LabelHierarchy
-
-try:  # refuses entity-expansion tricks; the standard parser is the fallback when it is missing
-    from defusedxml import DefusedXmlException
-    from defusedxml.ElementTree import fromstring as _xml_fromstring
-except ImportError:  # pragma: no cover - defusedxml comes with the SDK's dependencies
-    DefusedXmlException = ValueError  # type: ignore[misc,assignment]
-    _xml_fromstring = ElementTree.fromstring
 
 logger = logging.getLogger(__name__)
 
