@@ -19,7 +19,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-# Label configs configs arrive over HTTP: defusedxml refuses entity-expansion and external-entity tricks.
+# Label configs arrive over HTTP: defusedxml refuses entity-expansion and external-entity tricks.
 from defusedxml import DefusedXmlException
 from defusedxml.ElementTree import fromstring as _xml_fromstring
 from label_studio_sdk.label_interface import LabelInterface
