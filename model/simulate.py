@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import multiprocessing
 import os
 import platform
@@ -388,7 +387,8 @@ def mean_after_seed(accuracy_per_seed: Sequence[Sequence[float]]) -> float:
     return float(array[:, 1:].mean()) if array.shape[1] > 1 else float(array.mean())
 
 
-def plot_learning_curves(path: Path, condition: str, strategies: dict[str, dict], title_note: str = "") -> None:
+def plot_learning_curves(path: Path, condition: str, strategies: dict[str, dict]) -> None:
+    """Accuracy vs cumulative cost, mean ± std over seeds, one line per strategy."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -404,7 +404,7 @@ def plot_learning_curves(path: Path, condition: str, strategies: dict[str, dict]
         axes.fill_between(cost, mean - std, mean + std, alpha=0.12, color=line.get_color())
     axes.set_xlabel("cumulative label cost (human fine label = 1)")
     axes.set_ylabel("fine test accuracy (%)")
-    axes.set_title(f"Fashion-MNIST, weak annotator: {condition}{title_note}")
+    axes.set_title(f"Fashion-MNIST, weak annotator: {condition}")
     axes.grid(alpha=0.3)
     axes.legend(loc="lower right", fontsize=8)
     buffer = io.BytesIO()
@@ -871,13 +871,17 @@ def machine_description() -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    started = time.perf_counter()
+    """``vlm-al simulate``: returns 0, or 2 with a message on stderr for bad options or missing data."""
     try:
-        options = parse_options(argv)
-        hierarchy = load_hierarchy(options.hierarchy)
+        return _simulate(parse_options(argv))
     except ModelInputError as exc:
         print(f"vlm-al simulate: {exc}", file=sys.stderr)
         return 2
+
+
+def _simulate(options: SimulationOptions) -> int:
+    started = time.perf_counter()
+    hierarchy = load_hierarchy(options.hierarchy)
     test_split = "test" if options.split == "train" else "train"
     pool = load_split_features(options.split, options.pool_size, options.image_size, options.cache_dir,
                                options.data_root, options.threads, options.progress)
@@ -929,7 +933,7 @@ def main(argv: list[str] | None = None) -> int:
         plot_learning_curves(out / plot_name, condition, strategies)
         conditions[condition] = block
 
-    config = {key: value for key, value in asdict(options).items()}
+    config = dict(asdict(options))
     config["strategies"] = list(options.strategies)
     config["weak_annotators"] = list(options.weak_annotators)
     config["test_split"] = test_split
@@ -938,7 +942,7 @@ def main(argv: list[str] | None = None) -> int:
     config["machine"] = machine_description()
     results = {"config": config, "conditions": conditions, "wall_seconds": round(time.perf_counter() - started, 1)}
     # The issue's layout: each condition at the top level, next to the config block.
-    document = {**{c: b for c, b in conditions.items()}, "config": config, "wall_seconds": results["wall_seconds"]}
+    document = {**conditions, "config": config, "wall_seconds": results["wall_seconds"]}
     atomic_write_json(out / "results.json", document)
     atomic_write_text(out / "results.md", render_markdown(results))
     print(render_markdown(results))
