@@ -75,6 +75,8 @@ class PoolState:
     fine_probabilities: np.ndarray | None = None
     coarse_probabilities: np.ndarray | None = None
     train_and_evaluate: TrainAndEvaluate | None = None
+    coarse_transition_matrix: np.ndarray | None = None
+    """(C, C) P(weak answer | true coarse), rows summing to 1: lets a strategy read what a weak answer says."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.hierarchy, LabelHierarchy):
@@ -90,6 +92,13 @@ class PoolState:
         _check_labels("weak_coarse_labels", self.weak_coarse_labels, n, self.hierarchy.n_coarse)
         _check_probabilities("fine_probabilities", self.fine_probabilities, n, self.hierarchy.n_fine)
         _check_probabilities("coarse_probabilities", self.coarse_probabilities, n, self.hierarchy.n_coarse)
+        if self.coarse_transition_matrix is not None:
+            matrix = np.asarray(self.coarse_transition_matrix, dtype=np.float64)
+            n_coarse = self.hierarchy.n_coarse
+            if matrix.shape != (n_coarse, n_coarse) or not np.all(np.isfinite(matrix)) or np.any(matrix < 0):
+                raise ModelInputError(f"coarse_transition_matrix must be a finite, non-negative ({n_coarse}, {n_coarse})")
+            if not np.allclose(matrix.sum(axis=1), 1.0, atol=1e-4):
+                raise ModelInputError("coarse_transition_matrix rows must sum to 1")
         if self.weak_kind not in (LabelKind.VLM_COARSE, LabelKind.HUMAN_COARSE):
             raise ModelInputError(f"weak_kind must be VLM_COARSE or HUMAN_COARSE, got {self.weak_kind!r}")
 
@@ -583,6 +592,150 @@ def _d2_batch(features: np.ndarray, candidates: IsoCandidates, budget: float, rn
                 chosen.remove(weak_index)
                 chosen_set.discard(weak_index)
                 remaining += float(candidates.cost[weak_index])
+
+
+def fine_posterior_given_weak(pool: PoolState) -> np.ndarray:
+    """p(fine | x, weak answer) ∝ p(fine | x) · T[parent(fine), answer]; rows without a weak answer keep p(fine | x).
+
+    A human coarse answer (``weak_kind`` HUMAN_COARSE) or a missing transition matrix counts as noise-free."""
+    if pool.fine_probabilities is None:
+        raise ModelInputError("the posterior needs fine_probabilities from a trained model")
+    probabilities = np.asarray(pool.fine_probabilities, dtype=np.float64).copy()
+    weak = np.asarray(pool.weak_coarse_labels)
+    answered = np.flatnonzero(weak != MISSING_LABEL)
+    if answered.size == 0:
+        return probabilities
+    n_coarse = pool.hierarchy.n_coarse
+    if pool.coarse_transition_matrix is None or pool.weak_kind is LabelKind.HUMAN_COARSE:
+        transition = np.eye(n_coarse)
+    else:
+        transition = np.asarray(pool.coarse_transition_matrix, dtype=np.float64)
+    parent = np.asarray(pool.hierarchy.parent_of_fine, dtype=np.int64)
+    likelihood = transition[parent][:, weak[answered]].T  # (answered, n_fine): P(answer | parent of each fine)
+    joint = probabilities[answered] * likelihood
+    total = joint.sum(axis=1, keepdims=True)
+    # An answer the model finds impossible (total 0) leaves the model's belief as it was.
+    probabilities[answered] = np.where(total > 0, joint / np.maximum(total, 1e-300), probabilities[answered])
+    return probabilities
+
+
+def group_margin_uncertainty(fine_probabilities: np.ndarray, hierarchy: LabelHierarchy) -> np.ndarray:
+    """1 - (top1 - top2) of the fine probabilities renormalised within the most likely coarse group; 0 for a
+    group with a single fine class (the coarse answer already names the fine class)."""
+    probabilities = np.asarray(fine_probabilities, dtype=np.float64)
+    membership = np.asarray(hierarchy.fine_to_coarse_matrix, dtype=np.float64)
+    group = (probabilities @ membership).argmax(axis=1)
+    in_group = membership[:, group].T > 0  # (n, n_fine)
+    within = np.where(in_group, probabilities, 0.0)
+    within /= np.maximum(within.sum(axis=1, keepdims=True), 1e-300)
+    top_two = -np.partition(-within, 1, axis=1)[:, :2]
+    single = in_group.sum(axis=1) < 2
+    return np.where(single, 0.0, 1.0 - (top_two[:, 0] - top_two[:, 1]))
+
+
+class WeakAndGroupMarginQuery:
+    """Ours: a floor of the budget buys human fine labels where the fine head, after reading the weak answer, is
+    least sure; the rest buys weak coarse labels where the coarse prediction is least sure.
+
+    The share of human labels is ``human_share`` at least; above it, the measured expected improvement decides
+    (ISO's retraining on fifths, when ``pool.train_and_evaluate`` is given): the human share grows to the
+    fraction of value-per-cost that full labels carry. Human picks: ``measure`` "group-margin" (margin within
+    the predicted coarse group of the posterior given the weak answer) or "posterior-margin" (margin of that
+    posterior over all fine classes); the best first, then D² draws among the ``shortlist_factor`` × n best
+    (1: pure top-n). Weak picks: the highest coarse margin uncertainty among samples never weakly labelled.
+    """
+
+    def __init__(self, human_share: float = 0.5, measure: str = "group-margin", shortlist_factor: float = 1.0,
+                 weak_selection: str = "uncertain", shortlist_selection: str = "d2", n_shuffles: int = 1,
+                 distance_dim: int | None = 128) -> None:
+        if not 0.0 <= human_share <= 1.0:
+            raise ModelInputError(f"human_share must be in [0, 1], got {human_share!r}")
+        if measure not in ("group-margin", "posterior-margin"):
+            raise ModelInputError(f"unknown measure {measure!r}; expected group-margin or posterior-margin")
+        if not shortlist_factor >= 1.0:
+            raise ModelInputError(f"shortlist_factor must be >= 1, got {shortlist_factor!r}")
+        if weak_selection not in ("uncertain", "random"):
+            raise ModelInputError(f"unknown weak_selection {weak_selection!r}; expected uncertain or random")
+        if shortlist_selection not in ("d2", "kmeans"):
+            raise ModelInputError(f"unknown shortlist_selection {shortlist_selection!r}; expected d2 or kmeans")
+        self.shortlist_selection = shortlist_selection
+        self.human_share = float(human_share)
+        self.measure = measure
+        self.shortlist_factor = float(shortlist_factor)
+        self.weak_selection = weak_selection
+        self.n_shuffles = n_shuffles
+        self.distance_dim = distance_dim
+        self.last_expected_improvement: ExpectedImprovement | None = None
+        self.last_human_share: float | None = None
+
+    def _human_share(self, pool: PoolState, costs: LabelCosts, rng: np.random.Generator) -> float:
+        if pool.train_and_evaluate is None or self.human_share >= 1.0:
+            return self.human_share
+        improvement = estimate_expected_improvement(pool, rng, self.n_shuffles)
+        self.last_expected_improvement = improvement
+        full_value = improvement.full_ratio / costs.human_fine
+        weak_value = improvement.weak_ratio / costs.weak_coarse
+        measured = full_value / (full_value + weak_value) if full_value + weak_value > 0 else 1.0
+        return max(self.human_share, measured)
+
+    def query(self, pool: PoolState, budget: float, costs: LabelCosts, rng: np.random.Generator) -> list[Selection]:
+        _check_budget(budget)
+        if pool.fine_probabilities is None:
+            raise ModelInputError(f"{type(self).__name__} needs fine_probabilities from a trained model")
+        share = self._human_share(pool, costs, rng)
+        self.last_human_share = share
+        candidates = _fine_candidates(pool)
+        n_human = min(affordable_count(share * budget, costs.human_fine), candidates.size)
+        posterior = fine_posterior_given_weak(pool)
+        if self.measure == "group-margin":
+            uncertainty = group_margin_uncertainty(posterior[candidates], pool.hierarchy)
+        else:
+            uncertainty = margin_uncertainty(posterior[candidates])
+        human = self._human_picks(pool, candidates, uncertainty, n_human, rng)
+        selections = _human_fine(human)
+        remaining = budget - len(human) * costs.human_fine
+        weak_candidates = np.setdiff1d(np.flatnonzero(pool.annotation_type == UNLABELED), human)
+        n_weak = min(affordable_count(max(remaining, 0.0), costs.weak_coarse), weak_candidates.size)
+        if n_weak > 0:
+            if self.weak_selection == "random":
+                weak = rng.choice(weak_candidates, size=n_weak, replace=False)
+            else:
+                coarse = pool.coarse_probabilities_or_summed()
+                order = np.argsort(-margin_uncertainty(coarse[weak_candidates]), kind="stable")
+                weak = weak_candidates[order[:n_weak]]
+            selections += [Selection(int(i), pool.weak_kind) for i in weak]
+        return selections
+
+    def _human_picks(self, pool: PoolState, candidates: np.ndarray, uncertainty: np.ndarray, n_picks: int,
+                     rng: np.random.Generator) -> np.ndarray:
+        if n_picks == 0:
+            return np.empty(0, dtype=np.int64)
+        order = np.argsort(-uncertainty, kind="stable")
+        shortlist = order[: min(candidates.size, int(np.ceil(n_picks * self.shortlist_factor)))]
+        if shortlist.size == n_picks:
+            return candidates[shortlist]
+        points = random_projection(l2_normalised(pool.embeddings[candidates[shortlist]]), self.distance_dim, rng)
+        if self.shortlist_selection == "kmeans":
+            centres, _ = lloyd_kmeans(points, n_picks, rng)
+            taken = np.zeros(shortlist.size, dtype=bool)
+            typical = []
+            for centre in centres:
+                distance = _squared_distances(points, centre)
+                distance[taken] = np.inf
+                nearest = int(np.argmin(distance))
+                taken[nearest] = True
+                typical.append(nearest)
+            return candidates[shortlist[typical]]
+        chosen = [0]  # the most uncertain first
+        distance = _squared_distances(points, points[0])
+        while len(chosen) < n_picks:
+            distance[chosen] = 0.0
+            total = distance.sum()
+            pick = int(rng.choice(shortlist.size, p=distance / total)) if total > 0 else int(
+                rng.choice(np.setdiff1d(np.arange(shortlist.size), chosen)))
+            chosen.append(pick)
+            distance = np.minimum(distance, _squared_distances(points, points[pick]))
+        return candidates[shortlist[chosen]]
 
 
 # ---- queue order --------------------------------------------------------------------------------------------

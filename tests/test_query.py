@@ -315,3 +315,96 @@ def test_annotation_type_is_derived_from_labels() -> None:
     weak[[1, 2]] = 0
     pool = PoolState(embeddings, HIERARCHY, fine, weak)
     assert pool.annotation_type[:4].tolist() == [2, 2, 1, 0]
+
+
+# ---- ours: weak labels plus human labels where the fine head stays unsure --------------------------------------
+
+
+def test_posterior_given_weak_applies_bayes_rule_and_leaves_unanswered_rows_alone() -> None:
+    from model.query import fine_posterior_given_weak
+
+    transition = np.array([[0.8, 0.2], [0.1, 0.9]])
+    pool = make_pool(n_full=0, n_weak=30, coarse_transition_matrix=transition)
+    posterior = fine_posterior_given_weak(pool)
+    prior = np.asarray(pool.fine_probabilities, dtype=np.float64)
+    answered = np.flatnonzero(pool.weak_coarse_labels != MISSING_LABEL)
+    unanswered = np.flatnonzero(pool.weak_coarse_labels == MISSING_LABEL)
+    np.testing.assert_allclose(posterior[unanswered], prior[unanswered])
+    row = answered[0]
+    answer = pool.weak_coarse_labels[row]
+    expected = prior[row] * transition[list(HIERARCHY.parent_of_fine), answer]
+    np.testing.assert_allclose(posterior[row], expected / expected.sum())
+    np.testing.assert_allclose(posterior.sum(axis=1), 1.0)
+    # Without a transition matrix the answer is taken as the truth: no mass outside the answered group.
+    clean = fine_posterior_given_weak(make_pool(n_full=0, n_weak=30))
+    outside = HIERARCHY.fine_to_coarse_matrix[:, answer] == 0
+    assert np.all(clean[row][outside] == 0)
+
+
+def test_group_margin_is_zero_for_a_single_class_group_and_one_for_a_tie() -> None:
+    from model.query import group_margin_uncertainty
+
+    hierarchy = LabelHierarchy.from_groups({"a": ["a0", "a1"], "b": ["b0"]})
+    probabilities = np.array([[0.3, 0.3, 0.4], [0.05, 0.05, 0.9], [0.6, 0.2, 0.2]])
+    # Row 0: group a is likelier (0.6) and tied inside; row 1: group b has one class; row 2: 0.75 vs 0.25.
+    np.testing.assert_allclose(group_margin_uncertainty(probabilities, hierarchy), [1.0, 0.0, 0.5])
+
+
+def test_ours_spends_its_floor_on_the_most_uncertain_and_the_rest_on_weak_labels() -> None:
+    from model.query import WeakAndGroupMarginQuery, fine_posterior_given_weak, margin_uncertainty
+
+    rng = np.random.default_rng(3)
+    pool = make_pool(n_full=10, n_weak=20, coarse_probabilities=random_probabilities(rng, 120, HIERARCHY.n_coarse))
+    costs = LabelCosts(human_fine=1.0, weak_coarse=0.1)
+    strategy = WeakAndGroupMarginQuery(human_share=0.5, measure="posterior-margin")
+    selections = strategy.query(pool, 8.0, costs, np.random.default_rng(0))
+    human = [s.index for s in selections if s.kind is LabelKind.HUMAN_FINE]
+    weak = [s.index for s in selections if s.kind is LabelKind.VLM_COARSE]
+    assert len(human) == 4 and len(weak) == 40
+    assert total_cost(selections, costs) <= 8.0 + 1e-9
+    candidates = np.flatnonzero(pool.fine_labels == MISSING_LABEL)
+    uncertainty = margin_uncertainty(fine_posterior_given_weak(pool)[candidates])
+    assert set(human) == set(candidates[np.argsort(-uncertainty, kind="stable")[:4]].tolist())
+    # Weak labels only for samples with no label yet, not for the ones just sent to humans, the most unsure first.
+    assert not set(weak) & set(human)
+    assert np.all(pool.annotation_type[weak] == 0)
+    coarse_uncertainty = margin_uncertainty(pool.coarse_probabilities)
+    unchosen = np.setdiff1d(np.flatnonzero(pool.annotation_type == 0), human + weak)
+    assert coarse_uncertainty[weak].min() >= coarse_uncertainty[unchosen].max()
+
+
+def test_ours_kmeans_shortlist_picks_distinct_uncertain_samples() -> None:
+    from model.query import WeakAndGroupMarginQuery
+
+    pool = make_pool(n_full=10, n_weak=0)
+    strategy = WeakAndGroupMarginQuery(human_share=1.0, shortlist_factor=3.0, shortlist_selection="kmeans")
+    selections = strategy.query(pool, 6.0, LabelCosts(), np.random.default_rng(0))
+    picks = [s.index for s in selections]
+    assert len(picks) == 6 == len(set(picks)) and all(s.kind is LabelKind.HUMAN_FINE for s in selections)
+    assert np.all(pool.fine_labels[picks] == MISSING_LABEL)
+    again = strategy.query(pool, 6.0, LabelCosts(), np.random.default_rng(0))
+    assert [s.index for s in again] == picks
+
+
+def test_ours_lets_the_measured_improvement_raise_the_human_share_above_the_floor() -> None:
+    from model.query import WeakAndGroupMarginQuery
+
+    # Weak labels worth nothing: the measured share of value is all human, above the 0.2 floor.
+    pool = make_pool(n_full=20, n_weak=20, train_and_evaluate=CountingEvaluator(weak_share=0.0))
+    strategy = WeakAndGroupMarginQuery(human_share=0.2)
+    selections = strategy.query(pool, 5.0, LabelCosts(), np.random.default_rng(0))
+    assert strategy.last_human_share == 1.0
+    assert len(selections) == 5 and all(s.kind is LabelKind.HUMAN_FINE for s in selections)
+
+
+def test_ours_rejects_bad_settings_and_needs_a_model() -> None:
+    from model.query import WeakAndGroupMarginQuery
+
+    for bad in ({"human_share": 1.5}, {"measure": "loudest"}, {"shortlist_factor": 0.5},
+                {"weak_selection": "all"}, {"shortlist_selection": "best"}):
+        with pytest.raises(ModelInputError):
+            WeakAndGroupMarginQuery(**bad)
+    with pytest.raises(ModelInputError, match="fine_probabilities"):
+        WeakAndGroupMarginQuery().query(make_pool(with_model=False), 5.0, LabelCosts(), np.random.default_rng(0))
+    with pytest.raises(ModelInputError, match="coarse_transition_matrix"):
+        make_pool(coarse_transition_matrix=np.ones((3, 3)))

@@ -118,6 +118,23 @@ def test_options_parse_and_reject_bad_values():
         parse_options(["--strategies", "random,best"])
     with pytest.raises(ModelInputError, match="budget"):
         parse_options(["--budget", "0"])
+    defaults = parse_options([])
+    assert (defaults.weak_image_size, defaults.weak_pad) == (224, 0.15)
+    assert parse_options(["--weak-image-size", "112", "--weak-pad", "0"]).weak_pad == 0.0
+    with pytest.raises(ModelInputError, match="weak-pad"):
+        parse_options(["--weak-pad", "1.5"])
+
+
+def test_weak_annotator_reuses_the_embedding_pass_only_when_it_sees_the_same_image(tmp_path):
+    from model.simulate import SplitFeatures, weak_annotator_logits
+
+    pool = SplitFeatures(np.zeros((3, 4), np.float32), np.arange(6, dtype=np.float32).reshape(3, 2), np.arange(3))
+    same = parse_options(["--weak-image-size", "112", "--weak-pad", "0", "--pool-size", "3"])
+    assert weak_annotator_logits(pool, same) is pool.logits
+    # Other preprocessing needs its own pass: with no data set there, that is a clear error, not the 112 px logits.
+    other = parse_options(["--pool-size", "3", "--data-root", str(tmp_path), "--cache-dir", str(tmp_path)])
+    with pytest.raises(ModelInputError, match="Fashion-MNIST files not found"):
+        weak_annotator_logits(pool, other)
 
 
 def test_main_rejects_bad_options_and_reads_a_hierarchy_file(tmp_path, capsys):
