@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -17,11 +17,11 @@ from model.hierarchy import MISSING_LABEL, LabelHierarchy
 logger = logging.getLogger(__name__)
 
 MIN_FINE_LABELS_FOR_CV = 9
-CV_CANDIDATES = {"weak_loss_weight": [0.25, 0.5, 1.0]}
+CV_CANDIDATES = {"weak_loss_weight": [0.2, 0.5, 1.0]}
 SELECTED_SCORE_SPAN = 0.05
 """Queue scores below this are reserved for the planned next human labels, in the order they were chosen."""
-MIN_FULL_LABELS_FOR_ISO = 6
-ISO_EVALUATION_EPOCHS = 50
+HUMAN_PICK_OPTIONS = {"measure": "posterior-margin", "shortlist_factor": 40.0, "shortlist_selection": "kmeans"}
+"""How ours picks human labels in the offline benchmark (model/simulate.py, chosen on a validation slice)."""
 
 NewClassifier = Callable[[Any], Any]
 """Builds an untrained classifier for the project's hierarchy and embedding size from a TrainingConfig."""
@@ -146,7 +146,6 @@ def fit_and_rank(
         coarse_transition_matrix=estimate.matrix,
         budget_labels=budget_labels,
         costs=LabelCosts(human_fine=cost_full, weak_coarse=cost_weak),
-        new_classifier=lambda cfg: new_classifier(replace(cfg, num_threads=torch_threads)),
     )
     return FitOutcome(
         classifier=classifier,
@@ -210,62 +209,27 @@ def queue_priorities(
     coarse_transition_matrix: np.ndarray,
     budget_labels: int,
     costs: Any,
-    new_classifier: Callable[[Any], Any],
     seed: int = 0,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Queue scores of every row (ascending = label first) and a summary of how they were chosen.
 
-    The head of the queue is the ISO value-to-cost batch for the next ``budget_labels`` human labels, its expected
-    improvement measured by retraining on parts of the labels and scoring a held-out third of the fine labels.
-    With too few fine labels for that, the head is the margin-uncertainty batch. The rest follow the fine head's
-    margin (model.query.priority_scores)."""
-    from model.finegrained import TrainingConfig
-    from model.query import IsoValueToCostQuery, MarginQuery, PoolState, priority_scores
+    The head of the queue is the next ``budget_labels`` human labels chosen as ours is in the offline benchmark
+    (model.query.WeakAndGroupMarginQuery): where the fine head, after reading the VLM's answer through T, is least
+    sure, picked for typicality by k-means within a shortlist. Every task already has its VLM label (a local VLM
+    costs compute, not money), so the whole budget goes to human picks. The rest follow the fine head's margin
+    (model.query.priority_scores)."""
+    from model.query import PoolState, WeakAndGroupMarginQuery, priority_scores
 
-    rng = np.random.default_rng(seed)
-    full = np.flatnonzero(fine_labels != MISSING_LABEL)
-    common = dict(
+    pool = PoolState(
         embeddings=embeddings,
         hierarchy=hierarchy,
         fine_labels=fine_labels,
         weak_coarse_labels=weak_coarse_labels,
         fine_probabilities=fine_probabilities,
         coarse_probabilities=coarse_probabilities,
+        coarse_transition_matrix=coarse_transition_matrix,
     )
+    strategy = WeakAndGroupMarginQuery(human_share=1.0, **HUMAN_PICK_OPTIONS)
     budget = float(budget_labels) * costs.human_fine
-    if full.size < MIN_FULL_LABELS_FOR_ISO:
-        pool = PoolState(**common)
-        selections = MarginQuery().query(pool, budget, costs, rng)
-        return priority_scores(pool, selections), {"strategy": "margin", "n_selected": len(selections)}
-
-    validation = rng.permutation(full)[: max(2, full.size // 3)]
-    parents = hierarchy.parent_array
-
-    def train_and_evaluate(full_indices: np.ndarray, weak_indices: np.ndarray) -> float:
-        train_full = np.setdiff1d(full_indices, validation)
-        if train_full.size == 0:
-            return 1.0 / hierarchy.n_fine
-        rows = np.union1d(train_full, weak_indices)
-        fine = np.full(rows.size, MISSING_LABEL, dtype=np.int64)
-        weak = np.full(rows.size, MISSING_LABEL, dtype=np.int64)
-        position = {int(r): i for i, r in enumerate(rows)}
-        for r in train_full:
-            fine[position[int(r)]] = fine_labels[r]
-        for r in weak_indices:
-            # A weak index without a weak label stands for the sample's true coarse label (model.query's contract).
-            answer = weak_coarse_labels[r] if weak_coarse_labels[r] != MISSING_LABEL else parents[fine_labels[r]]
-            if fine[position[int(r)]] == MISSING_LABEL:
-                weak[position[int(r)]] = answer
-        classifier = new_classifier(TrainingConfig(epochs=ISO_EVALUATION_EPOCHS))
-        classifier.fit(embeddings[rows], fine, weak, coarse_transition_matrix)
-        predicted = classifier.predict_fine_proba(embeddings[validation]).argmax(axis=1)
-        return float(np.mean(predicted == fine_labels[validation]))
-
-    pool = PoolState(**common, train_and_evaluate=train_and_evaluate)
-    strategy = IsoValueToCostQuery(n_shuffles=1)
-    selections = strategy.query(pool, budget, costs, rng)
-    improvement = strategy.last_expected_improvement
-    summary = {"strategy": "iso", "n_selected": len(selections), "n_validation": int(validation.size)}
-    if improvement is not None:
-        summary["expected_improvement"] = {"full_ratio": improvement.full_ratio, "weak_ratio": improvement.weak_ratio}
-    return priority_scores(pool, selections), summary
+    selections = strategy.query(pool, budget, costs, np.random.default_rng(seed))
+    return priority_scores(pool, selections), {"strategy": "posterior-margin-kmeans", "n_selected": len(selections)}
