@@ -3,7 +3,7 @@
 The pool is the benchmark's (the first 6000 train images); accuracy is measured on train images 50000..52000,
 which lie outside the pool, instead of the test split, so no test label takes part in any choice.
 
-    python bench/results/simulate/validate_ours.py \
+    python bench/validate_ours.py \
         '{"random": 0, "v": {"query_options": {"human_share": 0.7}, "config_candidates": {"weak_loss_weight": [0.2, 1]}}}' \
         simulated,imagenet-map 0,1,2,3
 """
