@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from model.errors import ModelInputError
-from model.hierarchy import MISSING_LABEL, LabelHierarchy
+from model.hierarchy import MISSING_LABEL, LabelHierarchy, validated_label_array
 from model.io import atomic_write_json
 
 VARIANTS = ("fine-only", "reference", "hierarchical")
@@ -151,18 +151,7 @@ def _validated_embeddings(embeddings: np.ndarray, embedding_dim: int) -> np.ndar
 def _validated_labels(name: str, labels: np.ndarray | None, n_samples: int, n_classes: int) -> np.ndarray:
     if labels is None:
         return np.full(n_samples, MISSING_LABEL, dtype=np.int64)
-    array = np.asarray(labels)
-    if array.shape != (n_samples,):
-        raise ModelInputError(f"{name} must have shape ({n_samples},), got {array.shape}")
-    if n_samples and not np.issubdtype(array.dtype, np.integer):
-        raise ModelInputError(f"{name} must hold integer class indices, got dtype {array.dtype}")
-    array = array.astype(np.int64)
-    bad = (array != MISSING_LABEL) & ((array < 0) | (array >= n_classes))
-    if np.any(bad):
-        raise ModelInputError(
-            f"{name} has indices outside [0, {n_classes}) (and not {MISSING_LABEL}): {np.unique(array[bad]).tolist()}"
-        )
-    return array
+    return validated_label_array(name, labels, n_classes, n_samples)
 
 
 def validate_transition_matrix(matrix: np.ndarray, n_coarse: int) -> np.ndarray:

@@ -10,10 +10,29 @@ from pathlib import Path
 
 import numpy as np
 
-from model.errors import HierarchyError, UnknownClassError
+from model.errors import HierarchyError, ModelInputError, UnknownClassError
 
 MISSING_LABEL = -1
 """Label arrays are int64 class indices; this value marks 'no label'."""
+
+
+def validated_label_array(name: str, labels: object, n_classes: int, n_samples: int | None = None) -> np.ndarray:
+    """``labels`` as a 1-d int64 array of class indices in [0, n_classes) or MISSING_LABEL, or a ModelInputError
+    naming ``name``. With ``n_samples``, the length must match too."""
+    array = np.asarray(labels)
+    if n_samples is not None and array.shape != (n_samples,):
+        raise ModelInputError(f"{name} must have shape ({n_samples},), got {array.shape}")
+    if array.ndim != 1:
+        raise ModelInputError(f"{name} must be a 1-d array of class indices, got shape {array.shape}")
+    if array.size and not np.issubdtype(array.dtype, np.integer):
+        raise ModelInputError(f"{name} must hold integer class indices, got dtype {array.dtype}")
+    array = array.astype(np.int64)
+    bad = (array != MISSING_LABEL) & ((array < 0) | (array >= n_classes))
+    if np.any(bad):
+        raise ModelInputError(
+            f"{name} has indices outside [0, {n_classes}) (and not {MISSING_LABEL}): {np.unique(array[bad]).tolist()}"
+        )
+    return array
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from model.errors import ModelInputError
-from model.hierarchy import MISSING_LABEL
+from model.hierarchy import MISSING_LABEL, validated_label_array
 
 PRIOR_UNIFORM_SHARE = 0.02
 """Share of the prior row spread uniformly, so that no entry of the estimate is exactly zero."""
@@ -54,21 +54,6 @@ def identity_prior(n_coarse: int) -> np.ndarray:
     return (1.0 - PRIOR_UNIFORM_SHARE) * np.eye(n_coarse) + PRIOR_UNIFORM_SHARE / n_coarse
 
 
-def _validated_labels(name: str, labels: np.ndarray, n_coarse: int) -> np.ndarray:
-    array = np.asarray(labels)
-    if array.ndim != 1:
-        raise ModelInputError(f"{name} must be a 1-d array of coarse indices, got shape {array.shape}")
-    if array.size and not np.issubdtype(array.dtype, np.integer):
-        raise ModelInputError(f"{name} must hold integer class indices, got dtype {array.dtype}")
-    array = array.astype(np.int64)
-    bad = (array != MISSING_LABEL) & ((array < 0) | (array >= n_coarse))
-    if np.any(bad):
-        raise ModelInputError(
-            f"{name} has indices outside [0, {n_coarse}) (and not {MISSING_LABEL}): {np.unique(array[bad]).tolist()}"
-        )
-    return array
-
-
 def estimate_coarse_transition_matrix(
     true_coarse: np.ndarray, weak_coarse: np.ndarray, n_coarse: int, prior_strength: float = 1.0
 ) -> CoarseTransitionEstimate:
@@ -81,8 +66,8 @@ def estimate_coarse_transition_matrix(
         raise ModelInputError(f"n_coarse must be a positive integer, got {n_coarse!r}")
     if not np.isfinite(prior_strength) or prior_strength < 0:
         raise ModelInputError(f"prior_strength must be a finite number >= 0, got {prior_strength!r}")
-    true_array = _validated_labels("true_coarse", true_coarse, int(n_coarse))
-    weak_array = _validated_labels("weak_coarse", weak_coarse, int(n_coarse))
+    true_array = validated_label_array("true_coarse", true_coarse, int(n_coarse))
+    weak_array = validated_label_array("weak_coarse", weak_coarse, int(n_coarse))
     if true_array.shape != weak_array.shape:
         raise ModelInputError(
             f"true_coarse and weak_coarse differ in length: {true_array.shape[0]} vs {weak_array.shape[0]}"

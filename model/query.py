@@ -14,7 +14,7 @@ from typing import Protocol
 import numpy as np
 
 from model.errors import ModelInputError
-from model.hierarchy import MISSING_LABEL, LabelHierarchy
+from model.hierarchy import MISSING_LABEL, LabelHierarchy, validated_label_array
 
 UNLABELED, WEAK, FULL = 0, 1, 2
 """Values of ``PoolState.annotation_type``."""
@@ -88,8 +88,8 @@ class PoolState:
             bad_rows = np.flatnonzero(~np.all(np.isfinite(embeddings), axis=1))
             raise ModelInputError(f"pool embeddings contain NaN or inf in rows {bad_rows[:10].tolist()}")
         n = embeddings.shape[0]
-        _check_labels("fine_labels", self.fine_labels, n, self.hierarchy.n_fine)
-        _check_labels("weak_coarse_labels", self.weak_coarse_labels, n, self.hierarchy.n_coarse)
+        validated_label_array("fine_labels", self.fine_labels, self.hierarchy.n_fine, n)
+        validated_label_array("weak_coarse_labels", self.weak_coarse_labels, self.hierarchy.n_coarse, n)
         _check_probabilities("fine_probabilities", self.fine_probabilities, n, self.hierarchy.n_fine)
         _check_probabilities("coarse_probabilities", self.coarse_probabilities, n, self.hierarchy.n_coarse)
         if self.coarse_transition_matrix is not None:
@@ -119,16 +119,6 @@ class PoolState:
         if self.fine_probabilities is None:
             return None
         return np.asarray(self.fine_probabilities, dtype=np.float64) @ self.hierarchy.fine_to_coarse_matrix
-
-
-def _check_labels(name: str, labels: np.ndarray, n: int, n_classes: int) -> None:
-    array = np.asarray(labels)
-    if array.shape != (n,):
-        raise ModelInputError(f"{name} must have shape ({n},) like the embeddings, got {array.shape}")
-    if not np.issubdtype(array.dtype, np.integer):
-        raise ModelInputError(f"{name} must hold integer class indices, got dtype {array.dtype}")
-    if np.any((array != MISSING_LABEL) & ((array < 0) | (array >= n_classes))):
-        raise ModelInputError(f"{name} has indices outside [0, {n_classes}) (and not {MISSING_LABEL})")
 
 
 def _check_probabilities(name: str, probabilities: np.ndarray | None, n: int, n_classes: int) -> None:

@@ -70,3 +70,18 @@ def test_json_file_must_cover_every_fine_class(tmp_path):
 def test_dict_round_trip():
     h = LabelHierarchy.from_groups(GROUPS)
     assert LabelHierarchy.from_dict(json.loads(json.dumps(h.to_dict()))) == h
+
+
+def test_validated_label_array_checks_shape_dtype_and_range():
+    from model.errors import ModelInputError
+    from model.hierarchy import validated_label_array
+
+    np.testing.assert_array_equal(validated_label_array("y", [0, MISSING_LABEL, 2], 3), [0, -1, 2])
+    with pytest.raises(ModelInputError, match=r"y has indices outside \[0, 3\).*\[3\]"):
+        validated_label_array("y", [0, 3], 3)
+    with pytest.raises(ModelInputError, match=r"y must have shape \(3,\)"):
+        validated_label_array("y", [0, 1], 3, n_samples=3)
+    with pytest.raises(ModelInputError, match="integer class indices"):
+        validated_label_array("y", [0.5, 1.0], 3)
+    with pytest.raises(ModelInputError, match="1-d"):
+        validated_label_array("y", [[0, 1]], 3)
