@@ -20,8 +20,6 @@ MIN_FINE_LABELS_FOR_CV = 9
 CV_CANDIDATES = {"weak_loss_weight": [0.2, 0.5, 1.0]}
 SELECTED_SCORE_SPAN = 0.05
 """Queue scores below this are reserved for the planned next human labels, in the order they were chosen."""
-HUMAN_PICK_OPTIONS = {"measure": "posterior-margin", "shortlist_factor": 40.0, "shortlist_selection": "kmeans"}
-"""How ours picks human labels in the offline benchmark (model/simulate.py, chosen on a validation slice)."""
 
 NewClassifier = Callable[[Any], Any]
 """Builds an untrained classifier for the project's hierarchy and embedding size from a TrainingConfig."""
@@ -218,7 +216,7 @@ def queue_priorities(
     sure, picked for typicality by k-means within a shortlist. Every task already has its VLM label (a local VLM
     costs compute, not money), so the whole budget goes to human picks. The rest follow the fine head's margin
     (model.query.priority_scores)."""
-    from model.query import PoolState, WeakAndGroupMarginQuery, priority_scores
+    from model.query import OURS_HUMAN_PICK_OPTIONS, PoolState, WeakAndGroupMarginQuery, priority_scores
 
     pool = PoolState(
         embeddings=embeddings,
@@ -229,7 +227,7 @@ def queue_priorities(
         coarse_probabilities=coarse_probabilities,
         coarse_transition_matrix=coarse_transition_matrix,
     )
-    strategy = WeakAndGroupMarginQuery(human_share=1.0, **HUMAN_PICK_OPTIONS)
+    strategy = WeakAndGroupMarginQuery(human_share=1.0, **OURS_HUMAN_PICK_OPTIONS)
     budget = float(budget_labels) * costs.human_fine
     selections = strategy.query(pool, budget, costs, np.random.default_rng(seed))
     return priority_scores(pool, selections), {"strategy": "posterior-margin-kmeans", "n_selected": len(selections)}

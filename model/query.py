@@ -623,6 +623,15 @@ def group_margin_uncertainty(fine_probabilities: np.ndarray, hierarchy: LabelHie
     return np.where(single, 0.0, 1.0 - (top_two[:, 0] - top_two[:, 1]))
 
 
+OURS_HUMAN_PICK_OPTIONS: dict[str, object] = {
+    "measure": "posterior-margin",
+    "shortlist_factor": 40.0,
+    "shortlist_selection": "kmeans",
+}
+"""How ours picks human labels, chosen on a validation slice of the train split outside the benchmark's pool
+(bench/results/simulate/ours_validation.md); the benchmark and the server's queue both use it."""
+
+
 class WeakAndGroupMarginQuery:
     """Ours: a floor of the budget buys human fine labels where the fine head, after reading the weak answer, is
     least sure; the rest buys weak coarse labels where the coarse prediction is least sure.

@@ -25,6 +25,7 @@ import numpy as np
 from model.errors import ModelInputError
 from model.hierarchy import MISSING_LABEL, LabelHierarchy
 from model.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from model.query import OURS_HUMAN_PICK_OPTIONS
 
 CONDITIONS = ("imagenet-map", "simulated")
 STRATEGY_NAMES = (
@@ -646,9 +647,7 @@ class StrategySpec:
 
 OURS_QUERY_OPTIONS: tuple[tuple[str, object], ...] = (
     ("human_share", 0.85),
-    ("measure", "posterior-margin"),
-    ("shortlist_factor", 40.0),
-    ("shortlist_selection", "kmeans"),
+    *OURS_HUMAN_PICK_OPTIONS.items(),
     ("weak_selection", "uncertain"),
 )
 """Chosen on a validation slice of the train split outside the pool, never the test split
