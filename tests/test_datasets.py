@@ -141,3 +141,93 @@ def test_to_pil_inverts_pads_and_resizes():
 def test_to_pil_rejects_bad_input(image, kwargs):
     with pytest.raises(ModelInputError):
         to_pil(image, **kwargs)
+
+
+# --- Fashion-MNIST through the common data set interface -------------------------------------------------------
+
+from model.datasets import DATASET_NAMES, FashionMNISTDataset, ImageDataset, ImageSplit, create_dataset  # noqa: E402
+
+
+def _tiny_fashion_root(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 7), ("t10k", 5)):
+        pixels = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", 0x803, (n, 28, 28), pixels.tobytes())
+        _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", 0x801, (n,), bytes(rng.integers(0, 10, n).tolist()))
+    return tmp_path
+
+
+def test_create_dataset_fashion_mnist_serves_the_idx_files_in_official_order(tmp_path):
+    root = _tiny_fashion_root(tmp_path)
+    dataset = create_dataset("fashion-mnist", root=root)
+    assert isinstance(dataset, FashionMNISTDataset) and isinstance(dataset, ImageDataset)
+    assert dataset.name == "fashion-mnist"
+    for split, n in (("train", 7), ("test", 5)):
+        images, labels = load_fashion_mnist(split, root=root)
+        served = dataset.split(split)
+        assert isinstance(served, ImageSplit) and len(served) == n and served.split == split
+        assert served.hierarchy is dataset.hierarchy
+        assert served.fine_labels.dtype == np.int64
+        np.testing.assert_array_equal(served.fine_labels, labels)
+        np.testing.assert_array_equal(served.groups, np.arange(n))
+        for i in range(n):
+            got = served.image(i)
+            assert got.mode == "RGB" and got.size == (28, 28)
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(to_pil(images[i], invert=True, size=28)))
+            # dark on white: the inverted pixel values
+            np.testing.assert_array_equal(np.asarray(got)[:, :, 0], 255 - images[i])
+    assert dataset.split("train").content_id != dataset.split("test").content_id
+    assert dataset.split("test") is dataset.split("test")
+
+
+def test_fashion_mnist_content_id_follows_the_pixels(tmp_path):
+    root = _tiny_fashion_root(tmp_path)
+    first = create_dataset("fashion-mnist", root=root).split("test").content_id
+    assert create_dataset("fashion-mnist", root=root).split("test").content_id == first
+    images, labels = load_fashion_mnist("test", root=root)
+    images[0, 0, 0] ^= 1
+    _write_idx(root / "t10k-images-idx3-ubyte.gz", 0x803, images.shape, images.tobytes())
+    assert create_dataset("fashion-mnist", root=root).split("test").content_id != first
+
+
+def test_fashion_mnist_dataset_rejects_other_splits_and_missing_files(tmp_path):
+    with pytest.raises(ModelInputError, match="validation"):
+        create_dataset("fashion-mnist", root=_tiny_fashion_root(tmp_path)).split("validation")
+    with pytest.raises(DatasetNotFoundError, match="dataset-fashion-mnist"):
+        create_dataset("fashion-mnist", root=tmp_path / "nowhere").split("train")
+
+
+@needs_files
+def test_create_dataset_fashion_mnist_matches_load_fashion_mnist():
+    split = create_dataset("fashion-mnist").split("test")
+    images, labels = load_fashion_mnist("test")
+    np.testing.assert_array_equal(split.fine_labels, labels)
+    assert split.hierarchy == fashion_mnist_hierarchy()
+    for i in (0, 1, 9999):
+        np.testing.assert_array_equal(np.asarray(split.image(i)), np.asarray(to_pil(images[i], invert=True, size=28)))
+    head = split.head(100)
+    np.testing.assert_array_equal(head.fine_labels, labels[:100])
+    np.testing.assert_array_equal(np.asarray(head.image(99)), np.asarray(split.image(99)))
+
+
+@pytest.mark.parametrize("spec", ["mnist", "cifar10", "", "openclipart-png"])
+def test_unknown_dataset_names_list_the_known_ones(spec):
+    with pytest.raises(ModelInputError) as raised:
+        create_dataset(spec)
+    for known in DATASET_NAMES:
+        assert known in str(raised.value)
+
+
+@pytest.mark.parametrize("spec", ["fashion-mnist:/tmp", "openclipart:x"])
+def test_datasets_without_arguments_refuse_one(spec):
+    with pytest.raises(ModelInputError, match="takes no"):
+        create_dataset(spec)
+
+
+def test_imagefolder_needs_its_folder():
+    with pytest.raises(ModelInputError, match="imagefolder:DIR"):
+        create_dataset("imagefolder")
+
+
+def test_dataset_names_are_the_documented_ones():
+    assert DATASET_NAMES == ("fashion-mnist", "openclipart", "imagefolder:DIR")

@@ -1,14 +1,17 @@
-"""Fashion-MNIST from Debian's ``dataset-fashion-mnist`` package, its demo hierarchy, and image preprocessing."""
+"""Fashion-MNIST from Debian's ``dataset-fashion-mnist`` package, its demo hierarchy, image preprocessing, and the
+``ImageDataset`` over it."""
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 import numpy as np
 from PIL import Image
 
+from model.datasets.base import DatasetNotFoundError, ImageSplit, check_split_name, short_digest
 from model.errors import ModelInputError
 from model.hierarchy import LabelHierarchy
 
@@ -43,10 +46,6 @@ _FILES = {
 }
 _IDX_IMAGES_MAGIC = 0x00000803  # unsigned byte, 3 dimensions
 _IDX_LABELS_MAGIC = 0x00000801  # unsigned byte, 1 dimension
-
-
-class DatasetNotFoundError(ModelInputError):
-    """The data set's files are not where they were looked for."""
 
 
 def fashion_mnist_hierarchy() -> LabelHierarchy:
@@ -123,3 +122,48 @@ def to_pil(image: np.ndarray, *, invert: bool, size: int, pad_fraction: float = 
         background = 255 if invert else 0
         pixels = np.pad(pixels, margin, mode="constant", constant_values=background)
     return Image.fromarray(pixels, mode="L").resize((size, size), Image.Resampling.BICUBIC).convert("RGB")
+
+
+FASHION_MNIST_IMAGE_SIZE = 28
+"""``FashionMNISTDataset`` serves the images at their own size: dark on white, RGB, 28 x 28."""
+
+
+class FashionMNISTDataset:
+    """Fashion-MNIST as an ``ImageDataset``: the official train (60000) and test (10000) splits in their
+    official order (no shuffle: results cached by "the first N images of a split" rely on it; the official
+    order is already class-balanced). Every image is its own group. ``image(i)`` is
+    ``to_pil(pixels, invert=True, size=28)``.
+    """
+
+    def __init__(self, root: str | Path = FASHION_MNIST_ROOT) -> None:
+        self.name = "fashion-mnist"
+        self.root = Path(root)
+        self.hierarchy = fashion_mnist_hierarchy()
+        self._splits: dict[str, ImageSplit] = {}
+
+    def __repr__(self) -> str:
+        return f"FashionMNISTDataset(root={str(self.root)!r})"
+
+    def split(self, name: str) -> ImageSplit:
+        name = check_split_name(name)
+        if name not in self._splits:
+            images, labels = load_fashion_mnist(cast(Literal["train", "test"], name), root=self.root)
+            images.setflags(write=False)
+            digest = hashlib.sha256()
+            digest.update(f"fashion-mnist\n{name}\ninvert=True size={FASHION_MNIST_IMAGE_SIZE}\n".encode())
+            digest.update(images.tobytes())
+            digest.update(labels.astype("<i8").tobytes())
+
+            def load(index: int, images: np.ndarray = images) -> Image.Image:
+                return to_pil(images[index], invert=True, size=FASHION_MNIST_IMAGE_SIZE)
+
+            self._splits[name] = ImageSplit(
+                dataset=self.name,
+                split=name,
+                hierarchy=self.hierarchy,
+                fine_labels=labels,
+                groups=np.arange(labels.shape[0], dtype=np.int64),
+                content_id=short_digest(digest.hexdigest()),
+                loader=load,
+            )
+        return self._splits[name]
