@@ -1,6 +1,7 @@
 """imagefolder:DIR on trees built in tmp_path: a good layout loads, each bad layout names its problem."""
 
 import os
+import pickle
 from collections import defaultdict
 from pathlib import Path
 
@@ -319,3 +320,7 @@ def test_path_loader_keeps_paths_not_pixels(tmp_path):
     assert isinstance(loader, PathLoader)
     assert all(isinstance(p, Path) for p in loader.paths)
     assert not any(isinstance(v, (Image.Image, np.ndarray)) for v in vars(loader).values())
+    split = dataset.split("test")
+    copy = pickle.loads(pickle.dumps(split))
+    assert copy.content_id == split.content_id and len(copy) == len(split)
+    np.testing.assert_array_equal(np.asarray(copy.image(0)), np.asarray(split.image(0)))

@@ -1,4 +1,5 @@
 import gzip
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -178,6 +179,9 @@ def test_create_dataset_fashion_mnist_serves_the_idx_files_in_official_order(tmp
             np.testing.assert_array_equal(np.asarray(got)[:, :, 0], 255 - images[i])
     assert dataset.split("train").content_id != dataset.split("test").content_id
     assert dataset.split("test") is dataset.split("test")
+    copy = pickle.loads(pickle.dumps(dataset.split("test")))  # splits travel to worker processes
+    np.testing.assert_array_equal(np.asarray(copy.image(3)), np.asarray(dataset.split("test").image(3)))
+    assert copy.content_id == dataset.split("test").content_id
 
 
 def test_fashion_mnist_content_id_follows_the_pixels(tmp_path):

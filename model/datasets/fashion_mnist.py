@@ -128,6 +128,16 @@ FASHION_MNIST_IMAGE_SIZE = 28
 """``FashionMNISTDataset`` serves the images at their own size: dark on white, RGB, 28 x 28."""
 
 
+class _FashionLoader:
+    """Image ``i`` of a uint8 (n, 28, 28) array, inverted to dark on white, RGB (a class, so splits pickle)."""
+
+    def __init__(self, images: np.ndarray) -> None:
+        self.images = images
+
+    def __call__(self, index: int) -> Image.Image:
+        return to_pil(self.images[index], invert=True, size=FASHION_MNIST_IMAGE_SIZE)
+
+
 class FashionMNISTDataset:
     """Fashion-MNIST as an ``ImageDataset``: the official train (60000) and test (10000) splits in their
     official order (no shuffle: results cached by "the first N images of a split" rely on it; the official
@@ -154,9 +164,6 @@ class FashionMNISTDataset:
             digest.update(images.tobytes())
             digest.update(labels.astype("<i8").tobytes())
 
-            def load(index: int, images: np.ndarray = images) -> Image.Image:
-                return to_pil(images[index], invert=True, size=FASHION_MNIST_IMAGE_SIZE)
-
             self._splits[name] = ImageSplit(
                 dataset=self.name,
                 split=name,
@@ -164,6 +171,6 @@ class FashionMNISTDataset:
                 fine_labels=labels,
                 groups=np.arange(labels.shape[0], dtype=np.int64),
                 content_id=short_digest(digest.hexdigest()),
-                loader=load,
+                loader=_FashionLoader(images),
             )
         return self._splits[name]
