@@ -56,6 +56,10 @@ class Config:
     push_predictions: bool = True
     redis_url: str | None = None
     torch_threads: int | None = None
+    image_download_timeout_seconds: float = 30.0
+    predict_deadline_seconds: float = 30.0
+    request_read_timeout_seconds: float = 10.0
+    webhook_basic_auth: bool = True
 
     @property
     def basic_auth_enabled(self) -> bool:
@@ -101,6 +105,12 @@ class Config:
             push_predictions=reader.boolean("PUSH_PREDICTIONS", True),
             redis_url=reader.text("REDIS_URL"),
             torch_threads=reader.optional_integer("TORCH_THREADS", minimum=1),
+            image_download_timeout_seconds=reader.number("IMAGE_DOWNLOAD_TIMEOUT_SECONDS", 30.0, minimum=0.0,
+                                                         exclusive_minimum=True),
+            predict_deadline_seconds=reader.number("PREDICT_DEADLINE_SECONDS", 30.0, minimum=0.0, maximum=90.0),
+            request_read_timeout_seconds=reader.number("REQUEST_READ_TIMEOUT_SECONDS", 10.0, minimum=0.0,
+                                                       exclusive_minimum=True),
+            webhook_basic_auth=reader.boolean("WEBHOOK_BASIC_AUTH", True),
         )
         if bool(config.basic_auth_user) != bool(config.basic_auth_pass):
             raise ConfigError("BASIC_AUTH_USER and BASIC_AUTH_PASS must be set together")

@@ -6,10 +6,11 @@ import hashlib
 import json
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -26,6 +27,10 @@ logger = logging.getLogger(__name__)
 FEATURE_CHUNK = 64
 """Images decoded and embedded at a time (bounds memory while indexing a large project)."""
 DOWNLOAD_THREADS = 4
+"""Concurrent downloads per project: each project has its own pool, so slow images of one never block another."""
+DOWNLOAD_POOLS = 64
+"""Projects with a download pool at a time (least recently used pools are closed beyond it)."""
+NOT_READY = "not ready yet: the image is being downloaded and embedded in the background"
 WEAK_ANNOTATOR_CACHE_SIZE = 64
 
 
@@ -100,6 +105,8 @@ class TaskFeatures:
     """In the weak annotator's own class order."""
     weak_classes: tuple[str, ...] | None = None
     """The weak annotator's class order; None without a weak annotator."""
+    pending: set[int] = field(default_factory=set)
+    """Positions not computed yet (``features(fetch=False)``); also listed in ``errors`` with NOT_READY."""
 
     def usable_positions(self) -> list[int]:
         return [i for i, key in enumerate(self.keys) if key is not None]
@@ -162,6 +169,34 @@ class WeakAnnotators:
         return None
 
 
+class ProjectDownloadPools:
+    """One small download pool per project (least recently used pools closed beyond ``max_pools``).
+
+    Every download has its own deadline (backend.fetch), so a project's pool is busy for a bounded time, and a
+    project whose images are slow only ever waits on its own pool."""
+
+    def __init__(self, threads_per_project: int, max_pools: int) -> None:
+        self.threads_per_project = threads_per_project
+        self.max_pools = max_pools
+        self._pools: OrderedDict[int, ThreadPoolExecutor] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def pool(self, project_id: int) -> ThreadPoolExecutor:
+        with self._lock:
+            pool = self._pools.get(project_id)
+            if pool is None:
+                pool = ThreadPoolExecutor(self.threads_per_project, thread_name_prefix=f"vlm-al-download-{project_id}")
+                self._pools[project_id] = pool
+            self._pools.move_to_end(project_id)
+            while len(self._pools) > self.max_pools:
+                _, old = self._pools.popitem(last=False)
+                old.shutdown(wait=False)  # its running downloads finish (bounded by their deadline)
+            return pool
+
+    def map(self, project_id: int, fn: Callable[[int], Any], items: Sequence[int]) -> Any:
+        return self.pool(project_id).map(fn, items)
+
+
 def _as_stored(vectors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The float16 round trip of the store, so a fresh result equals the cached one bit for bit."""
     return {k: np.asarray(v, dtype=np.float16).astype(np.float32) for k, v in vectors.items()}
@@ -188,7 +223,7 @@ class FeatureExtractor:
         self.image_index = image_index
         self.metrics = metrics
         self._client_for = client_for
-        self._downloads = ThreadPoolExecutor(max_workers=DOWNLOAD_THREADS, thread_name_prefix="vlm-al-download")
+        self._downloads = ProjectDownloadPools(DOWNLOAD_THREADS, DOWNLOAD_POOLS)
 
     def features(
         self,
@@ -196,8 +231,13 @@ class FeatureExtractor:
         tasks: Sequence[Mapping[str, Any]],
         labeling: ProjectLabeling,
         client: LabelStudioAPI | None = None,
+        fetch: bool = True,
     ) -> TaskFeatures:
-        """Embeddings and weak answers of the tasks' images: cache first, download and compute what is missing."""
+        """Embeddings and weak answers of the tasks' images: cache first, download and compute what is missing.
+
+        ``fetch=False`` answers from the caches only; the other tasks are listed in ``pending``."""
+        started = time.monotonic()
+        pending: set[int] = set()
         weak_annotator = self.weak_annotators.for_hierarchy(labeling.hierarchy)
         namespace = weak_namespace(weak_annotator) if weak_annotator is not None else None
         urls: list[str | None] = []
@@ -215,6 +255,10 @@ class FeatureExtractor:
 
         downloaded: dict[int, bytes] = {}
         need_download = [i for i, u in enumerate(urls) if u and keys[i] is None]
+        if need_download and not fetch:
+            pending.update(need_download)
+            need_download = []
+        n_downloads = len(need_download)
         if need_download:
             self._download(project_id, tasks, urls, need_download, client, downloaded, errors)
             new_keys: dict[str, str] = {}
@@ -230,24 +274,37 @@ class FeatureExtractor:
         for i, key in enumerate(keys):
             if key and (key not in embeddings or (namespace and key not in weak)):
                 missing_positions.setdefault(key, i)
+        if missing_positions and not fetch:
+            pending.update(i for i, key in enumerate(keys) if key in missing_positions)
+            missing_positions = {}
         if missing_positions:
             redownload = [i for i in missing_positions.values() if i not in downloaded]
+            n_downloads += len(redownload)
             if redownload:
                 self._download(project_id, tasks, urls, redownload, client, downloaded, errors)
             self._compute(weak_annotator, namespace, missing_positions, downloaded, embeddings, weak, errors)
         for i, key in enumerate(keys):
-            if key is not None and key not in embeddings and i not in errors:
+            if key is not None and key not in embeddings and i not in errors and i not in pending:
                 failed = next((errors[j] for j, k in enumerate(keys) if k == key and j in errors), "no embedding")
                 errors[i] = failed
         for i in errors:
             keys[i] = None
-        if errors:
-            self.metrics.image_errors.inc(len(errors))
-            for i, message in sorted(errors.items()):
-                logger.error("project %s task %s: %s", project_id, tasks[i].get("id"), message)
+        for i in pending:
+            keys[i] = None
+            errors.setdefault(i, NOT_READY)
+        failed = {i: m for i, m in errors.items() if i not in pending}
+        if failed and not pending:  # a cache-only pass that leaves work pending is counted by the full pass
+            self.metrics.image_errors.inc(len(failed))
+            for i, message in sorted(failed.items()):
+                logger.debug("project %s task %s: %s", project_id, tasks[i].get("id"), message)
+        log = logger.info if (n_downloads or failed) else logger.debug
+        log("project %s: features of %d tasks in %.2f s: %d downloaded, %d failed, %d pending%s", project_id,
+            len(tasks), time.monotonic() - started, len(downloaded), len(failed), len(pending),
+            f" (first failure: {failed[min(failed)]})" if failed else "")
         weak_classes = tuple(weak_annotator.coarse_classes) if weak_annotator is not None else None
         return TaskFeatures(
-            keys=keys, errors=errors, embeddings=embeddings, weak_probabilities=weak, weak_classes=weak_classes
+            keys=keys, errors=errors, embeddings=embeddings, weak_probabilities=weak, weak_classes=weak_classes,
+            pending=pending,
         )
 
     def _download(
@@ -273,7 +330,7 @@ class FeatureExtractor:
             except (ImageFetchError, LabelStudioError, OSError) as exc:
                 return i, None, str(exc)
 
-        for i, data_bytes, error in self._downloads.map(fetch, positions):
+        for i, data_bytes, error in self._downloads.map(project_id, fetch, positions):
             if error is not None:
                 errors[i] = error
             else:

@@ -2,36 +2,43 @@
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import logging
-import os
-import shutil
-import tempfile
 import threading
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import urlparse
+from urllib.parse import quote
 
 from label_studio_sdk import LabelStudio
-from label_studio_sdk._extensions.label_studio_tools.core.utils.io import get_local_path
 from label_studio_sdk.types import PredictionRequest
+
+from backend.fetch import (
+    FetchRefused,
+    HttpURL,
+    ImageFetcher,
+    ImageFetchError,
+    authorization_header,
+    parse_http_url,
+)
 
 logger = logging.getLogger(__name__)
 
 TASK_PAGE_SIZE = 500
 # One import/predictions request per project is the fast way (section 5 of the protocol notes); give it time.
 PUSH_TIMEOUT_SECONDS = 600.0
-_LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
-_CLOUD_PREFIXES = ("s3:", "gs:", "azure-blob:")
+DEFAULT_DOWNLOAD_TIMEOUT_SECONDS = 30.0
+_LOOPBACK_NAMES = {"localhost"}
+_CLOUD_PREFIXES = ("s3://", "gs://", "azure-blob://")
+
+__all__ = ["ImageFetchError", "LabelStudioAPI", "LabelStudioClient", "LabelStudioClientFactory", "LabelStudioError",
+           "check_image_url", "image_request"]
 
 
 class LabelStudioError(RuntimeError):
     """A Label Studio call failed; the message says which call and why."""
-
-
-class ImageFetchError(ValueError):
-    """A task image that cannot be used: missing, foreign, too large or not downloadable."""
 
 
 class LabelStudioAPI(Protocol):
@@ -50,18 +57,6 @@ class LabelStudioAPI(Protocol):
     def download_image(self, url: str, task_id: int | None = None) -> bytes: ...
 
 
-def _same_origin(url: str, base: str) -> bool:
-    a, b = urlparse(url), urlparse(base)
-    if a.scheme != b.scheme or (a.port or _default_port(a.scheme)) != (b.port or _default_port(b.scheme)):
-        return False
-    host_a, host_b = (a.hostname or "").lower(), (b.hostname or "").lower()
-    return host_a == host_b or (_is_loopback(host_a) and _is_loopback(host_b))
-
-
-def _default_port(scheme: str) -> int:
-    return 443 if scheme == "https" else 80
-
-
 def _is_loopback(host: str) -> bool:
     if host in _LOOPBACK_NAMES:
         return True
@@ -71,25 +66,43 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def check_image_url(url: Any, hostname: str) -> str:
-    """Accept Label Studio-relative URLs, cloud storage URIs and absolute URLs on Label Studio's own host.
+def _same_origin(url: HttpURL, base: HttpURL) -> bool:
+    """Same scheme, port and host; ``localhost`` and loopback addresses count as one host."""
+    if url.scheme != base.scheme or url.port != base.port:
+        return False
+    return url.host == base.host or (_is_loopback(url.host) and _is_loopback(base.host))
 
-    Anything else is refused, so a task cannot make the backend fetch arbitrary addresses."""
+
+def image_request(url: Any, base_url: str | HttpURL) -> tuple[HttpURL, bool]:
+    """Where to GET a task's image: (URL on the Label Studio origin, whether it is a cloud presign request).
+
+    Label Studio-relative URLs and absolute URLs on its origin (any loopback spelling of a loopback host) are
+    fetched from ``base_url`` itself, so the connection and the token always go to the Label Studio host.
+    Cloud URIs (``s3://``, ``gs://``, ``azure-blob://``) go through Label Studio's presign endpoint. Anything
+    else is refused before a connection is made. The one URL parser is ``backend.fetch.parse_http_url``."""
+    base = base_url if isinstance(base_url, HttpURL) else parse_http_url(base_url)
     if not isinstance(url, str) or not url.strip():
-        raise ImageFetchError(f"the task's image URL is missing or not a string: {url!r}")
+        raise FetchRefused(f"the task's image URL is missing or not a string: {str(url)[:80]!r}")
     url = url.strip()
     if url.startswith(_CLOUD_PREFIXES):
-        return url
-    if url.startswith("/") and not url.startswith("//"):
-        return url
+        return base, True
     if url.startswith("upload/"):
-        return url
-    parsed = urlparse(url)
-    if parsed.scheme in ("http", "https") and parsed.netloc:
-        if _same_origin(url, hostname):
-            return url
-        raise ImageFetchError(f"image URL {url!r} is not on the Label Studio host {hostname}")
-    raise ImageFetchError(f"unsupported image URL {url!r}: expected a Label Studio URL")
+        url = "/data/" + url
+    if url.startswith("/") and not url.startswith("//"):
+        return base.with_target(url), False
+    if "://" not in url[:20]:
+        raise FetchRefused(f"unsupported image URL {url[:80]!r}: expected a Label Studio URL")
+    parsed = parse_http_url(url)
+    if not _same_origin(parsed, base):
+        raise FetchRefused(f"image URL {url[:80]!r} is not on the Label Studio host {base.host_header}")
+    return base.with_target(parsed.target), False
+
+
+def check_image_url(url: Any, hostname: str) -> str:
+    """Accept Label Studio-relative URLs, cloud storage URIs and absolute URLs on Label Studio's own origin;
+    return the URL unchanged. Anything else raises ImageFetchError (see ``image_request``)."""
+    image_request(url, hostname)
+    return url.strip()
 
 
 class LabelStudioClient:
@@ -103,11 +116,19 @@ class LabelStudioClient:
         max_image_bytes: int,
         timeout_seconds: float = 60.0,
         sdk_client: LabelStudio | None = None,
+        download_timeout_seconds: float = DEFAULT_DOWNLOAD_TIMEOUT_SECONDS,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self._base = parse_http_url(self.base_url)
         self._sdk = sdk_client or LabelStudio(base_url=self.base_url, api_key=api_key, timeout=timeout_seconds)
-        self._download_root = Path(download_root)
+        self._download_root = Path(download_root)  # unused: images are streamed into memory, never to disk
         self._max_image_bytes = int(max_image_bytes)
+        self._fetcher = ImageFetcher(
+            self._base,
+            lambda: authorization_header(self._download_token()),
+            max_bytes=self._max_image_bytes,
+            timeout_seconds=download_timeout_seconds,
+        )
 
     @property
     def _http(self):
@@ -183,35 +204,16 @@ class LabelStudioClient:
         _raise_for_status(response, f"DELETE model version {model_version} of project {project_id}")
 
     def download_image(self, url: str, task_id: int | None = None) -> bytes:
-        """Download through the SDK helper into a private temporary directory; enforce the byte limit."""
-        url = check_image_url(url, self.base_url)
-        self._download_root.mkdir(parents=True, exist_ok=True)
-        work_dir = Path(tempfile.mkdtemp(prefix="dl-", dir=self._download_root))
-        try:
-            try:
-                path = get_local_path(
-                    url,
-                    cache_dir=str(work_dir),
-                    image_dir=str(work_dir / "upload"),
-                    hostname=self.base_url,
-                    access_token=self._download_token(),
-                    download_resources=True,
-                    task_id=task_id,
-                )
-            except Exception as exc:
-                raise ImageFetchError(f"cannot download {url}: {type(exc).__name__}: {exc}") from exc
-            try:
-                size = os.path.getsize(path)
-            except OSError as exc:
-                raise ImageFetchError(f"cannot read the downloaded image {url}: {exc}") from exc
-            if size > self._max_image_bytes:
-                raise ImageFetchError(
-                    f"image {url} has {size} bytes, more than MAX_IMAGE_BYTES={self._max_image_bytes}"
-                )
-            with open(path, "rb") as handle:
-                return handle.read()
-        finally:
-            shutil.rmtree(work_dir, ignore_errors=True)
+        """Stream the image into memory with the project's own fetcher (backend.fetch): Label Studio origin only,
+        no redirects (cloud presign hops re-checked, without credentials), one deadline, a streaming byte cap."""
+        target, cloud = image_request(url, self._base)
+        if cloud:
+            if task_id is None:
+                raise ImageFetchError(f"cloud URI {url[:80]!r} needs a task id for Label Studio's presign endpoint")
+            fileuri = base64.urlsafe_b64encode(url.strip().encode()).decode()
+            target = self._base.with_target(f"/tasks/{int(task_id)}/presign/?fileuri={quote(fileuri)}")
+        logger.debug("downloading image of task %s", task_id)
+        return self._fetcher.fetch(target, external_redirects=cloud)
 
 
 def _raise_for_status(response: Any, what: str) -> None:
@@ -224,8 +226,13 @@ def _raise_for_status(response: Any, what: str) -> None:
 class LabelStudioClientFactory:
     """Builds (and reuses) one client per Label Studio address and key.
 
-    LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY win over what /setup sent: the operator's address is the one that works
-    from the backend's network, and the /setup token is a legacy key that may be disabled."""
+    Credentials stay with the host they were given for: LABEL_STUDIO_API_KEY is only ever sent to
+    LABEL_STUDIO_URL (without LABEL_STUDIO_URL it is not used at all), and a /setup token only to the /setup
+    hostname it came with (``MLBackend.setup`` drops a stored token when the host changes without a new one).
+    LABEL_STUDIO_URL wins over the /setup hostname: the operator's address is the one that works from the
+    backend's network."""
+
+    MAX_CLIENTS = 32
 
     def __init__(
         self,
@@ -233,24 +240,39 @@ class LabelStudioClientFactory:
         max_image_bytes: int,
         default_url: str | None = None,
         default_api_key: str | None = None,
+        download_timeout_seconds: float = DEFAULT_DOWNLOAD_TIMEOUT_SECONDS,
     ) -> None:
         self._download_root = download_root
         self._max_image_bytes = max_image_bytes
         self._default_url = default_url
-        self._default_api_key = default_api_key
-        self._clients: dict[tuple[str, str], LabelStudioClient] = {}
+        self._default_api_key = default_api_key if default_url else None
+        self._download_timeout = download_timeout_seconds
+        self._clients: OrderedDict[tuple[str, str], LabelStudioClient] = OrderedDict()
         self._lock = threading.Lock()
+        if default_api_key and not default_url:
+            logger.warning("LABEL_STUDIO_API_KEY is ignored without LABEL_STUDIO_URL: a key is only sent to the "
+                           "host it was configured for")
 
     def __call__(self, hostname: str | None, access_token: str | None) -> LabelStudioAPI:
         url = self._default_url or hostname
-        key = self._default_api_key or access_token
+        key = (self._default_api_key or access_token) if self._default_url else access_token
         if not url:
             raise LabelStudioError("no Label Studio address: set LABEL_STUDIO_URL or connect the backend (/setup)")
         if not key:
-            raise LabelStudioError("no Label Studio API key: set LABEL_STUDIO_API_KEY or connect the backend (/setup)")
+            raise LabelStudioError("no Label Studio API key: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY, or "
+                                   "connect the backend (/setup with its access_token)")
         with self._lock:
             client = self._clients.get((url, key))
-            if client is None:
-                client = LabelStudioClient(url, key, self._download_root, self._max_image_bytes)
-                self._clients[(url, key)] = client
-            return client
+            if client is not None:
+                self._clients.move_to_end((url, key))
+                return client
+        try:
+            client = LabelStudioClient(url, key, self._download_root, self._max_image_bytes,
+                                       download_timeout_seconds=self._download_timeout)
+        except ImageFetchError as exc:
+            raise LabelStudioError(f"unusable Label Studio address: {exc}") from None
+        with self._lock:
+            self._clients[(url, key)] = client
+            while len(self._clients) > self.MAX_CLIENTS:
+                self._clients.popitem(last=False)
+        return client

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
+from concurrent.futures import TimeoutError as FutureTimeout
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +17,7 @@ from backend.components import build_components
 from backend.config import Config, SecretRedactingFilter
 from backend.features import (
     Backbone,
+    ProjectDownloadPools,
     EmbeddingStoreLike,
     FeatureExtractor,
     ImageCodec,
@@ -89,6 +92,8 @@ class MLBackend:
             metrics=self.metrics,
             client_for=self._client,
         )
+        self._predict_workers = ProjectDownloadPools(1, 64)
+        """One worker per project for /predict's missing features, so one project's slow batch waits on itself."""
 
     # --- construction from the environment --------------------------------------------------------------------
 
@@ -108,6 +113,7 @@ class MLBackend:
                 max_image_bytes=config.max_image_bytes,
                 default_url=config.label_studio_url,
                 default_api_key=config.label_studio_api_key,
+                download_timeout_seconds=config.image_download_timeout_seconds,
             ),
             redactor=redactor,
         )
@@ -162,6 +168,11 @@ class MLBackend:
         labeling = self.labeling(schema) if schema is not None else None
         ctx = self.projects.context(project_id)
         with ctx.lock:
+            if hostname and ctx.hostname and not _same_host(hostname, ctx.hostname) and not access_token:
+                # A token stays with the host it was given for: a new host without a new token gets none.
+                logger.warning("project %s: /setup moved Label Studio to another host without a token; the stored "
+                               "token is dropped", project_id)
+                ctx.access_token = None
             ctx.hostname = hostname or ctx.hostname
             ctx.access_token = access_token or ctx.access_token
             if schema:
@@ -217,13 +228,47 @@ class MLBackend:
             model, model_version = self.projects.served_model(project_id, labeling)
         if not tasks:
             return ModelResponse([], model_version)
-        features = self.extractor.features(project_id if project_id is not None else 0, tasks, labeling)
-        if len(features.errors) == len(tasks):
+        features = self._features_within_deadline(project_id, tasks, labeling)
+        if len(features.errors) == len(tasks) and not features.pending:
             details = "; ".join(f"task {tasks[i].get('id')}: {features.errors[i]}" for i in sorted(features.errors))
             raise InvalidInput(f"no task image could be used: {details}", status=422, kind="unusable_images")
         predictions = self._predictions(project_id, tasks, labeling, features, model, model_version)
+        for position in features.pending:
+            # Not ready within PREDICT_DEADLINE_SECONDS: an empty prediction without a score now (it does not
+            # move the queue); the background work finishes it and the index job pushes the real one.
+            predictions[position] = {"result": [], "model_version": model_version}
         self.metrics.predictions.inc(len(predictions))
         return ModelResponse(predictions, model_version)
+
+    def _features_within_deadline(
+        self, project_id: int | None, tasks: Sequence[Mapping[str, Any]], labeling: ProjectLabeling
+    ) -> TaskFeatures:
+        """Cached features at once; what is missing is computed on the project's own worker for at most
+        PREDICT_DEADLINE_SECONDS, then left to finish in the background (Label Studio waits 100 s at most)."""
+        key = project_id if project_id is not None else 0
+        cached = self.extractor.features(key, tasks, labeling, fetch=False)
+        if not cached.pending:
+            return cached
+        started = time.monotonic()
+        future = self._predict_workers.pool(key).submit(self.extractor.features, key, tasks, labeling)
+        try:
+            return future.result(timeout=self.config.predict_deadline_seconds)
+        except FutureTimeout:
+            pass
+        future.add_done_callback(lambda done: self._late_features_done(project_id, done))
+        features = self.extractor.features(key, tasks, labeling, fetch=False)
+        logger.info("project %s: /predict of %d tasks: %d not ready after %.1f s (PREDICT_DEADLINE_SECONDS); "
+                    "answered empty, finishing in the background", project_id, len(tasks), len(features.pending),
+                    time.monotonic() - started)
+        return features
+
+    def _late_features_done(self, project_id: int | None, future: Any) -> None:
+        if future.exception() is not None:
+            logger.warning("project %s: background features after /predict failed: %s", project_id,
+                           future.exception())
+            return
+        if project_id is not None and self.config.push_predictions and self._can_reach_label_studio(project_id):
+            self.queue_index(project_id)  # pushes the predictions the deadline cut short
 
     def handle_event(self, action: str, data: Mapping[str, Any]) -> dict[str, Any]:
         """Webhook events: enqueue only, so Label Studio's 1 s webhook timeout is never hit."""
@@ -398,7 +443,11 @@ class MLBackend:
                 self.metrics.fits.labels(outcome="failed").inc()
                 raise
         self.metrics.fits.labels(outcome="trained" if new_version else "skipped").inc()
-        logger.info("project %s: fit finished in %.1f s -> %s", project_id, time.monotonic() - started, new_version)
+        current = state.current()
+        counts = current.metrics if (current is not None and new_version) else {}
+        logger.info("project %s: fit finished in %.1f s -> %s (%s tasks, %s fine labels, %s weak labels)",
+                    project_id, time.monotonic() - started, new_version or "no new version",
+                    counts.get("n_tasks", "-"), counts.get("n_fine", "-"), counts.get("n_weak", "-"))
         return new_version
 
     def _fit_locked(self, project_id: int, state: ProjectState) -> str | None:
@@ -414,6 +463,13 @@ class MLBackend:
         labels = collect_labels(labeling, tasks, usable, project_id)
         if not np.any(labels.fine != MISSING_LABEL):
             logger.info("project %s: no fine labels yet; the cold-start queue stays", project_id)
+            return None
+        digest = self._inputs_digest(label_config, tasks, usable, features, labels)
+        current = state.current()
+        if current is not None and current.metrics.get("inputs_digest") == digest:
+            # Nothing new since the served version: keep it, push nothing, prune nothing.
+            logger.info("project %s: nothing new since %s (same labels, images and config); no retrain",
+                        project_id, current.model_version)
             return None
         embeddings = features.embedding_matrix(usable)
         dim = int(embeddings.shape[1])
@@ -432,13 +488,15 @@ class MLBackend:
         unlabeled_rows = np.flatnonzero(~labels.labeled)
         scores = {int(tasks[usable[row]]["id"]): float(outcome.row_scores[row]) for row in unlabeled_rows}
         new_version = state.next_version()
+        state.write_priorities(new_version, scores)
+        state.commit_version(
+            new_version, classifier.save, schema_hash(label_config),
+            {**outcome.metrics(labels, len(tasks)), "inputs_digest": digest},
+        )
+        # Only now, after the commit: the T history never names a version that does not exist.
         state.append_transition(
             {"model_version": new_version, "n_trusted": outcome.n_trusted,
              "coarse_classes": list(hierarchy.coarse_classes), **estimate.to_dict()}
-        )
-        state.write_priorities(new_version, scores)
-        state.commit_version(
-            new_version, classifier.save, schema_hash(label_config), outcome.metrics(labels, len(tasks))
         )
         self.projects.serve(project_id, classifier, new_version)
         if self.config.push_predictions and unlabeled_rows.size:
@@ -450,6 +508,23 @@ class MLBackend:
             self.jobs.submit(f"prune:{project_id}", lambda: self._delete_versions(project_id, removed))
         return new_version
 
+    def _inputs_digest(
+        self,
+        label_config: str,
+        tasks: Sequence[Mapping[str, Any]],
+        usable: Sequence[int],
+        features: TaskFeatures,
+        labels: Any,
+    ) -> str:
+        """What a fit learns from: the config, the models, each usable task's image and labels."""
+        digest = hashlib.sha256()
+        weak = self.weak_annotators.describe() or ""
+        digest.update(f"{schema_hash(label_config)}|{self.backbone.name}|{weak}\n".encode())
+        for row, position in enumerate(usable):
+            digest.update(f"{tasks[position].get('id')}|{features.keys[position]}|{int(labels.fine[row])}|"
+                          f"{int(labels.human_coarse[row])}|{bool(labels.labeled[row])}\n".encode())
+        return digest.hexdigest()
+
     def _delete_versions(self, project_id: int, versions: Sequence[str]) -> None:
         client = self._client(project_id)
         current = self.current_model_version(project_id)
@@ -457,6 +532,16 @@ class MLBackend:
             if version == current:
                 continue  # deleting the current version would clear the project's model_version
             client.delete_model_version(project_id, version)
+
+
+def _same_host(a: str, b: str) -> bool:
+    """Whether two Label Studio base URLs name the same origin (scheme, host, port)."""
+    from backend.fetch import ImageFetchError, parse_http_url
+
+    try:
+        return parse_http_url(a).origin == parse_http_url(b).origin
+    except ImageFetchError:
+        return a.rstrip("/") == b.rstrip("/")
 
 
 def _required_project(data: Mapping[str, Any]) -> Any:

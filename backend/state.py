@@ -39,6 +39,38 @@ def model_version_name(number: int) -> str:
     return f"{VERSION_PREFIX}{number}"
 
 
+class ModelDirError(RuntimeError):
+    """MODEL_DIR cannot be used; the message names the path and the cause."""
+
+
+def check_model_dir(model_dir: Path) -> Path:
+    """Create MODEL_DIR if needed and prove it is writable (a probe file is written and removed).
+
+    Raises ModelDirError naming the path and the cause, so a read-only or missing directory is one clear
+    start-up error instead of a bare SQLite message from deep inside the first request."""
+    path = Path(model_dir).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ModelDirError(f"MODEL_DIR {path} cannot be created: {exc.strerror or exc}") from None
+    if not path.is_dir():
+        raise ModelDirError(f"MODEL_DIR {path} is not a directory")
+    probe = path / f".write-probe-{os.getpid()}-{threading.get_ident()}"
+    try:
+        with open(probe, "wb") as handle:
+            handle.write(b"ok")
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as exc:
+        raise ModelDirError(f"MODEL_DIR {path} is not writable: {exc.strerror or exc}") from None
+    finally:
+        try:
+            probe.unlink()
+        except OSError:
+            pass
+    return path
+
+
 def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -159,15 +191,43 @@ class ProjectState:
         return removed
 
     def append_transition(self, record: Mapping[str, Any]) -> None:
+        """Append one T estimate. Call it only after ``commit_version`` of the record's version returned, so the
+        history never names a version that was not committed. One write of one line, fsynced; a line cut by a
+        crash is skipped by ``transition_history`` and never glued to the next record."""
         self.root.mkdir(parents=True, exist_ok=True)
         line = json.dumps({"created_at": utc_now(), **record}, sort_keys=True)
-        with open(self.history_path, "a", encoding="utf-8") as handle:
-            handle.write(line + "\n")
+        with open(self.history_path, "ab") as handle:
+            prefix = b""
+            if handle.tell() > 0:
+                with open(self.history_path, "rb") as reader:
+                    reader.seek(-1, os.SEEK_END)
+                    if reader.read(1) != b"\n":
+                        prefix = b"\n"  # a torn last line from a crash: start on a fresh line
+            handle.write(prefix + line.encode("utf-8") + b"\n")
+            handle.flush()
+            os.fsync(handle.fileno())
 
     def transition_history(self) -> list[dict[str, Any]]:
+        """One record per committed version, oldest first (torn lines and repeats of a version are skipped)."""
         if not self.history_path.exists():
             return []
-        return [json.loads(line) for line in self.history_path.read_text().splitlines() if line.strip()]
+        records: dict[str, dict[str, Any]] = {}
+        unnamed: list[dict[str, Any]] = []
+        for line in self.history_path.read_text(encoding="utf-8", errors="replace").splitlines():
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(record, dict):
+                continue
+            version = record.get("model_version")
+            if isinstance(version, str):
+                records[version] = record  # a repeat (from an old crash) is the one that was committed
+            else:
+                unnamed.append(record)
+        return unnamed + sorted(records.values(), key=lambda r: version_number(str(r["model_version"])) or 0)
 
     def write_priorities(self, model_version: str, scores: Mapping[int, float]) -> None:
         atomic_write_json(

@@ -13,6 +13,10 @@ from model.errors import ModelInputError
 
 MIB = 1024 * 1024
 
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+"""The only decoders tried. Pillow would otherwise try every registered plugin, among them EPS (which runs
+Ghostscript, an external program), PSD, PCX, XBM and other rarely audited decoders."""
+
 
 class ImageDecodeError(ModelInputError):
     """Image bytes that cannot be used: too large, too many pixels, or not a readable image."""
@@ -47,7 +51,10 @@ def decode_image(data: bytes, limits: ImageLimits | None = None) -> Image.Image:
         # error keeps the guard without touching that global, and our own limit below is checked first anyway.
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(bytes(data)))  # lazy: reads the header only
+            # lazy: reads the header only; only the allow-listed raster decoders are tried
+            image = Image.open(io.BytesIO(bytes(data)), formats=ALLOWED_FORMATS)
+            if image.format not in ALLOWED_FORMATS:
+                raise ImageDecodeError(f"image format {image.format} is not allowed")
             width, height = image.size
             if width <= 0 or height <= 0:
                 raise ImageDecodeError(f"image declares an empty size {width}x{height}")
@@ -63,7 +70,9 @@ def decode_image(data: bytes, limits: ImageLimits | None = None) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageDecodeError(f"image rejected as a decompression bomb: {exc}") from exc
     except UnidentifiedImageError as exc:
-        raise ImageDecodeError("data is not an image in a format this server can read") from exc
+        raise ImageDecodeError(
+            f"data is not an image in a format this server reads ({', '.join(ALLOWED_FORMATS)})"
+        ) from exc
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         # Truncated or corrupt files surface as OSError/SyntaxError/EOFError depending on the codec.
         raise ImageDecodeError(f"image data is corrupt or truncated: {exc}") from exc

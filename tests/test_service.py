@@ -269,7 +269,8 @@ def test_old_versions_are_pruned_locally_and_in_label_studio(fake_ls, make_confi
     add_pool(fake_ls, 3)
     annotate_some(fake_ls, 1)
     parts = make_backend(make_config(keep_model_versions=2))
-    for _ in range(4):
+    for fit in range(4):
+        fake_ls.annotate(5 + fit, FINES[(5 + fit - 1) % 4])  # something new each time, else no new version
         parts.backend.run_fit(PROJECT_ID)
     state = ProjectState(parts.backend.config.model_dir, PROJECT_ID)
     assert state.current().model_version == "vlm-al-v4"
@@ -306,6 +307,7 @@ def test_start_training_and_legacy_train_queue_a_fit(fake_ls, make_config, make_
     response = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": PROJECT_ID}})
     assert response.status_code == 200
     assert parts.backend.current_model_version(PROJECT_ID) == "vlm-al-v1"
+    fake_ls.annotate(12, FINES[(12 - 1) % 4])
     response = client.post("/train", json={"annotations": [fake_ls.tasks[0]], "project": f"{PROJECT_ID}.123",
                                            "label_config": fake_ls.label_config})
     assert response.status_code == 200 and response.get_json()["status"] == "queued"
@@ -591,3 +593,20 @@ def test_classes_the_weak_annotator_cannot_use_are_a_422_naming_the_problem(fake
     assert response.status_code == 422
     body = response.get_json()
     assert body["error"] == "unsupported_label_config" and "not distinguishable" in body["message"]
+
+
+def test_a_retrain_with_nothing_new_keeps_the_version_and_pushes_nothing(fake_ls, make_config, make_backend):
+    add_pool(fake_ls, 3)
+    annotate_some(fake_ls, 1)
+    parts = make_backend(make_config(keep_model_versions=1))
+    assert parts.backend.run_fit(PROJECT_ID) == "vlm-al-v1"
+    imports, patches = len(fake_ls.imports), len(fake_ls.patches)
+    client = create_app(parts.backend.config, parts.backend).test_client()
+    assert client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": PROJECT_ID}}).status_code == 200
+    assert parts.backend.current_model_version(PROJECT_ID) == "vlm-al-v1"
+    assert (len(fake_ls.imports), len(fake_ls.patches)) == (imports, patches)
+    assert fake_ls.deleted_versions == []
+    history = ProjectState(parts.backend.config.model_dir, PROJECT_ID).transition_history()
+    assert [h["model_version"] for h in history] == ["vlm-al-v1"]
+    fake_ls.annotate(6, FINES[(6 - 1) % 4])
+    assert parts.backend.run_fit(PROJECT_ID) == "vlm-al-v2"
