@@ -10,6 +10,9 @@ _config = Config.from_env()
 bind = "127.0.0.1:9090"  # overridden by --bind; Docker passes 0.0.0.0
 workers = _config.workers
 threads = _config.threads
+# gthread, but requests are read in full (REQUEST_READ_TIMEOUT_SECONDS, MAX_REQUEST_BYTES) before they take a
+# thread, so slow clients cannot starve /health (backend/worker.py)
+worker_class = "backend.worker.BufferedThreadWorker"
 loglevel = _config.log_level.lower()
 # Fits run in background threads inside the worker, so a long request timeout is not needed;
 # /predict of a large uncached batch is the slowest request Label Studio sends (it waits 100 s).

@@ -14,9 +14,15 @@ DEFAULT_PORT = 9090
 def _serve(args: argparse.Namespace) -> int:
     from gunicorn.app.base import BaseApplication
 
-    from backend.config import Config
+    from backend.config import Config, ConfigError
+    from backend.state import ModelDirError, check_model_dir
 
-    config = Config.from_env()
+    try:
+        config = Config.from_env()
+        check_model_dir(config.model_dir)
+    except (ConfigError, ModelDirError) as exc:
+        print(f"vlm-al serve: {exc}", file=sys.stderr)
+        return 2
 
     class _Server(BaseApplication):
         def load_config(self) -> None:
@@ -28,7 +34,9 @@ def _serve(args: argparse.Namespace) -> int:
                 # fits run in background threads; the slowest request is /predict of an uncached batch
                 "timeout": 120,
                 "graceful_timeout": 30,
-                "worker_class": "gthread",
+                # gthread that hands a request to a thread only once it has fully arrived (backend/worker.py):
+                # slow clients cannot hold the threads /health needs
+                "worker_class": "backend.worker.BufferedThreadWorker",
             }
             for key, value in settings.items():
                 self.cfg.set(key, value)
