@@ -86,7 +86,8 @@ class OpenClipartDataset:
     ``skipped`` counts the files left out of the chosen folders, by reason ("over pixel cap", "unreadable",
     "duplicate": an identical file already in the class, "in two classes": the same picture filed under two
     chosen classes, so it has no single label). Images are RGB, transparency composited onto white, shrunk to
-    ``max_side``. Variants of one drawing (``name_01``, ``name_02``, ``name_bw``...) share a group, and whole
+    ``max_side``. ``folders`` maps each kept folder ("animals/birds") to its fine class name. Variants of one
+    drawing (``name_01``, ``name_02``, ``name_bw``...) share a group, and whole
     groups go to train or test (see ``model.datasets.tree.build_splits``).
     """
 
