@@ -85,42 +85,125 @@ class OpenAICompatibleVLMFactory:
         return f"OpenAICompatibleVLMFactory(base_url={self.base_url!r}, model={self.model!r})"
 
 
-def build_weak_annotator(config: Config, backbone: Any) -> tuple[Any, WeakAnnotatorFactory | None]:
-    """``(fixed annotator, per-project factory)`` for WEAK_ANNOTATOR, at most one of them set.
+@dataclass(frozen=True)
+class SemanticZeroShotFactory:
+    """ConSE zero-shot prompts with a project's class names over one ImageNet classifier and one text encoder, both
+    loaded at start-up; the ImageNet label embeddings are computed once and shared by every project."""
 
-    The ImageNet map has its own classes (from its map file); open-vocabulary annotators read each project's class
-    names, so only their heavy model is loaded here. The backbone's model is shared where it is the same one."""
-    if config.weak_annotator == "none":
-        return None, None
-    if config.weak_annotator == "imagenet-map":
-        from model.embeddings import TimmBackbone
-        from model.weak.classifier_label_map import ClassifierLabelMap, load_imagenet_map
+    classifier: Any
+    text_encoder: Any
+    imagenet_embeddings: Any
+    descriptions: dict[str, list[str]]
+    cost_per_label: float
 
-        try:
-            groups = json.loads(Path(config.imagenet_map_file).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ValueError(f"IMAGENET_MAP_FILE {config.imagenet_map_file}: {exc}") from exc
-        coarse_classes = list(groups)
-        classifier = backbone if hasattr(backbone, "classify_logits") else TimmBackbone(
-            "efficientnet_lite0", image_size=config.image_size
+    @property
+    def description(self) -> str:
+        return f"semantic:{self.classifier.name}:{self.text_encoder.name} (per project classes)"
+
+    def __call__(self, hierarchy: LabelHierarchy) -> Any:
+        from model.weak.semantic_zeroshot import SemanticZeroShot
+
+        descriptions = {c: d for c, d in self.descriptions.items() if c in hierarchy.coarse_classes}
+        return SemanticZeroShot(
+            self.classifier, self.text_encoder, hierarchy, descriptions=descriptions,
+            imagenet_embeddings=self.imagenet_embeddings, cost_per_label=self.cost_per_label,
         )
-        mapping = load_imagenet_map(config.imagenet_map_file, coarse_classes)
-        return ClassifierLabelMap(classifier, mapping, coarse_classes, cost_per_label=config.cost_weak), None
-    if config.weak_annotator == "open-clip":
-        from model.embeddings import OpenClipImageBackbone
 
-        if isinstance(backbone, OpenClipImageBackbone) and _same_open_clip_weights(
-            backbone, config.open_clip_model, config.open_clip_pretrained
-        ):
-            clip_backbone = backbone
-        else:
-            clip_backbone = OpenClipImageBackbone(config.open_clip_model, config.open_clip_pretrained)
-        return None, OpenClipZeroShotFactory(clip_backbone, config.cost_weak)
-    if config.weak_annotator == "openai":
-        return None, OpenAICompatibleVLMFactory(
-            config.vlm_api_base_url or "", config.vlm_api_key, config.vlm_api_model or "", config.cost_weak
-        )
-    raise ValueError(f"unknown WEAK_ANNOTATOR {config.weak_annotator!r}")
+
+WeakAnnotatorChoice = tuple[Any, WeakAnnotatorFactory | None]
+"""``(fixed annotator, per-project factory)``, at most one of them set."""
+
+
+def _semantic(config: Config, backbone: Any) -> WeakAnnotatorChoice:
+    from model.embeddings import TimmBackbone
+    from model.weak.semantic_zeroshot import imagenet_label_embeddings
+    from model.weak.text_encoder import packaged_minilm
+
+    wanted = config.semantic_classifier
+    backbone_is_imagenet = getattr(backbone, "num_classes", 0) == 1000
+    if backbone_is_imagenet and (wanted is None or wanted == getattr(backbone, "model_name", None)):
+        classifier = backbone  # one forward pass per image gives the embedding and the logits
+    else:
+        classifier = TimmBackbone(wanted or "efficientnet_lite0", image_size=config.image_size)
+    cache_dir = Path(config.model_dir) / "text-encoders"
+    encoder = packaged_minilm(cache_dir)
+    return None, SemanticZeroShotFactory(
+        classifier, encoder, imagenet_label_embeddings(encoder, cache_dir=cache_dir),
+        _read_descriptions(config.class_descriptions_file), config.cost_weak,
+    )
+
+
+def _read_descriptions(path: Path | None) -> dict[str, list[str]]:
+    """CLASS_DESCRIPTIONS_FILE: JSON ``{coarse class: "text" | ["text", ...]}``."""
+    if path is None:
+        return {}
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"CLASS_DESCRIPTIONS_FILE {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"CLASS_DESCRIPTIONS_FILE {path}: expected a JSON object {{class: description(s)}}")
+    out: dict[str, list[str]] = {}
+    for name, value in data.items():
+        texts = [value] if isinstance(value, str) else value
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            raise ValueError(f"CLASS_DESCRIPTIONS_FILE {path}: {name!r} must map to a string or a list of strings")
+        out[name] = texts
+    return out
+
+
+def _imagenet_map(config: Config, backbone: Any) -> WeakAnnotatorChoice:
+    from model.embeddings import TimmBackbone
+    from model.weak.classifier_label_map import ClassifierLabelMap, load_imagenet_map
+
+    try:
+        groups = json.loads(Path(config.imagenet_map_file).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"IMAGENET_MAP_FILE {config.imagenet_map_file}: {exc}") from exc
+    coarse_classes = list(groups)
+    classifier = backbone if hasattr(backbone, "classify_logits") else TimmBackbone(
+        "efficientnet_lite0", image_size=config.image_size
+    )
+    mapping = load_imagenet_map(config.imagenet_map_file, coarse_classes)
+    return ClassifierLabelMap(classifier, mapping, coarse_classes, cost_per_label=config.cost_weak), None
+
+
+def _open_clip(config: Config, backbone: Any) -> WeakAnnotatorChoice:
+    from model.embeddings import OpenClipImageBackbone
+
+    if isinstance(backbone, OpenClipImageBackbone) and _same_open_clip_weights(
+        backbone, config.open_clip_model, config.open_clip_pretrained
+    ):
+        clip_backbone = backbone
+    else:
+        clip_backbone = OpenClipImageBackbone(config.open_clip_model, config.open_clip_pretrained)
+    return None, OpenClipZeroShotFactory(clip_backbone, config.cost_weak)
+
+
+def _openai(config: Config, backbone: Any) -> WeakAnnotatorChoice:
+    return None, OpenAICompatibleVLMFactory(
+        config.vlm_api_base_url or "", config.vlm_api_key, config.vlm_api_model or "", config.cost_weak
+    )
+
+
+WEAK_ANNOTATOR_BUILDERS = {
+    "semantic": _semantic,
+    "imagenet-map": _imagenet_map,
+    "open-clip": _open_clip,
+    "openai": _openai,
+    "none": lambda config, backbone: (None, None),
+}
+"""WEAK_ANNOTATOR -> builder. The ImageNet map has its own classes (from its map file); open-vocabulary annotators
+read each project's class names, so only their heavy models are loaded at start-up. The backbone's model is shared
+where it is the same one."""
+
+
+def build_weak_annotator(config: Config, backbone: Any) -> WeakAnnotatorChoice:
+    """``(fixed annotator, per-project factory)`` for WEAK_ANNOTATOR, at most one of them set."""
+    builder = WEAK_ANNOTATOR_BUILDERS.get(config.weak_annotator)
+    if builder is None:
+        raise ValueError(f"unknown WEAK_ANNOTATOR {config.weak_annotator!r}; known: {sorted(WEAK_ANNOTATOR_BUILDERS)}")
+    return builder(config, backbone)
 
 
 def _same_open_clip_weights(backbone: Any, model_name: str, pretrained: str | None) -> bool:

@@ -14,26 +14,25 @@ import argparse
 import dataclasses
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 
 import model.simulate as simulate
+from model.datasets import ImageSplit
+from model.datasets.base import short_digest
+from model.split_features import cached_split_features
 
 
-def validation_features(cache_dir: str, start: int, stop: int, image_size: int) -> simulate.SplitFeatures:
-    from model.datasets import load_fashion_mnist
-    from model.embeddings import IMAGENET_PACKAGE, TimmBackbone
-
-    path = Path(cache_dir).expanduser() / "simulate" / f"validation-train-{start}-{stop}-{image_size}px.npz"
-    cached = simulate.read_feature_cache(path)
-    if cached is not None:
-        return cached
-    images, labels = load_fashion_mnist("train")
-    backbone = TimmBackbone(simulate.BACKBONE_SPEC, weights=IMAGENET_PACKAGE, image_size=image_size)
-    features = simulate.compute_split_features(images[start:stop], labels[start:stop], backbone, True, False, "val")
-    simulate.write_feature_cache(path, features)
-    return features
+def window(split: ImageSplit, start: int, stop: int) -> ImageSplit:
+    """Images ``start..stop`` of a split, as a split of their own (the validation slice outside the pool)."""
+    if not 0 <= start < stop <= len(split):
+        raise SystemExit(f"--validation {start}:{stop} lies outside the {len(split)} images of the split")
+    return ImageSplit(
+        dataset=split.dataset, split=split.split, hierarchy=split.hierarchy,
+        fine_labels=split.fine_labels[start:stop], groups=split.groups[start:stop],
+        content_id=short_digest(f"{split.content_id}\nwindow {start}:{stop}"),
+        loader=lambda i: split.image(start + i),
+    )
 
 
 def main() -> None:
@@ -46,17 +45,23 @@ def main() -> None:
     args = parser.parse_args()
     start, stop = (int(x) for x in args.validation.split(":"))
     options = simulate.SimulationOptions(progress=False, threads=1, cache_dir=args.cache_dir)
-    hierarchy = simulate.load_hierarchy(None)
-    pool = simulate.load_split_features("train", options.pool_size, options.image_size, args.cache_dir, None, 1, False)
-    validation = validation_features(args.cache_dir, start, stop, options.image_size)
+    pool_split, _, _ = simulate.load_splits(options)
+    full_split = simulate.load_splits(dataclasses.replace(options, pool_size=stop))[0]
+    hierarchy = pool_split.hierarchy
+    features = {
+        name: cached_split_features(split, simulate.BACKBONE_SPEC, options.image_size, cache_dir=args.cache_dir)
+        for name, split in (("pool", pool_split), ("validation", window(full_split, start, stop)))
+    }
+    pool, validation = features["pool"], features["validation"]
     data = simulate.BenchmarkData(hierarchy, pool.embeddings, pool.fine_labels, validation.embeddings,
                                   validation.fine_labels)
     conditions = args.conditions.split(",")
-    imagenet_answers = None
-    if "imagenet-map" in conditions:
-        logits = simulate.weak_annotator_logits(pool, options)
-        imagenet_answers = simulate.imagenet_map_answers(logits, hierarchy, options.weak_image_size)
-        print(f"imagenet-map coarse accuracy on the pool: {np.mean(imagenet_answers == data.pool_coarse):.4f}")
+    real_answers = {}
+    for condition in conditions:
+        if condition in simulate.REAL_ANNOTATORS:
+            logits = simulate.weak_annotator_logits(condition, pool_split, pool, options)
+            real_answers[condition] = simulate.REAL_ANNOTATORS[condition](logits, hierarchy, options)
+            print(f"{condition} coarse accuracy on the pool: {np.mean(real_answers[condition] == data.pool_coarse):.4f}")
     seeds = [int(s) for s in args.seeds.split(",")]
     default_candidates = dict(simulate.OURS_CONFIG_CANDIDATES)
     for name, variant in json.loads(args.variants).items():
@@ -76,7 +81,9 @@ def main() -> None:
             started = time.time()
             runs = []
             for seed in seeds:
-                answers = simulate.weak_answers_for(condition, seed, data, imagenet_answers, options.simulated_accuracy)
+                answers = real_answers.get(condition)
+                if answers is None:
+                    answers = simulate.simulated_answers(seed, data, options.simulated_accuracy)
                 runs.append(simulate.run_strategy(simulate.RunJob(condition, name, seed), data, answers, options))
             accuracy = np.array([run.accuracy for run in runs]) * 100
             print(

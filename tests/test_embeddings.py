@@ -10,7 +10,7 @@ from model.embeddings import (
     TimmBackbone,
     configure_torch_threads,
     create_backbone,
-    load_efficientnet_lite0_package_weights,
+    load_packaged_imagenet_weights,
 )
 from model.errors import ModelInputError
 
@@ -137,7 +137,7 @@ def test_checkpoint_errors_are_clear(tmp_path):
 def test_unknown_pretrained_tag_and_wrong_package_model_are_clear_errors():
     with pytest.raises(BackboneWeightsError, match="no pretrained weights"):
         TimmBackbone("efficientnet_lite0", weights="no_such_tag")
-    with pytest.raises(BackboneWeightsError, match="only for efficientnet_lite0"):
+    with pytest.raises(BackboneWeightsError, match="only for .*efficientnet_lite0.*not 'resnet18'"):
         TimmBackbone("resnet18", weights="imagenet-package")
     with pytest.raises(ModelInputError, match="unknown timm model"):
         TimmBackbone("no_such_model", weights=None)
@@ -148,7 +148,16 @@ def test_package_weights_check_every_shape():
 
     ten_class_model = timm.create_model("efficientnet_lite0", pretrained=False, num_classes=10)
     with pytest.raises(BackboneWeightsError, match=r"tensor #294 .* shape \(1000, 1280\)"):
-        load_efficientnet_lite0_package_weights(ten_class_model)
+        load_packaged_imagenet_weights(ten_class_model, "efficientnet_lite0")
+
+
+def test_efficientnet_lite2_package_weights_recognise_a_real_photo():
+    backbone = create_backbone("timm:efficientnet_lite2", image_size=260, batch_size=2)
+    assert backbone.name == "timm:efficientnet_lite2:imagenet-package:260px"
+    assert backbone.dim == 1280
+    cat = Image.fromarray(skimage_data.chelsea())
+    logits = backbone.classify_logits([cat])
+    assert int(np.argmax(logits[0])) in {281, 282, 285}  # tabby, tiger cat, Egyptian cat
 
 
 def test_factory_rejects_bad_specs():
