@@ -106,7 +106,8 @@ def create_app(config: Config, backend: MLBackend | None = None) -> Flask:
         schema = _optional_str(body, "schema")
         hostname = validate_hostname(_optional_str(body, "hostname"))
         access_token = validate_access_token(_optional_str(body, "access_token"))
-        model_version = backend.setup(project_id, schema, hostname, access_token)
+        model_version = backend.setup(project_id, schema, hostname, access_token,
+                                      backend_host=printable(request.host, 300))
         return jsonify(model_version=model_version)
 
     @app.post("/predict")

@@ -203,6 +203,37 @@ class LabelStudioClient:
         )
         _raise_for_status(response, f"DELETE model version {model_version} of project {project_id}")
 
+    def ensure_webhook_headers(self, project_id: int, backend_host: str, headers: Mapping[str, str]) -> int:
+        """Give this backend's project webhooks (``http(s)://<backend_host>/.../webhook``) the ``headers``.
+
+        Label Studio creates that webhook with empty headers, even for a backend connected with basic auth, so
+        with BASIC_AUTH_* set every annotation webhook would get 401. Returns how many webhooks were changed."""
+        response = self._http.request("api/webhooks/", method="GET", params={"project": int(project_id)})
+        _raise_for_status(response, f"GET /api/webhooks?project={project_id}")
+        changed = 0
+        body = response.json()
+        for hook in body if isinstance(body, list) else []:
+            url = hook.get("url") if isinstance(hook, dict) else None
+            if not isinstance(url, str):
+                continue
+            try:
+                parsed = parse_http_url(url)
+            except ImageFetchError:
+                continue
+            if parsed.host_header.lower() != backend_host.lower() and f"{parsed.host_literal}:{parsed.port}" != \
+                    backend_host.lower():
+                continue
+            if not parsed.target.split("?", 1)[0].rstrip("/").endswith("/webhook"):
+                continue
+            current = hook.get("headers") if isinstance(hook.get("headers"), dict) else {}
+            if all(current.get(k) == v for k, v in headers.items()):
+                continue
+            patch = self._http.request(f"api/webhooks/{int(hook['id'])}/", method="PATCH",
+                                       json={"headers": {**current, **headers}})
+            _raise_for_status(patch, f"PATCH /api/webhooks/{hook['id']}")
+            changed += 1
+        return changed
+
     def download_image(self, url: str, task_id: int | None = None) -> bytes:
         """Stream the image into memory with the project's own fetcher (backend.fetch): Label Studio origin only,
         no redirects (cloud presign hops re-checked, without credentials), one deadline, a streaming byte cap."""

@@ -92,6 +92,8 @@ class MLBackend:
             metrics=self.metrics,
             client_for=self._client,
         )
+        self._webhook_auth_done: set[int] = set()
+        """Projects whose webhook got (or is getting) the basic auth header in this process."""
         self._predict_workers = ProjectDownloadPools(1, 64)
         """One worker per project for /predict's missing features, so one project's slow batch waits on itself."""
 
@@ -161,8 +163,19 @@ class MLBackend:
             "weak_annotator": self.weak_annotators.describe(),
         }
 
-    def setup(self, project_id: int, schema: str | None, hostname: str | None, access_token: str | None) -> str:
-        """Remember how to reach Label Studio, check the config, queue indexing; answer in milliseconds."""
+    def setup(
+        self,
+        project_id: int,
+        schema: str | None,
+        hostname: str | None,
+        access_token: str | None,
+        *,
+        backend_host: str | None = None,
+    ) -> str:
+        """Remember how to reach Label Studio, check the config, queue indexing; answer in milliseconds.
+
+        ``backend_host`` is the Host Label Studio used to reach this backend: with basic auth on, the project's
+        webhook to that host is given the credentials (once per project and process)."""
         if access_token and self.redactor is not None:
             self.redactor.add_secrets([access_token])
         labeling = self.labeling(schema) if schema is not None else None
@@ -178,10 +191,36 @@ class MLBackend:
             if schema:
                 ctx.label_config = schema
         _, model_version = self.projects.served_model(project_id, labeling)
+        if (backend_host and self.config.basic_auth_enabled and self.config.webhook_basic_auth
+                and project_id not in self._webhook_auth_done and self._can_reach_label_studio(project_id)):
+            self._webhook_auth_done.add(project_id)
+            self.jobs.submit(f"webhook-auth:{project_id}", lambda: self.ensure_webhook_auth(project_id, backend_host))
         # Label Studio calls /setup on most reads of the ML backend; index once per config, then on TASKS_CREATED.
         if schema and ctx.indexed_schema != schema_hash(schema) and self._can_reach_label_studio(project_id):
             self.queue_index(project_id)
         return model_version
+
+    def ensure_webhook_auth(self, project_id: int, backend_host: str) -> int:
+        """Basic auth on: put the credentials into the project's webhook to this backend (Label Studio stores
+        webhook headers in plain text; README, Security). Retried on a later /setup if it fails."""
+        import base64
+
+        credentials = f"{self.config.basic_auth_user}:{self.config.basic_auth_pass}".encode()
+        header = {"Authorization": "Basic " + base64.b64encode(credentials).decode()}
+        client = self._client(project_id)
+        if not hasattr(client, "ensure_webhook_headers"):
+            return 0
+        try:
+            changed = client.ensure_webhook_headers(project_id, backend_host, header)
+        except Exception as exc:
+            self._webhook_auth_done.discard(project_id)
+            logger.warning("project %s: could not give the Label Studio webhook the basic auth credentials: %s",
+                           project_id, exc)
+            return 0
+        if changed:
+            logger.info("project %s: gave %d Label Studio webhook(s) to %s the basic auth header", project_id,
+                        changed, backend_host)
+        return changed
 
     def _can_reach_label_studio(self, project_id: int) -> bool:
         try:
