@@ -370,6 +370,7 @@ class FeatureExtractor:
             if need_embedding and weak_from_logits:
                 # One forward pass gives the embedding and the ImageNet logits the label map reads.
                 vectors, logits = self.backbone.embed_and_logits([images[j] for j in need_embedding])
+                self.metrics.forward_images.labels(model=self.backbone.name).inc(len(need_embedding))
                 new = {chunk_keys[j]: np.asarray(vectors[row], np.float32) for row, j in enumerate(need_embedding)}
                 self.store.put_many(self.backbone.name, new)
                 embeddings.update(_as_stored(new))
@@ -387,6 +388,7 @@ class FeatureExtractor:
                 need_embedding = []
             if need_embedding:
                 vectors = np.asarray(self.backbone.embed([images[j] for j in need_embedding]), dtype=np.float32)
+                self.metrics.forward_images.labels(model=self.backbone.name).inc(len(need_embedding))
                 new = {chunk_keys[j]: vectors[row] for row, j in enumerate(need_embedding)}
                 self.store.put_many(self.backbone.name, new)
                 embeddings.update(_as_stored(new))
@@ -400,6 +402,9 @@ class FeatureExtractor:
                         )
                     else:
                         answers = weak_annotator.annotate([images[j] for j in need_weak])
+                        # A local model's own pass (an API VLM is counted under its annotator's name).
+                        model = getattr(getattr(weak_annotator, "backbone", None), "name", weak_annotator.name)
+                        self.metrics.forward_images.labels(model=model).inc(len(need_weak))
                     probabilities = np.asarray(answers.coarse_probabilities, dtype=np.float32)
                     new_weak = {chunk_keys[j]: probabilities[row] for row, j in enumerate(need_weak)}
                     self.store.put_many(namespace, new_weak)

@@ -18,6 +18,12 @@ class BackendMetrics:
         self.weak_labels_computed = Counter(
             "vlm_al_weak_labels_computed", "Coarse labels asked of the weak annotator (cache misses)", registry=r
         )
+        self.forward_images = Counter(
+            "vlm_al_model_forward_images",
+            "Images put through a model's forward pass, by model (the embedding pass, and any weak annotator's own)",
+            ["model"],
+            registry=r,
+        )
         self.images_downloaded = Counter("vlm_al_images_downloaded", "Task images downloaded", registry=r)
         self.image_errors = Counter(
             "vlm_al_image_errors", "Task images that could not be used (missing, foreign, unreadable)", registry=r

@@ -63,6 +63,10 @@ def test_repeated_predict_computes_no_new_embeddings_and_no_downloads(fake_ls, m
     assert first.status_code == 200
     computed = counter_value(parts.backend, "vlm_al_embeddings_computed_total")
     assert computed == 8
+    # This weak annotator shares no pass with the backbone: two models, 8 images each.
+    forward = "vlm_al_model_forward_images_total"
+    assert counter_value(parts.backend, forward, model=parts.backbone.name) == 8
+    assert counter_value(parts.backend, forward, model=parts.weak.name) == 8
     downloads = len(fake_ls.downloads)
     second = client.post("/predict", json=predict_body(fake_ls))
     assert second.status_code == 200
@@ -353,7 +357,8 @@ def test_project_updated_reparses_a_changed_config(fake_ls, make_config, make_ba
 
 @pytest.fixture(scope="module")
 def real_components(tmp_path_factory):
-    """The shipped default: efficientnet_lite0 with its packaged ImageNet weights + the ImageNet-map annotator."""
+    """The shipped default: efficientnet_lite0 with its packaged ImageNet weights + the semantic zero-shot annotator
+    (its ImageNet head is the backbone's own)."""
     from backend.config import Config
     from backend.components import build_components
 
@@ -378,6 +383,7 @@ def test_real_backbone_and_weak_annotator_end_to_end_through_predict(fake_ls, ma
                          label_studio_api_key=API_KEY)
     backend = MLBackend(
         config, backbone=real_components.backbone, weak_annotator=real_components.weak_annotator,
+        weak_annotator_factory=real_components.weak_annotator_factory,
         embedding_store=real_components.embedding_store, image_codec=real_components.image_codec,
         ls_clients=LabelStudioClientFactory(config.model_dir / "downloads", config.max_image_bytes, fake_ls.url,
                                             API_KEY),
@@ -396,9 +402,17 @@ def test_real_backbone_and_weak_annotator_end_to_end_through_predict(fake_ls, ma
             assert 0.0 <= coarse["score"] <= 1.0 and 0.0 <= prediction["score"] <= 1.0
         assert counter_value(backend, "vlm_al_embeddings_computed_total") == 6
         assert counter_value(backend, "vlm_al_weak_labels_computed_total") == 6
+        # One forward pass per image gave both the embedding and the weak label: 6 images through one model.
+        forward = "vlm_al_model_forward_images_total"
+        assert counter_value(backend, forward, model=real_components.backbone.name) == 6
+        exposition = client.get("/metrics").get_data(as_text=True)
+        assert [line for line in exposition.splitlines() if line.startswith(forward + "{")] == [
+            f'{forward}{{model="{real_components.backbone.name}"}} 6.0'
+        ]
         again = client.post("/predict", json=body)
         assert again.get_json()["results"] == results
         assert counter_value(backend, "vlm_al_embeddings_computed_total") == 6
+        assert counter_value(backend, forward, model=real_components.backbone.name) == 6
     finally:
         backend.jobs.shutdown()
 

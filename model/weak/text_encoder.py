@@ -112,7 +112,9 @@ class SentenceTransformerEncoder:
         except (OSError, ValueError, RuntimeError) as exc:
             raise TextEncoderError(f"cannot load the text encoder in {folder}: {exc}") from exc
         self.batch_size = int(batch_size)
-        dim = self.model.get_sentence_embedding_dimension()
+        # sentence-transformers renamed the method in 5.x; older releases have only the first name.
+        dimension_of = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        dim = dimension_of()
         if not dim:
             raise TextEncoderError(f"the text encoder in {folder} does not declare its embedding size")
         self.dim = int(dim)
