@@ -65,6 +65,11 @@ class LabelConfigs:
             self._weak_annotators.for_hierarchy(parsed.hierarchy)
         except (LabelConfigError, ModelInputError) as exc:
             raise InvalidInput(f"unsupported label config: {exc}", status=422, kind="unsupported_label_config") from exc
+        except (RecursionError, ValueError, TypeError, KeyError, IndexError, AttributeError, SyntaxError) as exc:
+            # A hostile or broken XML document that the parsers choke on: a 422, never a 500.
+            logger.warning("unparseable label config (%s: %s)", type(exc).__name__, str(exc)[:200])
+            raise InvalidInput(f"unsupported label config: it cannot be parsed ({type(exc).__name__})", status=422,
+                               kind="unsupported_label_config") from None
         with self._labelings_lock:
             self._labelings[digest] = parsed
             while len(self._labelings) > LABEL_CONFIG_CACHE_SIZE:
