@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-WEAK_ANNOTATORS = ("imagenet-map", "open-clip", "openai", "none")
+WEAK_ANNOTATORS = ("semantic", "imagenet-map", "open-clip", "openai", "none")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 SECRET_FIELDS = ("label_studio_api_key", "basic_auth_pass", "vlm_api_key")
 
@@ -35,7 +35,10 @@ class Config:
     threads: int = 8
     backbone: str = "timm:efficientnet_lite0"
     image_size: int = 224
-    weak_annotator: str = "imagenet-map"
+    weak_annotator: str = "semantic"
+    semantic_classifier: str | None = None
+    """timm model whose ImageNet head feeds the semantic annotator; None: the backbone when it has one, else lite0."""
+    class_descriptions_file: Path | None = None
     imagenet_map_file: Path = field(default_factory=default_imagenet_map_file)
     open_clip_model: str = "ViT-B-32"
     open_clip_pretrained: str | None = None
@@ -56,6 +59,7 @@ class Config:
     push_predictions: bool = True
     redis_url: str | None = None
     torch_threads: int | None = None
+    queue_tab: bool = False
     image_download_timeout_seconds: float = 30.0
     predict_deadline_seconds: float = 30.0
     request_read_timeout_seconds: float = 10.0
@@ -84,7 +88,9 @@ class Config:
             threads=reader.integer("THREADS", 8, minimum=1),
             backbone=reader.text("BACKBONE") or "timm:efficientnet_lite0",
             image_size=reader.integer("IMAGE_SIZE", 224, minimum=16),
-            weak_annotator=reader.choice("WEAK_ANNOTATOR", WEAK_ANNOTATORS, "imagenet-map"),
+            weak_annotator=reader.choice("WEAK_ANNOTATOR", WEAK_ANNOTATORS, "semantic"),
+            semantic_classifier=reader.text("SEMANTIC_CLASSIFIER"),
+            class_descriptions_file=reader.path("CLASS_DESCRIPTIONS_FILE"),
             imagenet_map_file=reader.path("IMAGENET_MAP_FILE") or default_imagenet_map_file(),
             open_clip_model=reader.text("OPEN_CLIP_MODEL") or "ViT-B-32",
             open_clip_pretrained=reader.text("OPEN_CLIP_PRETRAINED"),
@@ -105,6 +111,7 @@ class Config:
             push_predictions=reader.boolean("PUSH_PREDICTIONS", True),
             redis_url=reader.text("REDIS_URL"),
             torch_threads=reader.optional_integer("TORCH_THREADS", minimum=1),
+            queue_tab=reader.boolean("QUEUE_TAB", False),
             image_download_timeout_seconds=reader.number("IMAGE_DOWNLOAD_TIMEOUT_SECONDS", 30.0, minimum=0.0,
                                                          exclusive_minimum=True),
             predict_deadline_seconds=reader.number("PREDICT_DEADLINE_SECONDS", 30.0, minimum=0.0, maximum=90.0),

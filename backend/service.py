@@ -96,6 +96,8 @@ class MLBackend:
         """Projects whose webhook got (or is getting) the basic auth header in this process."""
         self._predict_workers = ProjectDownloadPools(1, 64)
         """One worker per project for /predict's missing features, so one project's slow batch waits on itself."""
+        self._queue_tabs: set[int] = set()
+        """Projects whose Data Manager queue tab (QUEUE_TAB=true) was ensured or is being ensured."""
 
     # --- construction from the environment --------------------------------------------------------------------
 
@@ -198,7 +200,27 @@ class MLBackend:
         # Label Studio calls /setup on most reads of the ML backend; index once per config, then on TASKS_CREATED.
         if schema and ctx.indexed_schema != schema_hash(schema) and self._can_reach_label_studio(project_id):
             self.queue_index(project_id)
+        if self.config.queue_tab and project_id not in self._queue_tabs and self._can_reach_label_studio(project_id):
+            self._queue_tabs.add(project_id)
+            self.jobs.submit(f"queue-tab:{project_id}", lambda: self.ensure_queue_tab(project_id))
         return model_version
+
+    def ensure_queue_tab(self, project_id: int) -> int | None:
+        """QUEUE_TAB=true: a first Data Manager tab ordered by ascending prediction score (the queue order), so
+        opening the labeling page from the Data Manager follows the queue too; retried on the next /setup."""
+        from label_studio_sdk import LabelStudio
+
+        from backend.queue_tab import ensure_queue_tab
+
+        ctx = self.projects.context(project_id)
+        url = self.config.label_studio_url or ctx.hostname
+        key = self.config.label_studio_api_key or ctx.access_token
+        try:
+            return ensure_queue_tab(LabelStudio(base_url=url, api_key=key), project_id)
+        except Exception as exc:
+            self._queue_tabs.discard(project_id)
+            logger.warning("project %s: could not create the Data Manager queue tab: %s", project_id, exc)
+            return None
 
     def ensure_webhook_auth(self, project_id: int, backend_host: str) -> int:
         """Basic auth on: put the credentials into the project's webhook to this backend (Label Studio stores
