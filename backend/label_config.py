@@ -35,6 +35,13 @@ RECOMMENDED_FASHION_MNIST_CONFIG = Path(__file__).with_name("data") / "recommend
 RECOMMENDED_IMAGE_NAME = "image"
 RECOMMENDED_COARSE_NAME = "coarse"
 RECOMMENDED_FINE_PREFIX = "fine_"
+RECOMMENDED_CONFIDENCE_NAME = "model_confidence"
+"""A read-only <TextArea> the predictions fill with the model's coarse and fine confidence (Label Studio shows no
+per-result score for choices, and shows the prediction's queue score as a percentage)."""
+RECOMMENDED_IMAGE_MAX_WIDTH = "320px"
+RECOMMENDED_ROW_STYLE = "display: flex; flex-wrap: wrap; align-items: flex-start; gap: 8px 24px"
+RECOMMENDED_IMAGE_COLUMN_STYLE = "flex: 0 1 320px; min-width: 160px; max-width: 320px"
+RECOMMENDED_CHOICES_COLUMN_STYLE = "flex: 1 1 260px; min-width: 240px"
 
 _ORIGIN_PREDICTION = "prediction"
 _EPOCH = datetime.min.replace(tzinfo=timezone.utc)
@@ -840,25 +847,31 @@ def _region(labeling: ProjectLabeling, control_name: Any, region_score: Any, lab
 
 def recommended_label_config(hierarchy: LabelHierarchy, image_key: str = "image") -> str:
     """The recommended layout for ``hierarchy``: a coarse <Choices> pre-filled by the model, then one required
-    fine <Choices> per coarse class (``fine_<slug>``), shown only while that class is selected."""
+    fine <Choices> per coarse class (``fine_<slug>``), shown only while that class is selected, beside an image
+    capped at 320 px, and a read-only ``model_confidence`` text the predictions fill in."""
     if not isinstance(image_key, str) or not re.fullmatch(r"[\w.-]+", image_key):
         raise ValueError(f"image_key must be a task data field name like 'image', got {image_key!r}")
     with_comma = [c for c in hierarchy.coarse_classes if "," in c]
     if with_comma:
         raise ValueError(f"coarse classes {with_comma} contain a comma, which Label Studio's whenChoiceValue "
                          "reads as a separator")
-    root = ElementTree.Element("View")
-    ElementTree.SubElement(root, "Image", name=RECOMMENDED_IMAGE_NAME, value=f"${image_key}")
-    ElementTree.SubElement(root, "Header", value="Coarse (model)")
+    # Image and choices side by side (wrapping under each other on a narrow panel), the image capped in size, so
+    # an annotator at 1280x720 sees the image, the coarse choices and the chosen group's fine choices unscrolled.
+    root = ElementTree.Element("View", style=RECOMMENDED_ROW_STYLE)
+    image_column = ElementTree.SubElement(root, "View", style=RECOMMENDED_IMAGE_COLUMN_STYLE)
+    ElementTree.SubElement(image_column, "Image", name=RECOMMENDED_IMAGE_NAME, value=f"${image_key}",
+                           maxWidth=RECOMMENDED_IMAGE_MAX_WIDTH)
+    choices_column = ElementTree.SubElement(root, "View", style=RECOMMENDED_CHOICES_COLUMN_STYLE)
+    ElementTree.SubElement(choices_column, "Header", value="Coarse (model)")
     coarse = ElementTree.SubElement(
-        root, "Choices", name=RECOMMENDED_COARSE_NAME, toName=RECOMMENDED_IMAGE_NAME, choice="single",
+        choices_column, "Choices", name=RECOMMENDED_COARSE_NAME, toName=RECOMMENDED_IMAGE_NAME, choice="single",
         showInline="true",
     )
     for coarse_class in hierarchy.coarse_classes:
         ElementTree.SubElement(coarse, "Choice", value=coarse_class)
     for coarse_class, slug in zip(hierarchy.coarse_classes, _unique_slugs(hierarchy.coarse_classes)):
         view = ElementTree.SubElement(
-            root, "View", visibleWhen="choice-selected", whenTagName=RECOMMENDED_COARSE_NAME,
+            choices_column, "View", visibleWhen="choice-selected", whenTagName=RECOMMENDED_COARSE_NAME,
             whenChoiceValue=coarse_class,
         )
         ElementTree.SubElement(view, "Header", value=f"{coarse_class}: fine class")
@@ -868,6 +881,10 @@ def recommended_label_config(hierarchy: LabelHierarchy, image_key: str = "image"
         )
         for fine_class in hierarchy.children(coarse_class):
             ElementTree.SubElement(fine, "Choice", value=fine_class)
+    ElementTree.SubElement(
+        choices_column, "TextArea", name=RECOMMENDED_CONFIDENCE_NAME, toName=RECOMMENDED_IMAGE_NAME,
+        editable="false", maxSubmissions="1", rows="2", placeholder="the model's confidence appears here",
+    )
     ElementTree.indent(root, space="  ")
     return ElementTree.tostring(root, encoding="unicode") + "\n"
 

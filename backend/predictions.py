@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from backend.features import TaskFeatures
-from backend.label_config import ProjectLabeling, build_prediction
+from backend.label_config import RECOMMENDED_CONFIDENCE_NAME, ProjectLabeling, build_prediction
 
 
 def build_predictions(
@@ -24,6 +24,7 @@ def build_predictions(
     at least ``fine_confidence_threshold`` sure, and the task's queue score (else the margin: low = label first).
     A task without usable features gets an empty prediction."""
     hierarchy = labeling.hierarchy
+    confidence_control = confidence_control_of(labeling)
     usable = features.usable_positions()
     weak_rows = features.weak_matrix(usable, hierarchy)
     fine_rows = coarse_rows = None
@@ -52,30 +53,73 @@ def build_predictions(
         if row is None:
             results.append({"result": [], "score": 0.0, "model_version": model_version})
             continue
-        coarse, coarse_score = None, 0.0
+        coarse, coarse_score, coarse_source = None, 0.0, None
         if weak_answered[row]:
             coarse, coarse_score = hierarchy.coarse_classes[weak_choice[row]], float(weak_top[row])
+            coarse_source = "VLM"
         elif coarse_rows is not None:
             coarse = hierarchy.coarse_classes[model_coarse_choice[row]]
-            coarse_score = float(model_coarse_top[row])
+            coarse_score, coarse_source = float(model_coarse_top[row]), "model"
         fine, fine_score = None, None
         if fine_rows is not None and fine_top[row] >= fine_confidence_threshold:
             fine, fine_score = hierarchy.fine_classes[fine_choice[row]], _unit(fine_top[row])
         score = queue_scores.get(task_id) if isinstance(task_id, int) else None
         if score is None:
             score = float(default_scores[row])
-        results.append(
-            build_prediction(
-                labeling,
-                coarse=coarse,
-                coarse_score=_unit(coarse_score),
-                fine=fine,
-                fine_score=fine_score,
-                score=_unit(score),
-                model_version=model_version,
-            )
+        prediction = build_prediction(
+            labeling,
+            coarse=coarse,
+            coarse_score=_unit(coarse_score),
+            fine=fine,
+            fine_score=fine_score,
+            score=_unit(score),
+            model_version=model_version,
         )
+        if confidence_control is not None and prediction["result"]:
+            fine_guess = None
+            if fine_rows is not None:
+                fine_guess = (hierarchy.fine_classes[fine_choice[row]], float(fine_top[row]))
+            prefilled = {r["value"]["choices"][0] for r in prediction["result"] if r.get("type") == "choices"}
+            text = confidence_text(coarse, _unit(coarse_score), coarse_source, fine_guess, prefilled,
+                                   prediction["score"])
+            prediction["result"].append({
+                "from_name": confidence_control, "to_name": labeling.image_name, "type": "textarea",
+                "value": {"text": [text]},
+            })
+        results.append(prediction)
     return results
+
+
+def confidence_control_of(labeling: ProjectLabeling) -> str | None:
+    """The read-only <TextArea name="model_confidence"> of the recommended layout, if the config has one."""
+    interface = labeling.interface
+    for control in (getattr(interface, "controls", None) or ()) if interface is not None else ():
+        if control.name == RECOMMENDED_CONFIDENCE_NAME and control.tag.lower() == "textarea":
+            return control.name
+    return None
+
+
+def confidence_text(
+    coarse: str | None,
+    coarse_score: float,
+    coarse_source: str | None,
+    fine_guess: tuple[str, float] | None,
+    prefilled: set[str],
+    queue_score: float,
+) -> str:
+    """What the annotator reads under the choices: each guess with its probability, and the queue score named as
+    such (Label Studio shows the prediction's score, the queue score, as a percentage on the prediction tab)."""
+    parts = []
+    if coarse is not None:
+        parts.append(f"coarse {coarse} {coarse_score:.0%} ({coarse_source})")
+    if fine_guess is None:
+        parts.append("fine: no model yet")
+    else:
+        name, probability = fine_guess
+        note = "model" if name in prefilled else "model, not pre-filled"
+        parts.append(f"fine {name} {probability:.0%} ({note})")
+    return (f"Confidence: {' · '.join(parts)}. Queue score {queue_score:.2f} (the tab's {queue_score:.2%}): "
+            "lower = label sooner; it is not a confidence.")
 
 
 def margins(probabilities: np.ndarray) -> np.ndarray:

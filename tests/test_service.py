@@ -48,8 +48,9 @@ def test_predict_gives_coarse_preannotation_with_scores_and_no_fine_without_mode
     for prediction, coarse in zip(results, expected_coarse):
         assert prediction["model_version"] == COLD_START_VERSION
         assert 0.0 <= prediction["score"] <= 1.0
-        assert len(prediction["result"]) == 1  # no fine model yet: coarse only
-        region = prediction["result"][0]
+        choices = [r for r in prediction["result"] if r["type"] == "choices"]  # then the confidence text
+        assert len(choices) == 1  # no fine model yet: coarse only
+        region = choices[0]
         assert region["from_name"] == "coarse" and region["to_name"] == "image"
         assert region["value"] == {"choices": [coarse]}
         assert region["score"] == pytest.approx(0.8, abs=1e-3)
@@ -200,9 +201,9 @@ def test_fit_trains_saves_pushes_once_and_moves_the_project_version(fake_ls, mak
     results, version = response.predictions, response.model_version
     assert version == "vlm-al-v1"
     for task, prediction in zip(fake_ls.tasks, results):
-        names = [r["from_name"] for r in prediction["result"]]
+        names = [r["from_name"] for r in prediction["result"] if r["type"] == "choices"]
         assert names[0] == "coarse" and len(names) == 2 and names[1] in ("fine_top", "fine_shoe")
-        assert all(0.0 <= r["score"] <= 1.0 for r in prediction["result"])
+        assert all(0.0 <= r["score"] <= 1.0 for r in prediction["result"] if r["type"] == "choices")
     # /setup reports the same version the project was moved to
     assert client.post("/setup", json=setup_body(fake_ls)).get_json() == {"model_version": "vlm-al-v1"}
     assert client.get(f"/versions?project={PROJECT_ID}").get_json() == {"versions": ["vlm-al-v1"]}
@@ -218,7 +219,8 @@ def test_fine_suggestion_respects_the_confidence_threshold(fake_ls, make_config,
     response = parts.backend.predict_response(fake_ls.tasks, project=PROJECT_ID, label_config=fake_ls.label_config)
     results, version = response.predictions, response.model_version
     assert version == "vlm-al-v1"
-    assert all(len(p["result"]) == 1 for p in results)  # nothing reaches probability 1.0
+    # nothing reaches probability 1.0: the coarse choice only (and the confidence text)
+    assert all([r["type"] for r in p["result"]] == ["choices", "textarea"] for p in results)
 
 
 def test_short_created_count_is_logged(fake_ls, make_config, make_backend, caplog):
@@ -266,7 +268,7 @@ def test_fit_that_dies_half_way_keeps_the_previous_version(fake_ls, make_config,
     assert state.list_versions() == ["vlm-al-v1"]
     response = parts.backend.predict_response(fake_ls.tasks, project=PROJECT_ID, label_config=fake_ls.label_config)
     results, version = response.predictions, response.model_version
-    assert version == "vlm-al-v1" and len(results[0]["result"]) == 2
+    assert version == "vlm-al-v1" and [r["type"] for r in results[0]["result"]] == ["choices", "choices", "textarea"]
 
 
 def test_old_versions_are_pruned_locally_and_in_label_studio(fake_ls, make_config, make_backend):
@@ -624,3 +626,67 @@ def test_a_retrain_with_nothing_new_keeps_the_version_and_pushes_nothing(fake_ls
     assert [h["model_version"] for h in history] == ["vlm-al-v1"]
     fake_ls.annotate(6, FINES[(6 - 1) % 4])
     assert parts.backend.run_fit(PROJECT_ID) == "vlm-al-v2"
+
+
+THREE_LEVEL_TAXONOMY = """
+<View>
+  <Image name="image" value="$image"/>
+  <Taxonomy name="tree" toName="image">
+    <Choice value="Tiere">
+      <Choice value="Vögel"><Choice value="Amsel"/><Choice value="Möwe"/></Choice>
+      <Choice value="Säugetiere"><Choice value="Katze"/><Choice value="Pferd"/></Choice>
+    </Choice>
+    <Choice value="Fahrzeuge">
+      <Choice value="Raumfahrt"><Choice value="Rakete"/></Choice>
+      <Choice value="Straße"><Choice value="Auto"/><Choice value="Fahrrad"/></Choice>
+    </Choice>
+    <Choice value="Getränke">
+      <Choice value="Heiß"><Choice value="Kaffee"/><Choice value="Tee"/></Choice>
+    </Choice>
+  </Taxonomy>
+</View>
+"""
+
+
+def test_the_default_weak_annotator_answers_a_three_level_taxonomy_of_any_class_names(fake_ls, make_config,
+                                                                                    real_components):
+    """The failure this default fixes: a project whose classes are not the ImageNet map's got no cold-start
+    pre-annotation. With the semantic annotator every task gets a coarse choice from the project's own names."""
+    import io
+
+    from skimage import data as skimage_data
+
+    from backend.ls_client import LabelStudioClientFactory
+    from backend.metrics import BackendMetrics
+    from backend.service import MLBackend
+    from PIL import Image
+
+    fake_ls.label_config = THREE_LEVEL_TAXONOMY
+    photos = [skimage_data.chelsea(), skimage_data.rocket(), skimage_data.coffee()]
+    for task_id, photo in enumerate(photos, start=1):
+        buffer = io.BytesIO()
+        Image.fromarray(photo).save(buffer, format="PNG")
+        fake_ls.add_task(task_id, None, image=buffer.getvalue())
+    config = make_config(push_predictions=False, image_size=64, label_studio_url=fake_ls.url,
+                         label_studio_api_key=API_KEY)
+    backend = MLBackend(
+        config, backbone=real_components.backbone, weak_annotator=None,
+        weak_annotator_factory=real_components.weak_annotator_factory,
+        embedding_store=real_components.embedding_store, image_codec=real_components.image_codec,
+        ls_clients=LabelStudioClientFactory(config.model_dir / "downloads", config.max_image_bytes, fake_ls.url,
+                                            API_KEY),
+        metrics=BackendMetrics(),
+    )
+    try:
+        response = create_app(config, backend).test_client().post("/predict", json=predict_body(fake_ls))
+        assert response.status_code == 200, response.get_json()
+        results = response.get_json()["results"]
+        assert len(results) == 3
+        for prediction in results:
+            assert prediction["result"], "every task gets the weak annotator's coarse choice"
+            region = prediction["result"][0]
+            assert region["from_name"] == "tree" and region["type"] == "taxonomy"
+            assert region["value"]["taxonomy"][0][0] in ("Tiere", "Fahrzeuge", "Getränke")
+        assert counter_value(backend, "vlm_al_weak_labels_computed_total") == 3
+    finally:
+        backend.jobs.shutdown()
