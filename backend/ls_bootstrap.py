@@ -305,6 +305,11 @@ class LabelStudioServer(ManagedProcess):
             "SENTRY_DSN": "",
             "FRONTEND_SENTRY_DSN": "",
             **(extra_env or {}),
+            # The login goes through the environment, never the command line (visible to every user in ps).
+            # Label Studio creates this user and token on a fresh database.
+            "LABEL_STUDIO_USERNAME": login.username,
+            "LABEL_STUDIO_PASSWORD": login.password,
+            "LABEL_STUDIO_USER_TOKEN": login.token,
         }
         command = [
             str(label_studio_executable(self.venv_dir)),
@@ -313,9 +318,6 @@ class LabelStudioServer(ManagedProcess):
             "--internal-host", host,
             "--port", str(port),
             "--data-dir", str(self.data_dir),
-            "--username", login.username,
-            "--password", login.password,
-            "--user-token", login.token,
             "--enable-legacy-api-token",
         ]  # fmt: skip
         super().__init__(
