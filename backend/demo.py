@@ -22,6 +22,7 @@ from label_studio_sdk import LabelStudio
 
 from backend import ls_bootstrap as lsb
 from backend.config import Config, ConfigError
+from backend.queue_tab import QUEUE_TAB_TITLE, ensure_queue_tab
 
 logger = logging.getLogger("vlm-al.demo")
 
@@ -32,6 +33,17 @@ IMAGES_SUBDIR = "fashion-mnist"
 PREDICTIONS_TIMEOUT_S = 600.0
 # If the background indexing has pushed nothing by then, ask Label Studio to call /predict as well.
 PREDICTION_ACTION_AFTER_S = 90.0
+# Progress while waiting: a line when the count changes, else one every this many seconds.
+PROGRESS_EVERY_S = 30.0
+# HTTP client libraries log every request at INFO; the demo's polling would flood the terminal.
+QUIET_LOGGERS = ("httpx", "httpcore", "urllib3", "filelock")
+
+
+def configure_output() -> None:
+    """Progress lines (time and message) from the demo; only warnings from the libraries it uses."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -95,13 +107,18 @@ def wait_for_predictions(client: LabelStudio, project_id: int, ml_backend_id: in
     """
     started = time.monotonic()
     nudged = False
+    reported_at = started
 
     def count() -> int:
-        nonlocal nudged
+        nonlocal nudged, reported_at
         version = client.projects.get(project_id).model_version
         n = 0
         if version and version != ML_BACKEND_TITLE:
             n = sum(1 for p in client.predictions.list(project=project_id) if p.model_version == version)
+        now = time.monotonic()
+        if n == 0 and now - reported_at >= PROGRESS_EVERY_S:
+            reported_at = now
+            logger.info("still indexing (embeddings and the VLM's coarse labels): %.0f s so far", now - started)
         if n == 0 and time.monotonic() - started > PREDICTION_ACTION_AFTER_S:
             if not nudged:
                 nudged = True
@@ -118,7 +135,7 @@ def wait_for_predictions(client: LabelStudio, project_id: int, ml_backend_id: in
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_output()
     try:
         config = Config.from_env()
     except ConfigError as error:
@@ -179,10 +196,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             logger.info("project %d: %d tasks imported", project_id, len(images.paths))
 
+        # Opening the labeling page from the Data Manager follows the first tab's ordering, not the sampling.
+        queue_tab_id = ensure_queue_tab(client, project_id)
         ml_backend_id = ensure_ml_backend(client, project_id, backend.url)
+        logger.info("backend connected: it indexes the %d images, then pushes its first predictions",
+                    len(images.paths))
         n_predictions = wait_for_predictions(client, project_id, ml_backend_id, PREDICTIONS_TIMEOUT_S)
+        logger.info("%d predictions in Label Studio", n_predictions)
 
-        print_banner(label_studio, backend, login, project_id, n_predictions, data_dir)
+        print_banner(label_studio, backend, login, project_id, queue_tab_id, n_predictions, data_dir)
         if args.no_wait:
             return 0
         while not stop_requested.is_set():
@@ -216,19 +238,23 @@ def print_banner(
     backend: lsb.BackendServer,
     login: lsb.LabelStudioLogin,
     project_id: int,
+    queue_tab_id: int,
     n_predictions: int,
     data_dir: Path,
 ) -> None:
     lines = [
         "",
         "vlm-al demo is running",
-        f"  Label Studio:  {label_studio.url}/projects/{project_id}/data",
+        f"  Label Studio:  {label_studio.url}/projects/{project_id}/data?tab={queue_tab_id}",
         f"  user:          {login.username}",
         f"  password:      {login.password}",
         f"  API token:     {login.token}",
         f"  ML backend:    {backend.url}  ({n_predictions} predictions so far)",
         f"  data and logs: {data_dir}",
-        "  Label Studio's queue (Label All Tasks) follows the backend's priorities (Uncertainty sampling).",
+        "  The labeling queue follows the backend's priorities both ways into the labeling page:",
+        "    'Label All Tasks' (Uncertainty sampling), and opening a task from the first Data Manager tab,",
+        f"    '{QUEUE_TAB_TITLE}' (ascending prediction score). Other tabs serve their own order.",
+        "  The prediction tab's percentage is the queue score (lower = label sooner), not a confidence.",
         "  Press Ctrl-C to stop both servers.",
         "",
     ]
