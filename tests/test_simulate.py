@@ -267,3 +267,38 @@ def test_reduced_benchmark_on_openclipart_with_the_semantic_annotator(tmp_path):
     np.testing.assert_allclose(true_t.sum(axis=1), 1.0, atol=1e-3)
     assert np.asarray(weak["estimated_transition_matrix_ours_final_mean"]).shape == (n_coarse, n_coarse)
     assert results["config"]["dataset"] == "openclipart" and results["config"]["pool_size"] == 300
+
+
+def _write_imagefolder(root, per_fine: int = 8) -> None:
+    """root/<coarse>/<fine>/<images>: coloured shapes, each fine class its own colour, numbered variants."""
+    from PIL import Image, ImageDraw
+
+    colours = {("warm", "red"): (220, 30, 30), ("warm", "orange"): (240, 140, 20),
+               ("cool", "blue"): (30, 60, 220), ("cool", "green"): (30, 170, 60)}
+    for (coarse, fine), colour in colours.items():
+        folder = root / coarse / fine
+        folder.mkdir(parents=True)
+        for i in range(per_fine):
+            image = Image.new("RGB", (48, 48), (255, 255, 255))
+            ImageDraw.Draw(image).ellipse((4 + i, 4, 40, 40 - i), fill=colour)
+            image.save(folder / f"shape{i // 2}_{i % 2 + 1:02d}.png")
+
+
+def test_simulate_runs_on_an_imagefolder_and_names_a_malformed_one(tmp_path, capsys):
+    from model.simulate import main
+
+    data = tmp_path / "data"
+    _write_imagefolder(data)
+    out = tmp_path / "out"
+    argv = ["--dataset", f"imagefolder:{data}", "--pool-size", "100", "--test-size", "100", "--image-size", "32",
+            "--seeds", "1", "--rounds", "1", "--budget", "2", "--seed-per-class", "1", "--strategies",
+            "random,margin", "--weak-annotator", "simulated", "--threads", "1",
+            "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    results = json.loads((out / "imagefolder-data" / "results.json").read_text())
+    assert results["config"]["hierarchy_classes"]["coarse_classes"] == ["cool", "warm"]
+    assert set(results["simulated"]["strategies"]) == {"random", "margin"}
+    capsys.readouterr()
+    (data / "stray.png").write_bytes(b"x")  # an image directly under DIR: not <coarse>/<fine>/<image>
+    assert main(argv) == 2
+    assert "stray.png" in capsys.readouterr().err
