@@ -34,6 +34,9 @@ PUBLIC_PATHS = frozenset({"/", "/health"})
 def create_app(config: Config, backend: MLBackend | None = None) -> Flask:
     """Build the app. Without ``backend``, models are loaded here (gunicorn start-up), never in a request."""
     redactor = configure_logging(config)
+    if config.log_level != "DEBUG":
+        # httpx logs every Label Studio API call at INFO; the request log and the per-batch lines say enough.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     if backend is None:
         check_model_dir(config.model_dir)  # one clear start-up error naming the path, before any model loads
         backend = MLBackend.from_config(config, redactor=redactor)

@@ -15,6 +15,7 @@ import pytest
 from label_studio_sdk import LabelStudio
 
 from backend import ls_bootstrap as lsb
+from backend.queue_tab import QUEUE_ORDERING, QUEUE_TAB_TITLE
 
 from .conftest import FIT_TIMEOUT_S, REPO_ROOT, LabeledProject, Stack, backend_get, make_project
 
@@ -102,8 +103,31 @@ def test_next_task_is_the_backends_first_pick(project: LabeledProject) -> None:
     assert task["id"] in backend_first, (task["id"], lowest, sorted(p["score"] for p in predictions)[:5])
 
 
-def test_start_training_retrains(project: LabeledProject) -> None:
+def _skipped_fits(stack: Stack) -> float:
+    import requests
+
+    text = requests.get(stack.backend.url + "/metrics", timeout=5).text
+    for line in text.splitlines():
+        if line.startswith('vlm_al_fits_total{outcome="skipped"}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_start_training_with_nothing_new_keeps_the_version(project: LabeledProject) -> None:
     version = project.wait_for_fit(n_fine=N_ANNOTATED)
+    skipped = _skipped_fits(project.stack)
+
+    project.client.ml.train(project.connect())
+
+    lsb.wait_until(lambda: _skipped_fits(project.stack) > skipped or None, FIT_TIMEOUT_S,
+                   "the fit after START_TRAINING")
+    assert project.state().current().model_version == version
+    assert project.model_version() == version
+
+
+def test_start_training_after_a_new_label_retrains(project: LabeledProject) -> None:
+    version = project.wait_for_fit(n_fine=N_ANNOTATED)
+    project.annotate(project.task_ids[N_ANNOTATED])
 
     project.client.ml.train(project.connect())
 
@@ -112,9 +136,9 @@ def test_start_training_retrains(project: LabeledProject) -> None:
         moved = current is not None and current.model_version != version
         return current.model_version if moved and project.model_version() == current.model_version else None
 
-    new_version = lsb.wait_until(retrained, FIT_TIMEOUT_S, "a retrain after START_TRAINING")
+    new_version = lsb.wait_until(retrained, FIT_TIMEOUT_S, "a retrain after a new label and START_TRAINING")
     assert new_version != version
-    assert project.state().current().metrics["n_fine"] == N_ANNOTATED
+    assert project.state().current().metrics["n_fine"] == N_ANNOTATED + 1
 
 
 def test_demo_sets_up_and_ctrl_c_stops_both(label_studio_venv: Path, tmp_path: Path) -> None:
@@ -137,10 +161,23 @@ def test_demo_sets_up_and_ctrl_c_stops_both(label_studio_venv: Path, tmp_path: P
         assert demo.poll() is None, printed[-3000:]
         login = lsb.load_or_create_login(data_dir / "label-studio-login.json", "unused")
         assert login.password in printed and login.token in printed
+        # Progress, not polling: no HTTP client request lines before (or after) the banner.
+        assert "starting Label Studio" in printed and "HTTP Request" not in printed, printed[-3000:]
+        # No secret on any command line (ps shows them to every user): Label Studio reads them from its environment.
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                argv = cmdline.read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            assert login.password not in argv and login.token not in argv, argv.replace("\0", " ")
         client = LabelStudio(base_url=f"http://127.0.0.1:{ls_port}", api_key=login.token)
         (project,) = client.projects.list()
         assert project.sampling == lsb.UNCERTAINTY_SAMPLING
         assert f"/projects/{project.id}/" in printed
+        # The first Data Manager tab keeps the queue order when the labeling page is opened from it.
+        views = sorted(client.views.list(project=project.id), key=lambda v: (v.order or 0, v.id))
+        assert views[0].data["title"] == QUEUE_TAB_TITLE and views[0].data["ordering"] == QUEUE_ORDERING
+        assert f"?tab={views[0].id}" in printed
         (ml_backend,) = client.ml.list(project=project.id)
         assert ml_backend.url == f"http://127.0.0.1:{backend_port}"
         predictions = [p for p in client.predictions.list(project=project.id)
