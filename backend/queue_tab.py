@@ -4,9 +4,7 @@ Label Studio has two ways into the labeling page. *Label All Tasks* asks for the
 sampling: with Uncertainty sampling, ascending prediction score, the backend's queue. Opening (or reloading) the
 labeling page from a Data Manager tab sends that tab's filters and ordering instead, and a tab without an ordering
 serves tasks in ID order. A tab ordered by ``tasks:predictions_score`` ascending gives the queue order on that path
-too; making it the first tab makes it the one a fresh browser opens.
-
-Tabs belong to the user whose API key creates them (Label Studio lists each user's own tabs).
+too; making it the first tab makes it the one a fresh browser opens. Tabs are shared by the organization's users.
 """
 
 from __future__ import annotations

@@ -147,6 +147,8 @@ def _backend_env(label_studio_url: str, token: str, model_dir: Path) -> dict[str
         "THREADS": "4",
         "TORCH_THREADS": "1",
         "LOG_LEVEL": "INFO",
+        # The backend makes the Data Manager queue tab at /setup; the browser test opens the labeling page from it.
+        "QUEUE_TAB": "true",
     }
 
 
