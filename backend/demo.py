@@ -183,12 +183,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             started.result()
         client = label_studio.client()
 
-        project_id = find_project(client, PROJECT_TITLE)
-        if project_id is None:
-            from backend.label_config import recommended_label_config
-            from model.datasets import fashion_mnist_hierarchy
+        from backend.label_config import recommended_label_config
+        from model.datasets import fashion_mnist_hierarchy
 
-            project_id = lsb.create_project(client, PROJECT_TITLE, recommended_label_config(fashion_mnist_hierarchy()))
+        label_config = recommended_label_config(fashion_mnist_hierarchy())
+        project_id = find_project(client, PROJECT_TITLE)
+        if project_id is not None and client.projects.get(project_id).label_config != label_config:
+            # A project from an earlier run gets the current layout (same classes: annotations stay valid).
+            client.projects.update(project_id, label_config=label_config)
+            logger.info("project %d: label config updated to the current recommended layout", project_id)
+        if project_id is None:
+            project_id = lsb.create_project(client, PROJECT_TITLE, label_config)
             lsb.connect_local_files_storage(client, project_id, images_dir, document_root)
             lsb.import_image_tasks(
                 client, project_id, images.paths, document_root,
