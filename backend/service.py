@@ -208,15 +208,15 @@ class MLBackend:
     def ensure_queue_tab(self, project_id: int) -> int | None:
         """QUEUE_TAB=true: a first Data Manager tab ordered by ascending prediction score (the queue order), so
         opening the labeling page from the Data Manager follows the queue too; retried on the next /setup."""
-        from label_studio_sdk import LabelStudio
-
         from backend.queue_tab import ensure_queue_tab
 
-        ctx = self.projects.context(project_id)
-        url = self.config.label_studio_url or ctx.hostname
-        key = self.config.label_studio_api_key or ctx.access_token
         try:
-            return ensure_queue_tab(LabelStudio(base_url=url, api_key=key), project_id)
+            # The same address, key and host checks as every other call to this project's Label Studio.
+            sdk = getattr(self._client(project_id), "_sdk", None)
+            if sdk is None:
+                logger.warning("project %s: no Label Studio SDK client for the queue tab", project_id)
+                return None
+            return ensure_queue_tab(sdk, project_id)
         except Exception as exc:
             self._queue_tabs.discard(project_id)
             logger.warning("project %s: could not create the Data Manager queue tab: %s", project_id, exc)
