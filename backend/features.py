@@ -193,8 +193,23 @@ class ProjectDownloadPools:
                 old.shutdown(wait=False)  # its running downloads finish (bounded by their deadline)
             return pool
 
+    def submit(self, project_id: int, fn: Callable[..., Any], *args: Any) -> Any:
+        """Submit under the lock, so a pool closed by the LRU between lookup and submit is never used."""
+        with self._lock:
+            pool = self._pools.get(project_id)
+            if pool is None:
+                pool = ThreadPoolExecutor(self.threads_per_project, thread_name_prefix=f"vlm-al-download-{project_id}")
+                self._pools[project_id] = pool
+            self._pools.move_to_end(project_id)
+            future = pool.submit(fn, *args)
+            while len(self._pools) > self.max_pools:
+                _, old = self._pools.popitem(last=False)
+                old.shutdown(wait=False)  # its queued and running downloads still finish (each has a deadline)
+            return future
+
     def map(self, project_id: int, fn: Callable[[int], Any], items: Sequence[int]) -> Any:
-        return self.pool(project_id).map(fn, items)
+        futures = [self.submit(project_id, fn, item) for item in items]
+        return (future.result() for future in futures)
 
 
 def _as_stored(vectors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

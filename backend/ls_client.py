@@ -20,8 +20,10 @@ from backend.fetch import (
     HttpURL,
     ImageFetcher,
     ImageFetchError,
+    address_kind,
     authorization_header,
     parse_http_url,
+    system_resolver,
 )
 
 logger = logging.getLogger(__name__)
@@ -254,6 +256,20 @@ def _raise_for_status(response: Any, what: str) -> None:
     raise LabelStudioError(f"{what}: HTTP {response.status_code} {text}")
 
 
+REFUSED_LABEL_STUDIO_KINDS = frozenset({"metadata", "link-local", "unspecified", "multicast"})
+
+
+def _check_label_studio_host(url: str) -> None:
+    """A Label Studio address must not be a cloud metadata service or another address no Label Studio has
+    (link-local, unspecified, multicast): /setup's hostname cannot turn the API client into a probe of those.
+    Loopback and private addresses stay allowed: that is where a self-hosted Label Studio usually lives."""
+    base = parse_http_url(url)
+    for address in system_resolver(base.host, base.port):
+        kind = address_kind(address)
+        if kind in REFUSED_LABEL_STUDIO_KINDS:
+            raise FetchRefused(f"{base.host_header} resolves to {address} ({kind}), which is never a Label Studio")
+
+
 class LabelStudioClientFactory:
     """Builds (and reuses) one client per Label Studio address and key.
 
@@ -298,6 +314,7 @@ class LabelStudioClientFactory:
                 self._clients.move_to_end((url, key))
                 return client
         try:
+            _check_label_studio_host(url)
             client = LabelStudioClient(url, key, self._download_root, self._max_image_bytes,
                                        download_timeout_seconds=self._download_timeout)
         except ImageFetchError as exc:

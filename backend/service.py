@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
 from collections.abc import Callable, Mapping, Sequence
@@ -41,6 +42,8 @@ __all__ = ["HANDLED_FIT_EVENTS", "InvalidInput", "MLBackend", "ModelResponse", "
 
 logger = logging.getLogger(__name__)
 
+MAX_QUEUED_PREDICT_BATCHES = 2
+"""Per project: /predict batches whose missing features may wait for the project's worker at a time."""
 HANDLED_FIT_EVENTS = frozenset({"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED", "START_TRAINING"})
 
 
@@ -95,6 +98,8 @@ class MLBackend:
         self._webhook_auth_done: set[int] = set()
         """Projects whose webhook got (or is getting) the basic auth header in this process."""
         self._predict_workers = ProjectDownloadPools(1, 64)
+        self._predict_lock = threading.Lock()
+        self._predict_queued: dict[int, int] = {}
         """One worker per project for /predict's missing features, so one project's slow batch waits on itself."""
         self._queue_tabs: set[int] = set()
         """Projects whose Data Manager queue tab (QUEUE_TAB=true) was ensured or is being ensured."""
@@ -311,7 +316,17 @@ class MLBackend:
         if not cached.pending:
             return cached
         started = time.monotonic()
-        future = self._predict_workers.pool(key).submit(self.extractor.features, key, tasks, labeling)
+        with self._predict_lock:
+            queued = self._predict_queued.get(key, 0)
+            if queued >= MAX_QUEUED_PREDICT_BATCHES:
+                # The project's worker is busy with earlier batches: answer from the cache now; the work queued
+                # before finishes and the index job pushes whatever is still missing.
+                logger.info("project %s: /predict of %d tasks answered from the cache (%d batches already "
+                            "queued)", project_id, len(tasks), queued)
+                return cached
+            self._predict_queued[key] = queued + 1
+        future = self._predict_workers.submit(key, self.extractor.features, key, tasks, labeling)
+        future.add_done_callback(lambda _: self._predict_batch_done(key))
         try:
             return future.result(timeout=self.config.predict_deadline_seconds)
         except FutureTimeout:
@@ -322,6 +337,10 @@ class MLBackend:
                     "answered empty, finishing in the background", project_id, len(tasks), len(features.pending),
                     time.monotonic() - started)
         return features
+
+    def _predict_batch_done(self, key: int) -> None:
+        with self._predict_lock:
+            self._predict_queued[key] = max(self._predict_queued.get(key, 1) - 1, 0)
 
     def _late_features_done(self, project_id: int | None, future: Any) -> None:
         if future.exception() is not None:

@@ -71,3 +71,11 @@ def test_an_env_key_without_an_env_url_is_never_sent_to_a_setup_host(tmp_path):
 def test_the_setup_token_is_not_logged(backend):
     assert _wait(lambda: "POST /setup" in backend.log())
     assert TOKEN not in backend.log() and OTHER_TOKEN not in backend.log()
+
+
+def test_setup_cannot_point_the_api_client_at_a_metadata_address(backend, trap):
+    response = backend.post("/setup", {"project": 205, "hostname": "http://169.254.169.254", "access_token": TOKEN,
+                                       "schema": __import__("tests.security.conftest", fromlist=["x"]).label_config()})
+    assert response.status_code == 200  # /setup answers; the backend never builds a client for that address
+    time.sleep(0.5)
+    assert "169.254.169.254 (metadata)" in backend.log()
