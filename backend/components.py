@@ -31,7 +31,10 @@ def build_components(config: Config) -> Components:
 
     if config.torch_threads:
         configure_torch_threads(config.torch_threads)
-    backbone = create_backbone(config.backbone, image_size=config.image_size)
+    backbone = create_backbone(
+        config.backbone, image_size=config.image_size, device=config.device, runtime=config.embedding_runtime,
+        cache_dir=Path(config.model_dir) / "runtime-cache", threads=config.torch_threads,
+    )
     weak_annotator, weak_annotator_factory = build_weak_annotator(config, backbone)
     store = EmbeddingStore(Path(config.model_dir) / "embeddings.sqlite")
     limits = ImageLimits(max_bytes=config.max_image_bytes, max_pixels=config.max_image_pixels)

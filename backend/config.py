@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 WEAK_ANNOTATORS = ("semantic", "imagenet-map", "open-clip", "openai", "none")
+EMBEDDING_RUNTIMES = ("auto", "torch", "onnxruntime")  # model.runtime.RUNTIMES (not imported: it loads torch)
+DEVICES = ("auto", "cpu", "cuda")  # model.runtime.DEVICES
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 SECRET_FIELDS = ("label_studio_api_key", "basic_auth_pass", "vlm_api_key")
 
@@ -64,6 +66,10 @@ class Config:
     predict_deadline_seconds: float = 30.0
     request_read_timeout_seconds: float = 10.0
     webhook_basic_auth: bool = True
+    embedding_runtime: str = "auto"
+    """auto: ONNX Runtime on a CPU when it passes the fidelity check, eager torch otherwise; torch; onnxruntime."""
+    device: str = "auto"
+    """auto: cuda when torch sees a GPU, else cpu."""
 
     @property
     def basic_auth_enabled(self) -> bool:
@@ -118,6 +124,8 @@ class Config:
             request_read_timeout_seconds=reader.number("REQUEST_READ_TIMEOUT_SECONDS", 10.0, minimum=0.0,
                                                        exclusive_minimum=True),
             webhook_basic_auth=reader.boolean("WEBHOOK_BASIC_AUTH", True),
+            embedding_runtime=reader.choice("EMBEDDING_RUNTIME", EMBEDDING_RUNTIMES, "auto"),
+            device=reader.choice("DEVICE", DEVICES, "auto"),
         )
         if bool(config.basic_auth_user) != bool(config.basic_auth_pass):
             raise ConfigError("BASIC_AUTH_USER and BASIC_AUTH_PASS must be set together")

@@ -1,0 +1,535 @@
+"""Where and how a backbone runs: the device (CPU or CUDA) and the runtime (eager torch or ONNX Runtime).
+
+Eager PyTorch fp32 is the reference. On a CPU, a timm backbone exported once to ONNX and run by ONNX Runtime computes
+the same function several times faster (``bench/embedding_runtime.py``). The export is trusted only after a fidelity
+check: on a fixed set of images, every row of its embeddings and logits must have cosine similarity of at least
+``FIDELITY_MIN_COSINE`` to eager fp32. Otherwise ``auto`` keeps eager torch and ``onnxruntime`` refuses to start.
+
+The ONNX backbone keeps the eager backbone's ``name``: at fp32 it computes the same function, differences are
+float rounding (about 1e-5 absolute, cosine 1.0 to six decimals), well below the float16 rounding of the embedding
+store, so vectors cached by either runtime are interchangeable. Reduced precision (fp16 autocast on CUDA) is not:
+``TimmBackbone`` then appends the precision to the name and the cache is not shared.
+
+Exports are cached in ``cache_dir`` (the server uses ``MODEL_DIR/runtime-cache``) under a key made of the model name,
+a digest of its weights, the image size and the torch, timm and onnxruntime versions; each ``.onnx`` file has a
+``.json`` beside it with its sha256 and the measured fidelity. Both are written atomically under a file lock, so
+gunicorn workers that start together export once. A file that does not match its sha256 is exported again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from model.errors import ModelInputError
+from model.io import atomic_write_bytes, atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+RUNTIMES = ("auto", "torch", "onnxruntime")
+DEVICES = ("auto", "cpu", "cuda")
+FIDELITY_MIN_COSINE = 0.999
+"""Smallest cosine similarity, per image, between the fast runtime's outputs and eager fp32 torch."""
+ONNX_OPSET = 17
+EXPORT_FORMAT_VERSION = 1
+CPU_BATCH_SIZE = 64
+CUDA_BATCH_SIZE = 256
+_FIDELITY_CHUNK = 3
+"""The fidelity check runs the export in batches of 3 (the export's example has 2): the batch axis is dynamic."""
+
+
+class EmbeddingRuntimeError(ModelInputError):
+    """A device or runtime that cannot be used here; the message names the setting and what to do."""
+
+
+def check_runtime(runtime: str) -> None:
+    if runtime not in RUNTIMES:
+        raise EmbeddingRuntimeError(f"EMBEDDING_RUNTIME must be one of {list(RUNTIMES)}, got {runtime!r}")
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` → ``cuda`` when torch sees a GPU, else ``cpu``; ``cuda`` without one is a clear error."""
+    if device not in DEVICES:
+        raise EmbeddingRuntimeError(f"DEVICE must be one of {list(DEVICES)}, got {device!r}")
+    cuda = torch.cuda.is_available()
+    if device == "auto":
+        return "cuda" if cuda else "cpu"
+    if device == "cuda" and not cuda:
+        raise EmbeddingRuntimeError(
+            f"DEVICE=cuda, but torch {torch.__version__} sees no CUDA GPU (torch.cuda.is_available() is False; "
+            f"built for CUDA {torch.version.cuda or 'none'}); set DEVICE=cpu or DEVICE=auto"
+        )
+    return device
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    """Batch size and precision fitted to a device."""
+
+    device: str
+    batch_size: int
+    precision: str
+    channels_last: bool
+
+
+def device_plan(device: str, batch_size: int | None = None) -> DevicePlan:
+    """CPU: fp32, batches of 64. CUDA: fp16 autocast, channels_last, batches of 256 (a GPU wants big batches)."""
+    if batch_size is not None and batch_size < 1:
+        raise ModelInputError(f"batch_size must be at least 1, got {batch_size}")
+    if device == "cuda":
+        return DevicePlan("cuda", batch_size or CUDA_BATCH_SIZE, "fp16", True)
+    return DevicePlan("cpu", batch_size or CPU_BATCH_SIZE, "fp32", False)
+
+
+def default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "vlm-al" / "onnx"
+
+
+def build_backbone(
+    make: Callable[..., Any],
+    *,
+    kind: str,
+    device: str = "cpu",
+    runtime: str = "torch",
+    batch_size: int | None = None,
+    cache_dir: str | Path | None = None,
+    threads: int | None = None,
+) -> Any:
+    """Build a backbone with ``make(batch_size=, device=, [precision=, channels_last=])`` on the chosen runtime.
+
+    ``auto`` uses ONNX Runtime on a CPU for timm backbones when it imports and passes the fidelity check, eager
+    torch otherwise (on CUDA: fp16 autocast + channels_last). ``onnxruntime`` raises instead of falling back.
+    """
+    check_runtime(runtime)
+    device = resolve_device(device)
+    plan = device_plan(device, batch_size)
+    if kind != "timm":
+        if runtime == "onnxruntime":
+            raise EmbeddingRuntimeError(
+                f"EMBEDDING_RUNTIME=onnxruntime runs timm backbones only, not {kind}; use auto or torch"
+            )
+        backbone = make(batch_size=plan.batch_size, device=plan.device)
+        _log_choice(backbone, "torch", plan)
+        return backbone
+    if runtime == "torch" or (runtime == "auto" and device != "cpu"):
+        backbone = make(
+            batch_size=plan.batch_size, device=plan.device, precision=plan.precision, channels_last=plan.channels_last
+        )
+        _log_choice(backbone, "torch", plan)
+        return backbone
+    # ONNX Runtime: the eager fp32 model on the CPU is both the export source and the fidelity reference.
+    eager = make(batch_size=plan.batch_size, device="cpu")
+    try:
+        fast = OnnxRuntimeBackbone.from_eager(
+            eager, device=device, cache_dir=cache_dir, threads=threads, batch_size=plan.batch_size
+        )
+    except EmbeddingRuntimeError as exc:
+        if runtime == "onnxruntime":
+            raise
+        logger.warning("EMBEDDING_RUNTIME=auto: %s; using eager torch fp32 instead", exc)
+        _log_choice(eager, "torch", plan)
+        return eager
+    _log_choice(fast, "onnxruntime", plan)
+    return fast
+
+
+def _log_choice(backbone: Any, runtime: str, plan: DevicePlan) -> None:
+    logger.info(
+        "embedding backbone %s: runtime %s on %s, batch %d, %s", getattr(backbone, "name", backbone), runtime,
+        plan.device,
+        getattr(backbone, "batch_size", plan.batch_size), getattr(backbone, "precision", "fp32"),
+    )
+
+
+# --------------------------------------------------------------------------------------------------- fidelity
+
+def fidelity_images(seed: int = 0) -> list[tuple[str, Image.Image]]:
+    """The fixed images of the fidelity check: a few real photos (when scikit-image is installed) and seeded
+    synthetic ones (noise, smooth blobs, a gradient), of several sizes and aspect ratios."""
+    images: list[tuple[str, Image.Image]] = []
+    try:
+        from skimage import data as skimage_data
+
+        for name in ("astronaut", "chelsea", "coffee", "rocket"):
+            try:
+                images.append((f"skimage.{name}", Image.fromarray(getattr(skimage_data, name)())))
+            except Exception:  # a data file missing from this scikit-image install: the rest still count
+                continue
+    except ImportError:
+        pass
+    rng = np.random.default_rng(seed)
+    for i in range(4):
+        height, width = int(rng.integers(48, 200)), int(rng.integers(48, 200))
+        pixels = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+        images.append((f"noise-{seed}-{i}", Image.fromarray(pixels)))
+    for i in range(3):
+        coarse = rng.integers(0, 256, size=(6, 8, 3), dtype=np.uint8)
+        images.append((f"blobs-{seed}-{i}", Image.fromarray(coarse).resize((160, 120), Image.Resampling.BICUBIC)))
+    ramp = np.linspace(0, 255, 128, dtype=np.float32)
+    gradient = np.stack([np.tile(ramp, (96, 1)), np.tile(ramp[::-1], (96, 1)), np.full((96, 128), 128.0)], axis=-1)
+    images.append(("gradient", Image.fromarray(gradient.astype(np.uint8))))
+    return images
+
+
+def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each row pair (1.0 where both rows are zero)."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    dots = np.sum(a * b, axis=1)
+    both_zero = (np.linalg.norm(a, axis=1) == 0) & (np.linalg.norm(b, axis=1) == 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cosines = np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0), 0.0)
+    return np.where(both_zero, 1.0, cosines)
+
+
+def measure_fidelity(
+    reference: Callable[[Sequence[Image.Image]], tuple[np.ndarray, np.ndarray]],
+    candidate: Callable[[Sequence[Image.Image]], tuple[np.ndarray, np.ndarray]],
+    images: Sequence[tuple[str, Image.Image]],
+) -> dict[str, Any]:
+    """Compare ``candidate(images)`` with ``reference(images)``: both give ``(embeddings, logits)``."""
+    pictures = [image for _, image in images]
+    ref_embeddings, ref_logits = reference(pictures)
+    embeddings, logits = candidate(pictures)
+    report: dict[str, Any] = {
+        "images": [name for name, _ in images],
+        "embedding_min_cosine": float(np.min(row_cosines(embeddings, ref_embeddings))),
+        "embedding_max_abs_diff": float(np.max(np.abs(embeddings - ref_embeddings))),
+    }
+    if ref_logits.shape[1]:
+        report["logits_min_cosine"] = float(np.min(row_cosines(logits, ref_logits)))
+        report["logits_max_abs_diff"] = float(np.max(np.abs(logits - ref_logits)))
+        report["top1_agreement"] = float(np.mean(np.argmax(logits, 1) == np.argmax(ref_logits, 1)))
+    return report
+
+
+def fidelity_min_cosine(report: dict[str, Any]) -> float:
+    values = [report["embedding_min_cosine"]] + ([report["logits_min_cosine"]] if "logits_min_cosine" in report else [])
+    return float(min(values))
+
+
+def fidelity_passes(report: dict[str, Any]) -> bool:
+    # read at call time: the threshold applies to measurements cached by an earlier start too
+    value = fidelity_min_cosine(report)
+    return bool(np.isfinite(value)) and value >= FIDELITY_MIN_COSINE
+
+
+# ----------------------------------------------------------------------------------------------------- export
+
+class _PooledAndLogits(torch.nn.Module):
+    """The timm model's forward pass with two outputs: the pooled pre-logits embedding and the logits."""
+
+    def __init__(self, model: torch.nn.Module, with_logits: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.with_logits = with_logits
+
+    def forward(self, pixels: torch.Tensor) -> Any:
+        pooled = self.model.forward_head(self.model.forward_features(pixels), pre_logits=True)
+        if not self.with_logits:
+            return pooled
+        return pooled, self.model.get_classifier()(pooled)
+
+
+def output_names(eager: Any) -> list[str]:
+    return ["embedding", "logits"] if eager.num_classes > 0 else ["embedding"]
+
+
+def _weights_digest(model: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode() + str(tensor.dtype).encode())
+        digest.update(tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def export_key(eager: Any) -> dict[str, Any]:
+    """What the export depends on: the model, its weights, the input size and the exporting/running versions."""
+    import onnxruntime
+    import timm
+
+    return {
+        "format": EXPORT_FORMAT_VERSION,
+        "model": eager.model_name,
+        "weights": eager.weights_id,
+        "weights_sha256": _weights_digest(eager.model),
+        "image_size": eager.image_size,
+        "outputs": output_names(eager),
+        "opset": ONNX_OPSET,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
+
+
+def export_onnx(eager: Any) -> bytes:
+    """The eager fp32 model as ONNX bytes (TorchScript exporter, dynamic batch axis)."""
+    names = output_names(eager)
+    wrapper = _PooledAndLogits(eager.model, with_logits=len(names) == 2).eval()
+    example = torch.zeros(2, 3, eager.image_size, eager.image_size)
+    buffer = io.BytesIO()
+    try:
+        with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+            torch.onnx.export(
+                wrapper, (example,), buffer, input_names=["pixels"], output_names=names,
+                dynamic_axes={name: {0: "batch"} for name in ["pixels", *names]},
+                opset_version=ONNX_OPSET, dynamo=False,
+            )
+    except Exception as exc:  # the exporter raises many types for an unsupported operator or version
+        raise EmbeddingRuntimeError(
+            f"torch {torch.__version__} cannot export {eager.name} to ONNX: {type(exc).__name__}: {exc}"
+        ) from exc
+    finally:
+        eager.model.eval()  # the exporter restores the wrapper's mode; keep the eager model in eval whatever happens
+    return buffer.getvalue()
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+@dataclass
+class CachedExport:
+    onnx_path: Path
+    metadata_path: Path
+    metadata: dict[str, Any]
+    model_bytes: bytes
+    exported: bool
+    """True when this call exported the model (False: read from the cache)."""
+
+
+def cached_export(eager: Any, cache_dir: str | Path | None, threads: int | None = None) -> CachedExport:
+    """The ONNX export of ``eager`` and its fidelity on the CPU provider: from ``cache_dir``, or exported, checked
+    and written there (atomically, under a file lock) when missing, stale or corrupt."""
+    from filelock import FileLock
+
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EmbeddingRuntimeError(f"cannot create the ONNX cache folder {cache}: {exc.strerror or exc}") from None
+    key = export_key(eager)
+    key_id = _sha256(json.dumps(key, sort_keys=True).encode())[:16]
+    stem = f"{eager.model_name}-{eager.image_size}px-{key_id}"
+    onnx_path, metadata_path = cache / f"{stem}.onnx", cache / f"{stem}.json"
+    try:
+        lock = FileLock(str(cache / f"{stem}.lock"))
+        return _cached_export_locked(eager, key, onnx_path, metadata_path, threads, lock)
+    except OSError as exc:  # a read-only or full cache folder
+        raise EmbeddingRuntimeError(f"ONNX cache {cache}: {exc.strerror or exc}") from exc
+
+
+def _cached_export_locked(
+    eager: Any, key: dict[str, Any], onnx_path: Path, metadata_path: Path, threads: int | None, lock: Any
+) -> CachedExport:
+    with lock:
+        metadata = _read_json(metadata_path)
+        model_bytes = b""
+        if metadata is not None and metadata.get("key") == key and onnx_path.is_file():
+            model_bytes = onnx_path.read_bytes()
+            fidelity = metadata.get("fidelity")
+            if _sha256(model_bytes) == metadata.get("sha256") and isinstance(fidelity, dict) and isinstance(
+                fidelity.get("CPUExecutionProvider"), dict
+            ):
+                return CachedExport(onnx_path, metadata_path, metadata, model_bytes, exported=False)
+            logger.warning("ONNX cache %s does not match its sha256: exporting it again", onnx_path)
+        started = time.perf_counter()
+        model_bytes = export_onnx(eager)
+        export_seconds = time.perf_counter() - started
+        session = make_session(model_bytes, ["CPUExecutionProvider"], threads)
+        report = measure_fidelity(
+            eager.embed_and_logits if eager.num_classes else _embed_only(eager.embed),
+            lambda images: _session_run(session, eager, images, _FIDELITY_CHUNK),
+            fidelity_images(),
+        )
+        metadata = {
+            "key": key,
+            "sha256": _sha256(model_bytes),
+            "exporter": f"torch.onnx.export (TorchScript) opset {ONNX_OPSET}",
+            "export_seconds": round(export_seconds, 2),
+            "created_unix": time.time(),
+            "fidelity": {"CPUExecutionProvider": report},
+        }
+        atomic_write_bytes(onnx_path, model_bytes)
+        atomic_write_json(metadata_path, metadata)
+    logger.info(
+        "exported %s to ONNX in %.1f s (%s); fidelity to eager fp32 on %d images: min cosine %.7f",
+        eager.name, export_seconds, onnx_path, len(report["images"]), fidelity_min_cosine(report),
+    )
+    return CachedExport(onnx_path, metadata_path, metadata, model_bytes, exported=True)
+
+
+def _embed_only(embed: Callable[[Sequence[Image.Image]], np.ndarray]):
+    def run(images: Sequence[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
+        embeddings = embed(images)
+        return embeddings, np.zeros((len(embeddings), 0), dtype=np.float32)
+
+    return run
+
+
+# ----------------------------------------------------------------------------------------------- onnxruntime
+
+def make_session(model: bytes | str | Path, providers: Sequence[str], threads: int | None) -> Any:
+    """An ONNX Runtime session whose idle threads sleep instead of spinning (cores are shared with the server)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = int(threads or torch.get_num_threads())
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    options.log_severity_level = 3  # errors only
+    source = model if isinstance(model, bytes) else str(model)
+    try:
+        return ort.InferenceSession(source, options, providers=list(providers))
+    except Exception as exc:  # onnxruntime raises its own exception types for a bad model or provider
+        raise EmbeddingRuntimeError(f"onnxruntime cannot load the exported model: {exc}") from exc
+
+
+def _session_run(
+    session: Any, backbone: Any, images: Sequence[Image.Image], batch_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    images = list(images)
+    names = [output.name for output in session.get_outputs()]
+    embeddings = np.zeros((len(images), backbone.dim), dtype=np.float32)
+    logits = np.zeros((len(images), backbone.num_classes if "logits" in names else 0), dtype=np.float32)
+    for start in range(0, len(images), batch_size):
+        chunk = images[start : start + batch_size]
+        pixels = np.stack([backbone.preprocess_array(im) for im in chunk])
+        outputs = dict(zip(names, session.run(names, {"pixels": pixels})))
+        embeddings[start : start + len(chunk)] = outputs["embedding"]
+        if "logits" in outputs:
+            logits[start : start + len(chunk)] = outputs["logits"]
+    return embeddings, logits
+
+
+def _providers_for(device: str) -> list[str]:
+    import onnxruntime as ort
+
+    if device == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise EmbeddingRuntimeError(
+                "EMBEDDING_RUNTIME=onnxruntime with DEVICE=cuda needs onnxruntime's CUDAExecutionProvider "
+                f"(pip install onnxruntime-gpu); this onnxruntime has {ort.get_available_providers()}. "
+                "Use EMBEDDING_RUNTIME=auto or torch on a GPU"
+            )
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+class OnnxRuntimeBackbone:
+    """A timm backbone run by ONNX Runtime: the TimmBackbone interface, the same name and the same vectors."""
+
+    runtime = "onnxruntime"
+    precision = "fp32"
+
+    def __init__(self, eager: Any, session: Any, export: CachedExport, batch_size: int, device: str) -> None:
+        self._eager = eager
+        self._session = session
+        self.export = export
+        self.model = eager.model  # the eager module (CPU), for code that reads the architecture
+        self.model_name = eager.model_name
+        self.weights_id = eager.weights_id
+        self.image_size = eager.image_size
+        self.name = eager.name
+        self.dim = eager.dim
+        self.batch_size = int(batch_size)
+        self.device = torch.device(device)
+        self.providers = list(session.get_providers())
+        self.fidelity = export.metadata["fidelity"][self.providers[0]]
+
+    @classmethod
+    def from_eager(
+        cls,
+        eager: Any,
+        *,
+        device: str = "cpu",
+        cache_dir: str | Path | None = None,
+        threads: int | None = None,
+        batch_size: int | None = None,
+    ) -> OnnxRuntimeBackbone:
+        """Export (or read the cached export of) ``eager``, check its fidelity, open a session on ``device``.
+
+        Raises EmbeddingRuntimeError when onnxruntime is missing, the export fails or the fidelity is too low."""
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError as exc:
+            raise EmbeddingRuntimeError(f"onnxruntime is not installed ({exc}); pip install onnxruntime") from None
+        providers = _providers_for(device)
+        export = cached_export(eager, cache_dir, threads)
+        session = make_session(export.model_bytes, providers, threads)
+        provider = session.get_providers()[0]
+        if provider not in export.metadata["fidelity"]:  # e.g. the CUDA provider: measure it once and record it
+            report = measure_fidelity(
+                eager.embed_and_logits if eager.num_classes else _embed_only(eager.embed),
+                lambda images: _session_run(session, eager, images, _FIDELITY_CHUNK),
+                fidelity_images(),
+            )
+            export.metadata["fidelity"][provider] = report
+            try:
+                atomic_write_json(export.metadata_path, export.metadata)
+            except OSError as exc:  # the measurement still holds for this process
+                logger.warning("cannot record the %s fidelity in %s: %s", provider, export.metadata_path, exc)
+        report = export.metadata["fidelity"][provider]
+        if not fidelity_passes(report):
+            raise EmbeddingRuntimeError(
+                f"the ONNX export of {eager.name} on {provider} differs from eager fp32 torch: min cosine "
+                f"{fidelity_min_cosine(report):.6f} < {FIDELITY_MIN_COSINE} on {len(report['images'])} fixed images "
+                f"({export.onnx_path})"
+            )
+        logger.info(
+            "%s: onnxruntime %s, fidelity to eager fp32 min cosine %.7f (%s export %s)", eager.name, provider,
+            fidelity_min_cosine(report), "new" if export.exported else "cached", export.onnx_path,
+        )
+        return cls(eager, session, export, batch_size or eager.batch_size, device)
+
+    def __repr__(self) -> str:
+        return f"OnnxRuntimeBackbone({self.name!r}, dim={self.dim}, providers={self.providers})"
+
+    @property
+    def num_classes(self) -> int:
+        return self._eager.num_classes
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        return self._eager.preprocess(image)
+
+    def preprocess_array(self, image: Image.Image) -> np.ndarray:
+        return self._eager.preprocess_array(image)
+
+    def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """Pooled features, float32 (n, dim)."""
+        return _session_run(self._session, self, images, self.batch_size)[0]
+
+    def embed_and_logits(self, images: Sequence[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
+        """Embeddings (n, dim) and classifier logits (n, n_classes) from one forward pass."""
+        if self.num_classes == 0:
+            raise ModelInputError(f"{self.name} has no classifier head, so it gives no logits")
+        return _session_run(self._session, self, images, self.batch_size)
+
+    def classify_logits(self, images: Sequence[Image.Image]) -> np.ndarray:
+        return self.embed_and_logits(images)[1]

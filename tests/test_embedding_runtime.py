@@ -1,0 +1,292 @@
+"""The embedding runtime: ONNX export of the timm backbone, its cache, the fidelity gate, DEVICE and the settings."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import model.runtime as runtime
+from backend.config import DEVICES, EMBEDDING_RUNTIMES, Config, ConfigError
+from model.embeddings import TimmBackbone, create_backbone
+from model.errors import ModelInputError
+from model.runtime import (
+    EmbeddingRuntimeError,
+    OnnxRuntimeBackbone,
+    build_backbone,
+    device_plan,
+    fidelity_passes,
+    measure_fidelity,
+    resolve_device,
+    row_cosines,
+)
+
+pytest.importorskip("onnxruntime")
+skimage_data = pytest.importorskip("skimage.data", reason="scikit-image provides the real test photos")
+
+SIZE = 64  # small input: an export and its fidelity check take a few seconds
+
+
+@pytest.fixture(scope="module")
+def eager() -> TimmBackbone:
+    return TimmBackbone("efficientnet_lite0", weights="imagenet-package", image_size=SIZE, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("runtime-cache")
+
+
+@pytest.fixture(scope="module")
+def fast(eager, cache_dir) -> OnnxRuntimeBackbone:
+    return OnnxRuntimeBackbone.from_eager(eager, cache_dir=cache_dir, threads=2)
+
+
+@pytest.fixture(scope="module")
+def photos() -> list[Image.Image]:
+    return [Image.fromarray(skimage_data.chelsea()), Image.fromarray(skimage_data.coffee()),
+            Image.fromarray(skimage_data.camera()), Image.fromarray(skimage_data.astronaut()),
+            Image.fromarray(skimage_data.rocket())]
+
+
+@pytest.fixture
+def count_exports(monkeypatch):
+    calls = []
+    real = runtime.export_onnx
+
+    def spy(eager):
+        calls.append(eager.name)
+        return real(eager)
+
+    monkeypatch.setattr(runtime, "export_onnx", spy)
+    return calls
+
+
+def _only_file(folder, suffix):
+    files = sorted(folder.glob(f"*{suffix}"))
+    assert len(files) == 1, files
+    return files[0]
+
+
+def test_fidelity_check_passes_and_is_recorded_beside_the_export(fast, cache_dir):
+    assert fast.export.exported
+    report = fast.fidelity
+    assert report["embedding_min_cosine"] >= 0.9999 and report["logits_min_cosine"] >= 0.9999
+    assert report["top1_agreement"] == 1.0
+    assert any(name.startswith("skimage.") for name in report["images"]) and len(report["images"]) >= 8
+    metadata = json.loads(_only_file(cache_dir, ".json").read_text())
+    assert metadata["fidelity"]["CPUExecutionProvider"] == report
+    key = metadata["key"]
+    assert (key["model"], key["weights"], key["image_size"]) == ("efficientnet_lite0", "imagenet-package", SIZE)
+    assert {"torch", "timm", "onnxruntime", "opset", "weights_sha256"} <= set(key)
+    assert _only_file(cache_dir, ".onnx").name.startswith(f"efficientnet_lite0-{SIZE}px-")
+
+
+def test_keeps_the_timm_backbone_interface_and_name(fast, eager):
+    assert fast.name == eager.name  # same vectors (fp32): the embedding cache stays shared
+    assert (fast.dim, fast.num_classes, fast.model_name, fast.image_size) == (1280, 1000, "efficientnet_lite0", SIZE)
+    assert fast.runtime == "onnxruntime" and eager.runtime == "torch"
+    for method in ("preprocess", "embed", "embed_and_logits", "classify_logits"):
+        assert callable(getattr(fast, method))
+    assert torch.equal(fast.preprocess(Image.new("RGB", (10, 20))), eager.preprocess(Image.new("RGB", (10, 20))))
+
+
+def test_embed_and_logits_agree_with_eager(fast, eager, photos):
+    reference_embeddings, reference_logits = eager.embed_and_logits(photos)
+    embeddings, logits = fast.embed_and_logits(photos)
+    assert embeddings.dtype == np.float32 and embeddings.shape == (5, 1280) and logits.shape == (5, 1000)
+    assert row_cosines(embeddings, reference_embeddings).min() >= 0.9999
+    assert row_cosines(logits, reference_logits).min() >= 0.9999
+    np.testing.assert_allclose(embeddings, reference_embeddings, atol=1e-3)
+    assert list(np.argmax(logits, 1)) == list(np.argmax(reference_logits, 1))
+    np.testing.assert_array_equal(fast.embed(photos), embeddings)
+    np.testing.assert_array_equal(fast.classify_logits(photos), logits)
+    one, _ = fast.embed_and_logits(photos[:1])  # another batch size through the dynamic axis
+    np.testing.assert_allclose(one[0], embeddings[0], atol=1e-4)
+    empty_embeddings, empty_logits = fast.embed_and_logits([])
+    assert empty_embeddings.shape == (0, 1280) and empty_logits.shape == (0, 1000)
+
+
+def test_session_does_not_spin_and_uses_the_given_threads(fast):
+    options = fast._session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert options.intra_op_num_threads == 2
+    assert fast.providers == ["CPUExecutionProvider"]
+
+
+def test_second_construction_reads_the_cache_without_exporting(fast, cache_dir, count_exports):
+    onnx_file = _only_file(cache_dir, ".onnx")
+    mtime = onnx_file.stat().st_mtime_ns
+    again = create_backbone("timm:efficientnet_lite0", image_size=SIZE, runtime="onnxruntime", cache_dir=cache_dir)
+    assert isinstance(again, OnnxRuntimeBackbone) and not again.export.exported
+    assert count_exports == [] and onnx_file.stat().st_mtime_ns == mtime
+    assert again.name == fast.name
+
+
+@pytest.mark.parametrize("damage", ["onnx-truncated", "metadata-garbage"])
+def test_a_corrupted_cache_is_rebuilt(eager, fast, cache_dir, tmp_path, count_exports, damage, photos):
+    copy = tmp_path / "cache"
+    shutil.copytree(cache_dir, copy)
+    onnx_file, metadata_file = _only_file(copy, ".onnx"), _only_file(copy, ".json")
+    if damage == "onnx-truncated":
+        onnx_file.write_bytes(onnx_file.read_bytes()[:1000])
+    else:
+        metadata_file.write_text("{not json")
+    rebuilt = OnnxRuntimeBackbone.from_eager(eager, cache_dir=copy, threads=1)
+    assert rebuilt.export.exported and count_exports == [eager.name]
+    metadata = json.loads(metadata_file.read_text())
+    assert hashlib.sha256(onnx_file.read_bytes()).hexdigest() == metadata["sha256"]
+    np.testing.assert_allclose(rebuilt.embed(photos[:2]), fast.embed(photos[:2]), atol=1e-4)
+
+
+def test_forced_fidelity_failure_falls_back_under_auto_and_raises_under_onnxruntime(
+    fast, cache_dir, monkeypatch, caplog
+):
+    monkeypatch.setattr(runtime, "FIDELITY_MIN_COSINE", 1.5)  # no cosine reaches it
+    with caplog.at_level(logging.WARNING, logger="model.runtime"):
+        chosen = create_backbone("timm:efficientnet_lite0", image_size=SIZE, runtime="auto", cache_dir=cache_dir)
+    assert isinstance(chosen, TimmBackbone) and chosen.runtime == "torch" and chosen.name == fast.name
+    assert "min cosine" in caplog.text and "eager torch" in caplog.text
+    with pytest.raises(EmbeddingRuntimeError, match=r"differs from eager fp32 torch: min cosine 1\.0+ < 1\.5"):
+        create_backbone("timm:efficientnet_lite0", image_size=SIZE, runtime="onnxruntime", cache_dir=cache_dir)
+
+
+def test_a_wrong_runtime_fails_the_fidelity_measurement(eager, photos):
+    images = [(f"photo{i}", p) for i, p in enumerate(photos)]
+
+    def perturbed(pictures):
+        embeddings, logits = eager.embed_and_logits(pictures)
+        rng = np.random.default_rng(0)
+        return embeddings + rng.normal(0, embeddings.std(), embeddings.shape).astype(np.float32), logits
+
+    assert fidelity_passes(measure_fidelity(eager.embed_and_logits, eager.embed_and_logits, images))
+    report = measure_fidelity(eager.embed_and_logits, perturbed, images)
+    assert report["embedding_min_cosine"] < 0.99 and not fidelity_passes(report)
+
+
+def test_auto_without_onnxruntime_uses_torch_and_onnxruntime_says_what_is_missing(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails
+    chosen = create_backbone("timm:efficientnet_lite0:random", image_size=32, runtime="auto", cache_dir=tmp_path)
+    assert isinstance(chosen, TimmBackbone)
+    with pytest.raises(EmbeddingRuntimeError, match="onnxruntime is not installed"):
+        create_backbone("timm:efficientnet_lite0:random", image_size=32, runtime="onnxruntime", cache_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_model_without_classifier_exports_one_output(tmp_path):
+    eager = TimmBackbone("efficientnet_lite0", weights=None, image_size=32, batch_size=8)
+    eager.model.reset_classifier(0)
+    fast = OnnxRuntimeBackbone.from_eager(eager, cache_dir=tmp_path, threads=1)
+    assert fast.num_classes == 0 and "logits_min_cosine" not in fast.fidelity
+    images = [Image.new("RGB", (40, 30), (i * 40, 100, 200 - i * 30)) for i in range(3)]
+    assert row_cosines(fast.embed(images), eager.embed(images)).min() >= 0.9999
+    with pytest.raises(ModelInputError, match="no classifier head"):
+        fast.embed_and_logits(images)
+
+
+def test_device_auto_and_a_clear_error_for_cuda_without_a_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == "cpu" and resolve_device("cpu") == "cpu"
+    with pytest.raises(EmbeddingRuntimeError, match=r"DEVICE=cuda, but torch .* sees no CUDA GPU.*DEVICE=cpu"):
+        create_backbone("timm:efficientnet_lite0:random", image_size=32, device="cuda")
+    with pytest.raises(EmbeddingRuntimeError, match="DEVICE must be one of"):
+        resolve_device("tpu")
+    with pytest.raises(EmbeddingRuntimeError, match="EMBEDDING_RUNTIME must be one of"):
+        create_backbone("timm:efficientnet_lite0:random", runtime="tensorrt")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == "cuda"
+
+
+def test_batch_size_and_precision_fit_the_device(monkeypatch):
+    assert device_plan("cpu") == runtime.DevicePlan("cpu", 64, "fp32", False)
+    assert device_plan("cuda") == runtime.DevicePlan("cuda", 256, "fp16", True)
+    assert device_plan("cuda", batch_size=8).batch_size == 8
+    # On CUDA, auto picks eager torch with the CUDA plan (no ONNX export); checked here with a recording factory.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    made = build_backbone(lambda **kwargs: kwargs, kind="timm", device="auto", runtime="auto")
+    assert made == {"batch_size": 256, "device": "cuda", "precision": "fp16", "channels_last": True}
+    assert build_backbone(lambda **kwargs: kwargs, kind="open_clip", device="cpu", runtime="auto") == {
+        "batch_size": 64, "device": "cpu"}
+    with pytest.raises(EmbeddingRuntimeError, match="timm backbones only"):
+        build_backbone(lambda **kwargs: kwargs, kind="open_clip", device="cpu", runtime="onnxruntime")
+
+
+def test_reduced_precision_and_channels_last_paths_run_and_are_named(photos):
+    """The CUDA plan's code (autocast, channels_last) run on the CPU: bf16 is the CPU's autocast type."""
+    photos = photos[:2]
+    reference = TimmBackbone("efficientnet_lite0", image_size=32, batch_size=4)
+    nhwc = TimmBackbone("efficientnet_lite0", image_size=32, batch_size=4, channels_last=True)
+    assert nhwc.name == reference.name
+    np.testing.assert_allclose(nhwc.embed(photos), reference.embed(photos), atol=1e-3)
+    half = TimmBackbone("efficientnet_lite0", image_size=32, batch_size=4, precision="bf16")
+    assert half.name == reference.name + ":bf16"  # other vectors: not shared with the fp32 cache
+    assert row_cosines(half.embed(photos), reference.embed(photos)).min() > 0.98
+    with pytest.raises(ModelInputError, match="precision"):
+        TimmBackbone("efficientnet_lite0", image_size=32, precision="int4")
+
+
+def test_build_components_passes_device_runtime_threads_and_cache(fast, cache_dir, tmp_path, count_exports):
+    from backend.components import build_components
+
+    shutil.copytree(cache_dir, tmp_path / "runtime-cache")
+    config = Config(model_dir=tmp_path, image_size=SIZE, weak_annotator="none", embedding_runtime="onnxruntime",
+                    device="cpu", torch_threads=1)
+    previous = torch.get_num_threads()
+    try:
+        backbone = build_components(config).backbone
+    finally:
+        torch.set_num_threads(previous)
+    assert isinstance(backbone, OnnxRuntimeBackbone) and count_exports == []
+    assert backbone._session.get_session_options().intra_op_num_threads == 1
+    assert backbone.export.onnx_path.parent == tmp_path / "runtime-cache"
+
+
+def test_config_reads_embedding_runtime_and_device():
+    config = Config.from_env({})
+    assert (config.embedding_runtime, config.device) == ("auto", "auto")
+    config = Config.from_env({"EMBEDDING_RUNTIME": "onnxruntime", "DEVICE": "cuda"})
+    assert (config.embedding_runtime, config.device) == ("onnxruntime", "cuda")
+    assert Config.from_env({"EMBEDDING_RUNTIME": " torch ", "DEVICE": "cpu"}).embedding_runtime == "torch"
+    for name, value in (("EMBEDDING_RUNTIME", "tensorrt"), ("DEVICE", "gpu"), ("DEVICE", "CUDA")):
+        with pytest.raises(ConfigError, match=name):
+            Config.from_env({name: value})
+    assert EMBEDDING_RUNTIMES == runtime.RUNTIMES and DEVICES == runtime.DEVICES
+
+
+@pytest.mark.bench
+def test_benchmark_script_writes_speed_ratio_and_cosine(tmp_path):
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "embedding_runtime.json"
+    subprocess.run(
+        [sys.executable, str(root / "bench" / "embedding_runtime.py"), "--out", str(out), "--images", "16",
+         "--rounds", "2", "--image-size", "64"],
+        check=True, cwd=root, timeout=600,
+    )
+    result = json.loads(out.read_text())
+    assert result["cosine"]["embedding_min"] >= 0.999 and result["cosine"]["logits_min"] >= 0.999
+    assert result["end_to_end"]["speed_ratio_of_medians"] > 1.0  # ONNX Runtime is the faster one
+    assert {"load_average_before", "machine", "model_only"} <= set(result)
+
+
+def test_numpy_preprocessing_is_bit_identical_to_the_torch_formula(eager, photos):
+    """Cached embeddings are keyed by the backbone's name: the faster numpy preprocessing must not move them."""
+    rng = np.random.default_rng(3)
+    images = photos + [Image.fromarray(rng.integers(0, 256, (37, 91, 4), dtype=np.uint8), "RGBA"),
+                       Image.fromarray(rng.integers(0, 256, (300, 20), dtype=np.uint8), "L")]
+    mean = torch.from_numpy(eager._mean)
+    std = torch.from_numpy(eager._std)
+    for image in images:
+        resized = image.convert("RGB").resize((SIZE, SIZE), eager._interpolation)
+        expected = (torch.from_numpy(np.array(resized, dtype=np.float32)).permute(2, 0, 1) / 255.0 - mean) / std
+        assert torch.equal(eager.preprocess(image), expected)
+        assert eager.preprocess_array(image).flags.c_contiguous
