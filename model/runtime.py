@@ -135,10 +135,10 @@ def build_backbone(
         fast = OnnxRuntimeBackbone.from_eager(
             eager, device=device, cache_dir=cache_dir, threads=threads, batch_size=plan.batch_size
         )
-    except EmbeddingRuntimeError as exc:
+    except Exception as exc:  # under auto, any failure of the fast path (export, session, check) keeps torch
         if runtime == "onnxruntime":
             raise
-        logger.warning("EMBEDDING_RUNTIME=auto: %s; using eager torch fp32 instead", exc)
+        logger.warning("EMBEDDING_RUNTIME=auto: %s: %s; using eager torch fp32 instead", type(exc).__name__, exc)
         _log_choice(eager, "torch", plan)
         return eager
     _log_choice(fast, "onnxruntime", plan)

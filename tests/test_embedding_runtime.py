@@ -290,3 +290,15 @@ def test_numpy_preprocessing_is_bit_identical_to_the_torch_formula(eager, photos
         expected = (torch.from_numpy(np.array(resized, dtype=np.float32)).permute(2, 0, 1) / 255.0 - mean) / std
         assert torch.equal(eager.preprocess(image), expected)
         assert eager.preprocess_array(image).flags.c_contiguous
+
+
+def test_any_failure_of_the_fast_path_falls_back_under_auto(monkeypatch, tmp_path, caplog):
+    def broken_export(eager):
+        raise RuntimeError("exporter crashed")
+
+    monkeypatch.setattr(runtime, "export_onnx", broken_export)
+    with caplog.at_level(logging.WARNING, logger="model.runtime"):
+        chosen = create_backbone("timm:efficientnet_lite0:random", image_size=32, runtime="auto", cache_dir=tmp_path)
+    assert isinstance(chosen, TimmBackbone) and "exporter crashed" in caplog.text
+    with pytest.raises(RuntimeError, match="exporter crashed"):
+        create_backbone("timm:efficientnet_lite0:random", image_size=32, runtime="onnxruntime", cache_dir=tmp_path)
