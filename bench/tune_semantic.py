@@ -5,6 +5,12 @@ split); no test image takes part. Every setting is scored by coarse accuracy on 
 setting with the best mean over the two, separately for each ImageNet classifier (efficientnet_lite0, which the
 server shares with its embedding pass, and efficientnet_lite2, which the benchmark's semantic condition uses).
 
+One departure from the best row, for robustness, is recorded in the output as ``default``: the best rows ignore the
+coarse class's own name (``name_weight`` 0) because both data sets here have plain-English fine names. A project
+whose fine names are Latin species or product codes would then get nothing from them, so the default keeps a
+quarter of the weight on the coarse name (``name_weight`` 0.25); on these slices that costs 1.8 points on
+Fashion-MNIST and nothing on openclipart.
+
     .venv/bin/python bench/tune_semantic.py            # writes bench/results/semantic_tuning.json
 """
 
@@ -88,7 +94,12 @@ def main() -> None:
         classifier: max((r for r in rows if r["classifier"] == classifier), key=lambda r: r["mean"])
         for classifier in CLASSIFIERS
     }
+    defaults = {"combine": "label-map", "templates": "ensemble", "name_weight": 0.25, "map_temperature": 0.1}
+    default_rows = [r for r in rows if all(r.get(k) == v for k, v in defaults.items())]
     document = {
+        "default": {"settings": defaults, "rows": default_rows,
+                    "why": "best rows ignore the coarse name; a quarter of the weight is kept on it for projects "
+                           "whose fine names are not plain words (see this script's docstring)"},
         "slices": {d: {"split": s, "images": len(slices[d][0]), "pad": p} for d, (s, _, p) in SLICES.items()},
         "chance": {d: round(1.0 / slices[d][0].hierarchy.n_coarse, 4) for d in SLICES},
         "best_per_classifier": best,

@@ -145,15 +145,33 @@ def test_an_empty_class_list_is_refused():
         LabelHierarchy.from_groups({})
 
 
-def test_label_embeddings_are_cached_on_disk_by_encoder_and_templates(encoder, imagenet_embeddings, text_cache):
-    cached = sorted(text_cache.glob("imagenet-label-embeddings-*.npy"))
+def test_the_shipped_label_embeddings_are_what_the_packaged_encoder_computes(encoder, imagenet_embeddings, tmp_path):
+    """The default templates' ImageNet label embeddings ship with the package (a fresh server skips 3,000
+    encodings); computing them anew, with no cache anywhere, must give the same matrix."""
+    from model.weak import semantic_zeroshot
+
+    fresh = np.stack([
+        semantic_zeroshot.prompt_embedding(encoder, [s.strip() for s in d.split(",")][: semantic_zeroshot.IMAGENET_SYNONYMS],
+                                           semantic_zeroshot.PROMPT_TEMPLATES)
+        for d in __import__("model.weak.classifier_label_map", fromlist=["x"]).ImageNetClassNames().descriptions
+    ])
+    np.testing.assert_allclose(imagenet_embeddings, fresh, atol=1e-5)
+
+
+def test_label_embeddings_for_other_templates_are_cached_on_disk(encoder, tmp_path, monkeypatch):
+    templates = ("{}",)
+    first = imagenet_label_embeddings(encoder, templates, cache_dir=tmp_path)
+    cached = sorted(tmp_path.glob("imagenet-label-embeddings-*.npy"))
     assert len(cached) == 1
-    np.testing.assert_array_equal(np.load(cached[0]), imagenet_embeddings)
-    np.testing.assert_allclose(np.linalg.norm(imagenet_embeddings, axis=1), 1.0, atol=1e-5)
-    # A damaged file is rebuilt, not trusted.
+    np.testing.assert_array_equal(np.load(cached[0]), first)
+    np.testing.assert_allclose(np.linalg.norm(first, axis=1), 1.0, atol=1e-5)
+    # Read back without encoding anything...
+    monkeypatch.setattr(encoder, "encode", lambda texts: (_ for _ in ()).throw(AssertionError("encoded again")))
+    np.testing.assert_array_equal(imagenet_label_embeddings(encoder, templates, cache_dir=tmp_path), first)
+    monkeypatch.undo()
+    # ...and a damaged file is rebuilt, not trusted.
     cached[0].write_bytes(b"not numpy")
-    rebuilt = imagenet_label_embeddings(encoder, cache_dir=text_cache)
-    np.testing.assert_allclose(rebuilt, imagenet_embeddings, atol=1e-6)
+    np.testing.assert_allclose(imagenet_label_embeddings(encoder, templates, cache_dir=tmp_path), first, atol=1e-6)
 
 
 def test_the_model_zip_is_unpacked_once_into_a_folder_named_by_its_content(tmp_path):

@@ -80,14 +80,18 @@ def imagenet_label_embeddings(
     from model.weak.classifier_label_map import ImageNetClassNames
 
     key = hashlib.sha256(json.dumps([encoder.name, list(templates), IMAGENET_SYNONYMS]).encode()).hexdigest()[:12]
-    path = Path(cache_dir).expanduser() / f"imagenet-label-embeddings-{key}.npy" if cache_dir is not None else None
-    if path is not None and path.is_file():
-        try:
-            cached = np.load(path, allow_pickle=False)
-            if cached.shape == (1000, encoder.dim) and np.all(np.isfinite(cached)):
-                return cached.astype(np.float32)
-        except (OSError, ValueError):
-            pass  # a damaged cache file is rebuilt below
+    file_name = f"imagenet-label-embeddings-{key}.npy"
+    path = Path(cache_dir).expanduser() / file_name if cache_dir is not None else None
+    # The package ships the default templates' embeddings for the packaged MiniLM (the key names the encoder's
+    # content digest), so a fresh server does not spend its start-up encoding 3,000 texts.
+    for candidate in (path, Path(__file__).resolve().parent.parent / "data" / file_name):
+        if candidate is not None and candidate.is_file():
+            try:
+                cached = np.load(candidate, allow_pickle=False)
+                if cached.shape == (1000, encoder.dim) and np.all(np.isfinite(cached)):
+                    return cached.astype(np.float32)
+            except (OSError, ValueError):
+                pass  # a damaged cache file is rebuilt below
     descriptions = ImageNetClassNames().descriptions
     synonyms = [[s.strip() for s in d.split(",") if s.strip()][:IMAGENET_SYNONYMS] for d in descriptions]
     counts = [len(s) for s in synonyms]
