@@ -216,7 +216,7 @@ def queue_priorities(
     sure, picked for typicality by k-means within a shortlist. Every task already has its VLM label (a local VLM
     costs compute, not money), so the whole budget goes to human picks. The rest follow the fine head's margin
     (model.query.priority_scores)."""
-    from model.query import OURS_HUMAN_PICK_OPTIONS, PoolState, WeakAndGroupMarginQuery, priority_scores
+    from model.query import OURS_HUMAN_PICK_OPTIONS, PoolState, create_strategy, priority_scores
 
     pool = PoolState(
         embeddings=embeddings,
@@ -227,7 +227,7 @@ def queue_priorities(
         coarse_probabilities=coarse_probabilities,
         coarse_transition_matrix=coarse_transition_matrix,
     )
-    strategy = WeakAndGroupMarginQuery(human_share=1.0, **OURS_HUMAN_PICK_OPTIONS)
+    strategy = create_strategy("ours", human_share=1.0, **OURS_HUMAN_PICK_OPTIONS)
     budget = float(budget_labels) * costs.human_fine
     selections = strategy.query(pool, budget, costs, np.random.default_rng(seed))
     return priority_scores(pool, selections), {"strategy": "posterior-margin-kmeans", "n_selected": len(selections)}

@@ -764,3 +764,27 @@ def priority_scores(pool: PoolState, selections: Sequence[Selection] | None = No
     order = np.concatenate([np.asarray(selected, dtype=np.int64), rest])
     scores[order] = np.arange(order.size) / order.size
     return scores
+
+
+STRATEGIES: dict[str, Callable[..., QueryStrategy]] = {
+    "random": RandomQuery,
+    "least-confidence": LeastConfidenceQuery,
+    "margin": MarginQuery,
+    "entropy": EntropyQuery,
+    "k-center": KCenterQuery,
+    "kmeans-cold-start": KMeansColdStart,
+    "iso": IsoValueToCostQuery,
+    "ours": WeakAndGroupMarginQuery,
+}
+"""Query strategies by name: the benchmark and the server build theirs through ``create_strategy``."""
+
+
+def create_strategy(name: str, **options: object) -> QueryStrategy:
+    """The strategy ``name`` with its keyword ``options``; an unknown name or option is a ModelInputError."""
+    factory = STRATEGIES.get(name)
+    if factory is None:
+        raise ModelInputError(f"unknown query strategy {name!r}; known: {sorted(STRATEGIES)}")
+    try:
+        return factory(**options)
+    except TypeError as exc:
+        raise ModelInputError(f"query strategy {name!r}: {exc}") from exc

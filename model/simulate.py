@@ -1060,17 +1060,7 @@ def select_queries(spec: StrategySpec, data: BenchmarkData, pool: LabelledPool, 
                    transition: np.ndarray | None, config, options: SimulationOptions,
                    rng: np.random.Generator) -> list[tuple[int, str]]:
     """Ask the strategy for one round's labels: ``[(pool index, "human_fine" | "weak_coarse" | "human_coarse")]``."""
-    from model.query import (
-        EntropyQuery,
-        IsoValueToCostQuery,
-        KCenterQuery,
-        LabelCosts,
-        LabelKind,
-        MarginQuery,
-        PoolState,
-        RandomQuery,
-        WeakAndGroupMarginQuery,
-    )
+    from model.query import LabelCosts, LabelKind, PoolState, create_strategy
 
     human_coarse = spec.weak_source == "human-coarse"
     costs = LabelCosts(human_fine=1.0, weak_coarse=options.cost_human_coarse if human_coarse else options.cost_weak)
@@ -1092,14 +1082,10 @@ def select_queries(spec: StrategySpec, data: BenchmarkData, pool: LabelledPool, 
         train_and_evaluate=train_and_evaluate,
         coarse_transition_matrix=transition if spec.weak_source == "vlm" else None,
     )
-    strategy = {
-        "random": RandomQuery,
-        "margin": MarginQuery,
-        "entropy": EntropyQuery,
-        "k-center": KCenterQuery,
-        "iso": lambda: IsoValueToCostQuery(n_shuffles=ISO_SHUFFLES),
-        "ours": lambda: WeakAndGroupMarginQuery(n_shuffles=ISO_SHUFFLES, **dict(spec.query_options)),
-    }[spec.query]()
+    strategy_options = dict(spec.query_options)
+    if spec.query in ("iso", "ours"):
+        strategy_options["n_shuffles"] = ISO_SHUFFLES
+    strategy = create_strategy(spec.query, **strategy_options)
     kinds = {LabelKind.HUMAN_FINE: "human_fine", LabelKind.VLM_COARSE: "weak_coarse",
              LabelKind.HUMAN_COARSE: "human_coarse"}
     return [(s.index, kinds[s.kind]) for s in strategy.query(state, options.budget, costs, rng)]

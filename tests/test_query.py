@@ -408,3 +408,16 @@ def test_ours_rejects_bad_settings_and_needs_a_model() -> None:
         WeakAndGroupMarginQuery().query(make_pool(with_model=False), 5.0, LabelCosts(), np.random.default_rng(0))
     with pytest.raises(ModelInputError, match="coarse_transition_matrix"):
         make_pool(coarse_transition_matrix=np.ones((3, 3)))
+
+
+def test_strategies_come_from_one_registry_with_their_options():
+    from model.query import STRATEGIES, MarginQuery, WeakAndGroupMarginQuery, create_strategy
+
+    assert isinstance(create_strategy("margin"), MarginQuery)
+    ours = create_strategy("ours", human_share=0.85, measure="posterior-margin")
+    assert isinstance(ours, WeakAndGroupMarginQuery) and ours.human_share == 0.85
+    assert {"random", "margin", "entropy", "k-center", "iso", "ours"} <= set(STRATEGIES)
+    with pytest.raises(ModelInputError, match="unknown query strategy 'best'"):
+        create_strategy("best")
+    with pytest.raises(ModelInputError, match="query strategy 'margin'"):
+        create_strategy("margin", human_share=0.5)
