@@ -174,6 +174,17 @@ class RequestBuffer:
             self._chunk_pos = chunk_end
 
 
+def write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:
+    """gunicorn's error page (``gunicorn.util.write_error``) as this backend's JSON error shape."""
+    from gunicorn.util import write_nonblock
+
+    message = mesg if status_int < 500 else "internal error"
+    body = json.dumps({"error": reason.lower().replace(" ", "_"), "message": message or reason}).encode()
+    head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode("latin-1")
+    write_nonblock(sock, head + body)
+
+
 class BufferedThreadWorker(ThreadWorker):
     """gthread that dispatches only complete requests (see the module docstring)."""
 
@@ -184,6 +195,9 @@ class BufferedThreadWorker(ThreadWorker):
         self.read_timeout = config.request_read_timeout_seconds
         self.max_body = config.max_request_bytes
         self.reading: dict[int, tuple[object, RequestBuffer, float]] = {}
+        from gunicorn import util
+
+        util.write_error = write_json_error  # gunicorn's own 4xx (bad request line, headers...) as JSON too
         super().init_process()
 
     # --- new connections and kept-alive ones start by being read in the event loop -----------------------------

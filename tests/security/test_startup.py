@@ -43,3 +43,14 @@ def test_a_bad_setting_is_one_clear_error(tmp_path, name, value):
     result = subprocess.run([sys.executable, "-m", "backend.cli", "serve", "--port", str(free_port())],
                             cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and name in result.stderr and "Traceback" not in result.stderr
+
+
+def test_plain_gunicorn_with_an_unusable_model_dir_stops_with_one_clear_line(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    env = {**os.environ, "MODEL_DIR": str(blocker / "m"), "WEAK_ANNOTATOR": "none"}
+    result = subprocess.run([sys.executable, "-m", "gunicorn", "backend.wsgi:app", "--bind",
+                             f"127.0.0.1:{free_port()}"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode != 0
+    assert f"MODEL_DIR {blocker / 'm'} cannot be created" in result.stderr and "Traceback" not in result.stderr
