@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -13,16 +13,12 @@ from backend.label_config import ProjectLabeling, task_labels
 from backend.predictions import margins
 from model.errors import UnknownClassError
 from model.hierarchy import MISSING_LABEL, LabelHierarchy
+from model.learner import SERVER_SETTINGS, ActiveLearner, LearnerSettings, NewClassifier, RoundLabels
 
 logger = logging.getLogger(__name__)
 
-MIN_FINE_LABELS_FOR_CV = 9
-CV_CANDIDATES = {"weak_loss_weight": [0.2, 0.5, 1.0]}
 SELECTED_SCORE_SPAN = 0.05
 """Queue scores below this are reserved for the planned next human labels, in the order they were chosen."""
-
-NewClassifier = Callable[[Any], Any]
-"""Builds an untrained classifier for the project's hierarchy and embedding size from a TrainingConfig."""
 
 
 @dataclass
@@ -109,50 +105,34 @@ def fit_and_rank(
     budget_labels: int,
     cost_full: float,
     cost_weak: float,
+    settings: LearnerSettings = SERVER_SETTINGS,
 ) -> FitOutcome:
-    """Estimate T from trusted pairs, choose a training config (CV once there are enough fine labels), train on
-    every row and rank the unlabeled rows for the next human labels."""
-    from model.finegrained import TrainingConfig, select_training_config
-    from model.noise import estimate_coarse_transition_matrix
+    """One round of model.learner.ActiveLearner, the round ``vlm-al simulate`` runs: estimate T from trusted pairs,
+    choose a training config, train on every row and rank the unlabeled rows for the next human labels."""
     from model.query import LabelCosts
 
     weak_answer = weak_answers(weak_probabilities)
-    fine, human_coarse = labels.fine, labels.human_coarse
-    estimate = estimate_coarse_transition_matrix(labels.trusted_coarse, weak_answer, hierarchy.n_coarse)
-    n_trusted = int(np.sum((labels.trusted_coarse != MISSING_LABEL) & (weak_answer != MISSING_LABEL)))
     # With a local VLM weak labels cost compute, not money: every task without a human label gets one.
     weak_for_training = np.where(labels.labeled, MISSING_LABEL, weak_answer).astype(np.int64)
-    base = TrainingConfig(variant="hierarchical", use_transition=True, num_threads=torch_threads)
-    training_config = base
-    if int(np.sum(fine != MISSING_LABEL)) >= MIN_FINE_LABELS_FOR_CV:
-        training_config = select_training_config(
-            hierarchy, embeddings, fine, weak_for_training, estimate.matrix, base, CV_CANDIDATES,
-            human_coarse_labels=human_coarse,
-        )
-    classifier = new_classifier(training_config)
-    classifier.fit(embeddings, fine, weak_for_training, estimate.matrix, human_coarse)
-    fine_probabilities = np.asarray(classifier.predict_fine_proba(embeddings), dtype=np.float32)
-    coarse_probabilities = np.asarray(classifier.predict_coarse_proba(embeddings), dtype=np.float32)
-    row_scores, queue_summary = queue_priorities(
-        embeddings=embeddings,
-        hierarchy=hierarchy,
-        fine_labels=fine,
-        # a human coarse label stands in for the VLM's answer on its task
-        weak_coarse_labels=np.where(human_coarse != MISSING_LABEL, human_coarse, weak_for_training),
-        fine_probabilities=fine_probabilities,
-        coarse_probabilities=coarse_probabilities,
-        coarse_transition_matrix=estimate.matrix,
-        budget_labels=budget_labels,
-        costs=LabelCosts(human_fine=cost_full, weak_coarse=cost_weak),
-    )
+    learner = ActiveLearner(hierarchy, int(embeddings.shape[1]), replace(settings, num_threads=torch_threads),
+                            new_classifier=new_classifier)
+    round_labels = RoundLabels(fine=labels.fine, weak_coarse=weak_for_training, human_coarse=labels.human_coarse,
+                               trusted_coarse=labels.trusted_coarse, weak_answers=weak_answer)
+    model = learner.train(embeddings, round_labels)
+    pool = learner.pool_state(embeddings, round_labels, model)
+    costs = LabelCosts(human_fine=cost_full, weak_coarse=cost_weak)
+    selections = learner.query(pool, float(budget_labels) * costs.human_fine, costs, np.random.default_rng(0))
+    estimate = model.transition
+    n_trusted = int(np.sum((labels.trusted_coarse != MISSING_LABEL) & (weak_answer != MISSING_LABEL)))
     return FitOutcome(
-        classifier=classifier,
-        training_config=training_config,
+        classifier=model.classifier,
+        training_config=model.training_config,
         transition_estimate=estimate,
         n_trusted=n_trusted,
         weak_for_training=weak_for_training,
-        row_scores=row_scores,
-        queue_summary=queue_summary,
+        row_scores=learner.rank(pool, selections),
+        queue_summary={"strategy": settings.strategy, "n_selected": len(selections),
+                       "strategy_options": dict(settings.strategy_options)},
     )
 
 
@@ -194,40 +174,3 @@ def cold_start_scores(
     )
     selections = KMeansColdStart().query(pool, float(min(budget, n)), LabelCosts(), np.random.default_rng(seed))
     return [s.index for s in selections if s.kind is LabelKind.HUMAN_FINE]
-
-
-def queue_priorities(
-    *,
-    embeddings: np.ndarray,
-    hierarchy: LabelHierarchy,
-    fine_labels: np.ndarray,
-    weak_coarse_labels: np.ndarray,
-    fine_probabilities: np.ndarray,
-    coarse_probabilities: np.ndarray,
-    coarse_transition_matrix: np.ndarray,
-    budget_labels: int,
-    costs: Any,
-    seed: int = 0,
-) -> tuple[np.ndarray, dict[str, Any]]:
-    """Queue scores of every row (ascending = label first) and a summary of how they were chosen.
-
-    The head of the queue is the next ``budget_labels`` human labels chosen as ours is in the offline benchmark
-    (model.query.WeakAndGroupMarginQuery): where the fine head, after reading the VLM's answer through T, is least
-    sure, picked for typicality by k-means within a shortlist. Every task already has its VLM label (a local VLM
-    costs compute, not money), so the whole budget goes to human picks. The rest follow the fine head's margin
-    (model.query.priority_scores)."""
-    from model.query import OURS_HUMAN_PICK_OPTIONS, PoolState, create_strategy, priority_scores
-
-    pool = PoolState(
-        embeddings=embeddings,
-        hierarchy=hierarchy,
-        fine_labels=fine_labels,
-        weak_coarse_labels=weak_coarse_labels,
-        fine_probabilities=fine_probabilities,
-        coarse_probabilities=coarse_probabilities,
-        coarse_transition_matrix=coarse_transition_matrix,
-    )
-    strategy = create_strategy("ours", human_share=1.0, **OURS_HUMAN_PICK_OPTIONS)
-    budget = float(budget_labels) * costs.human_fine
-    selections = strategy.query(pool, budget, costs, np.random.default_rng(seed))
-    return priority_scores(pool, selections), {"strategy": "posterior-margin-kmeans", "n_selected": len(selections)}

@@ -63,20 +63,20 @@ def main() -> None:
             real_answers[condition] = simulate.REAL_ANNOTATORS[condition](logits, hierarchy, options)
             print(f"{condition} coarse accuracy on the pool: {np.mean(real_answers[condition] == data.pool_coarse):.4f}")
     seeds = [int(s) for s in args.seeds.split(",")]
-    default_candidates = dict(simulate.OURS_CONFIG_CANDIDATES)
+    ours = simulate.STRATEGY_SPECS["ours"]
     for name, variant in json.loads(args.variants).items():
-        # "config_candidates": ours' training settings, cross-validated on the human labels when several.
-        simulate.OURS_CONFIG_CANDIDATES = (
-            variant.get("config_candidates", default_candidates) if isinstance(variant, dict) else default_candidates
-        )
+        spec = simulate.STRATEGY_SPECS.get(name, ours)
         if isinstance(variant, dict):
-            query_options = dict(simulate.OURS_QUERY_OPTIONS)
-            query_options.update(variant.get("query_options", {}))
-            simulate.STRATEGY_SPECS[name] = dataclasses.replace(
-                simulate.STRATEGY_SPECS["ours"],
-                query_options=tuple(query_options.items()),
-                expected_improvement=bool(variant.get("expected_improvement", False)),
+            # "query_options": ours' strategy options; "config_candidates": its training settings, cross-validated
+            # on the human labels when several.
+            settings = dataclasses.replace(
+                ours.settings,
+                strategy_options={**ours.settings.strategy_options, **variant.get("query_options", {})},
+                config_candidates={k: tuple(v) for k, v in variant.get(
+                    "config_candidates", ours.settings.config_candidates).items()},
             )
+            spec = dataclasses.replace(ours, settings=settings,
+                                       expected_improvement=bool(variant.get("expected_improvement", False)))
         for condition in conditions:
             started = time.time()
             runs = []
@@ -84,7 +84,8 @@ def main() -> None:
                 answers = real_answers.get(condition)
                 if answers is None:
                     answers = simulate.simulated_answers(seed, data, options.simulated_accuracy)
-                runs.append(simulate.run_strategy(simulate.RunJob(condition, name, seed), data, answers, options))
+                runs.append(simulate.run_strategy(simulate.RunJob(condition, name, seed), data, answers, options,
+                                                  spec=spec))
             accuracy = np.array([run.accuracy for run in runs]) * 100
             print(
                 f"{name:24s} {condition:13s} mean over rounds {accuracy[:, 1:].mean():.2f} final "

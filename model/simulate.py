@@ -18,7 +18,7 @@ import re
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,7 @@ from model.datasets import ImageSplit
 from model.errors import ModelInputError, UnknownClassError
 from model.hierarchy import MISSING_LABEL, LabelHierarchy
 from model.io import atomic_write_bytes, atomic_write_json, atomic_write_text
-from model.query import OURS_HUMAN_PICK_OPTIONS
+from model.learner import BENCHMARK_OURS_SETTINGS, SERVER_SETTINGS, ActiveLearner, LearnerSettings, RoundLabels, RoundModel
 from model.split_features import SplitFeatures, cached_split_features
 
 CONDITIONS = ("semantic", "imagenet-map", "simulated")
@@ -511,11 +511,12 @@ def render_markdown(results: dict) -> str:
                 f"{checks['ours_minus_best_other_at_final_budget'] * 100:+.1f} points)."
             )
         lines += ["", f"![learning curve]({block['plot']})", ""]
-    if "ours_query_options" in config:
+    if "ours_learner_settings" in config:
         lines += [
-            f"Ours queries with `WeakAndGroupMarginQuery` {config['ours_query_options']}; these settings were chosen "
-            "on a validation slice of the train split outside the pool, never on the test split: see "
-            "[ours_validation.md](ours_validation.md).",
+            f"Ours runs `model.learner.ActiveLearner` with {config['ours_learner_settings']}; these settings were "
+            "chosen on a validation slice of the pool's split outside the pool, never on the test split: see "
+            "[ours_validation.md](../ours_validation.md). The server runs the same learner; it differs only in "
+            f"{config.get('server_differs_in', {})}.",
             "",
         ]
     machine = config["machine"]
@@ -579,49 +580,39 @@ class BenchmarkData:
 
 @dataclass(frozen=True)
 class StrategySpec:
-    """How a named strategy queries and trains."""
+    """A named benchmark strategy: the learner's settings, and which weak labels the oracle sells it."""
 
-    query: str
-    """random | margin | entropy | k-center | iso | ours"""
-    variant: str
-    """the FineGrainedClassifier variant"""
+    settings: LearnerSettings
     weak_source: str | None = None
     """None (human fine labels only), "vlm" or "human-coarse" (ISOAL: a human gives the true coarse label)"""
-    transition: str = "none"
-    """none | round0 (estimated once from the seed, reference protocol) | every-round (with an identity prior)"""
-    cross_validate: bool = False
-    query_options: tuple[tuple[str, object], ...] = ()
-    """Keyword arguments of the query strategy (ours: ``WeakAndGroupMarginQuery``)."""
     expected_improvement: bool = False
     """Measure the expected improvement per label by retraining (always for ISO; an option for ours)."""
 
+    @property
+    def measures_improvement(self) -> bool:
+        return self.settings.strategy == "iso" or self.expected_improvement
 
-OURS_QUERY_OPTIONS: tuple[tuple[str, object], ...] = (
-    ("human_share", 0.85),
-    *OURS_HUMAN_PICK_OPTIONS.items(),
-    ("weak_selection", "uncertain"),
-)
-"""Chosen on a validation slice of the train split outside the pool, never the test split
-(bench/results/simulate/ours_validation.md)."""
+
+ISO_SHUFFLES = 1
+"""Shuffles per expected-improvement estimate (the reference uses 3). Each costs 8 retrainings, and with thousands
+of weak labels a retraining takes about a second on one core: one shuffle keeps the default run near 15 minutes."""
+
+_BASELINE = LearnerSettings(variant="fine-only", transition="none", config_candidates={"weak_loss_weight": (1.0,)},
+                            strategy="random")
+_REFERENCE = replace(_BASELINE, variant="reference", strategy="iso", strategy_options={"n_shuffles": ISO_SHUFFLES})
 
 STRATEGY_SPECS: dict[str, StrategySpec] = {
-    "random": StrategySpec("random", "fine-only"),
-    "margin": StrategySpec("margin", "fine-only"),
-    "entropy": StrategySpec("entropy", "fine-only"),
-    "k-center": StrategySpec("k-center", "fine-only"),
-    "isoal-human-coarse": StrategySpec("iso", "reference", weak_source="human-coarse"),
-    "vlm-no-T": StrategySpec("iso", "reference", weak_source="vlm"),
-    "vlm-T-reference": StrategySpec("iso", "reference", weak_source="vlm", transition="round0"),
-    "ours": StrategySpec("ours", "hierarchical", weak_source="vlm", transition="every-round", cross_validate=True,
-                         query_options=OURS_QUERY_OPTIONS),
+    "random": StrategySpec(_BASELINE),
+    "margin": StrategySpec(replace(_BASELINE, strategy="margin")),
+    "entropy": StrategySpec(replace(_BASELINE, strategy="entropy")),
+    "k-center": StrategySpec(replace(_BASELINE, strategy="k-center")),
+    "isoal-human-coarse": StrategySpec(_REFERENCE, weak_source="human-coarse"),
+    "vlm-no-T": StrategySpec(_REFERENCE, weak_source="vlm"),
+    "vlm-T-reference": StrategySpec(replace(_REFERENCE, transition="round0"), weak_source="vlm"),
+    "ours": StrategySpec(BENCHMARK_OURS_SETTINGS, weak_source="vlm"),
 }
-
-OURS_CONFIG_CANDIDATES: dict[str, list] = {
-    # How much the weak labels may count. One value, so no cross-validation: choosing between 0.2 and 1.0 by
-    # cross-validation on the human labels picked 1.0 too often for the imagenet-map annotator, whose errors
-    # depend on the image (a transition matrix cannot undo them), and lost 0.7 points on validation.
-    "weak_loss_weight": [0.2],
-}
+"""Ours runs ``model.learner.BENCHMARK_OURS_SETTINGS``; the server runs ``SERVER_SETTINGS``, which differs in the
+named settings the results print (``config.server_differs_in``)."""
 
 
 @dataclass(frozen=True)
@@ -662,62 +653,12 @@ def buy_within_budget(oracle: SimulatedOracle, pool: LabelledPool, selections: S
     return spent
 
 
-def _training_labels(spec: StrategySpec, pool: LabelledPool) -> dict[str, np.ndarray | None]:
-    return {
-        "fine_labels": pool.fine,
-        "weak_coarse_labels": pool.weak_coarse if spec.weak_source == "vlm" else None,
-        "human_coarse_labels": pool.human_coarse if spec.weak_source == "human-coarse" else None,
-    }
-
-
-def _estimate_transition(data: BenchmarkData, pool: LabelledPool, prior_strength: float) -> np.ndarray:
-    from model.noise import estimate_coarse_transition_matrix
-
-    trusted = pool.trusted()
-    true_coarse = data.hierarchy.coarse_of_fine_labels(pool.fine[trusted])
-    estimate = estimate_coarse_transition_matrix(
-        true_coarse, pool.weak_coarse[trusted], data.hierarchy.n_coarse, prior_strength=prior_strength
-    )
-    return estimate.matrix
-
-
-def _fit(spec: StrategySpec, data: BenchmarkData, pool: LabelledPool, transition: np.ndarray | None, config):
-    from model.finegrained import FineGrainedClassifier
-
-    labels = _training_labels(spec, pool)
-    return FineGrainedClassifier(data.hierarchy, data.pool_embeddings.shape[1], config).fit(
-        data.pool_embeddings,
-        labels["fine_labels"],
-        labels["weak_coarse_labels"],
-        coarse_transition_matrix=transition,
-        human_coarse_labels=labels["human_coarse_labels"],
-    )
-
-
-def _base_config(spec: StrategySpec, seed: int):
-    from model.finegrained import TrainingConfig
-
-    return TrainingConfig(variant=spec.variant, use_transition=spec.transition != "none", seed=seed, num_threads=1)
-
-
-def _choose_config(spec: StrategySpec, data: BenchmarkData, pool: LabelledPool, transition: np.ndarray | None,
-                   seed: int):
-    from model.finegrained import select_training_config
-
-    base = _base_config(spec, seed)
-    if not spec.cross_validate:
-        return base
-    labels = _training_labels(spec, pool)
-    return select_training_config(
-        data.hierarchy,
-        data.pool_embeddings,
-        labels["fine_labels"],
-        labels["weak_coarse_labels"],
-        transition,
-        base,
-        OURS_CONFIG_CANDIDATES,
-        n_folds=3,
-        human_coarse_labels=labels["human_coarse_labels"],
+def round_labels(spec: StrategySpec, pool: LabelledPool) -> RoundLabels:
+    """What the strategy has bought so far, as the learner reads it."""
+    return RoundLabels(
+        fine=pool.fine,
+        weak_coarse=pool.weak_coarse if spec.weak_source == "vlm" else None,
+        human_coarse=pool.human_coarse if spec.weak_source == "human-coarse" else None,
     )
 
 
@@ -727,13 +668,15 @@ def _accuracy(classifier, data: BenchmarkData) -> float:
 
 
 def run_strategy(job: RunJob, data: BenchmarkData, weak_answers: np.ndarray, options: SimulationOptions,
-                 on_round=None) -> StrategyRun:
-    """One strategy, one seed: seed set, then ``options.rounds`` rounds of querying, buying and retraining."""
+                 on_round=None, spec: StrategySpec | None = None) -> StrategyRun:
+    """One strategy, one seed: seed set, then ``options.rounds`` rounds of querying, buying and retraining.
+
+    ``spec``: a variant to run under ``job.strategy``'s name (bench/validate_ours.py); by default the named one."""
     import torch
 
     torch.set_num_threads(1)
     started = time.perf_counter()
-    spec = STRATEGY_SPECS[job.strategy]
+    spec = spec or STRATEGY_SPECS[job.strategy]
     oracle = SimulatedOracle(
         true_fine=data.pool_fine,
         true_coarse=data.pool_coarse,
@@ -748,28 +691,25 @@ def run_strategy(job: RunJob, data: BenchmarkData, weak_answers: np.ndarray, opt
     cost = buy_within_budget(oracle, pool, [(int(i), "human_fine") for i in seed_set], np.inf, uses_vlm)
     query_rng = seed_rng(job.seed, f"query:{job.strategy}")
     run = StrategyRun()
-
-    transition = None
-    if spec.transition == "round0":
-        transition = _estimate_transition(data, pool, prior_strength=0.0)
+    learner = ActiveLearner(data.hierarchy, data.pool_embeddings.shape[1],
+                            replace(spec.settings, seed=job.seed, num_threads=1))
+    model = None
     for round_index in range(options.rounds + 1):
-        if round_index > 0:
-            selections = select_queries(spec, data, pool, classifier, transition, config, options, query_rng)
+        if model is not None:
+            selections = select_queries(spec, learner, data, pool, model, options, query_rng)
             spent = buy_within_budget(oracle, pool, selections, options.budget, uses_vlm)
             cost += spent
-        if spec.transition == "every-round":
-            transition = _estimate_transition(data, pool, prior_strength=1.0)
-        config = _choose_config(spec, data, pool, transition, job.seed)
-        classifier = _fit(spec, data, pool, transition, config)
+        model = learner.train(data.pool_embeddings, round_labels(spec, pool))
+        transition = model.transition
         run.cost.append(round(cost, 6))
-        run.accuracy.append(_accuracy(classifier, data))
+        run.accuracy.append(_accuracy(model.classifier, data))
         run.human_fine_labels.append(int(np.sum(pool.fine != MISSING_LABEL)))
         run.weak_labels.append(int(np.sum(pool.weak_asked)))
         run.human_coarse_labels.append(int(np.sum(pool.human_coarse != MISSING_LABEL)))
         if on_round is not None:
             on_round()
     if transition is not None:
-        run.final_transition = np.asarray(transition).tolist()
+        run.final_transition = np.asarray(transition.matrix).tolist()
     run.seconds = time.perf_counter() - started
     return run
 
@@ -991,8 +931,10 @@ def _simulate(options: SimulationOptions) -> int:
     config["test_split"] = test_split
     config["hierarchy_classes"] = hierarchy.to_dict()
     config["backbone"] = f"timm:{BACKBONE_SPEC}:imagenet-package"
-    config["ours_config_candidates"] = OURS_CONFIG_CANDIDATES
-    config["ours_query_options"] = dict(STRATEGY_SPECS["ours"].query_options)
+    config["ours_learner_settings"] = BENCHMARK_OURS_SETTINGS.to_dict()
+    server = SERVER_SETTINGS.to_dict()
+    config["server_differs_in"] = {k: {"server": v, "benchmark": config["ours_learner_settings"][k]}
+                                   for k, v in server.items() if v != config["ours_learner_settings"][k]}
     config["machine"] = machine_description()
     results = {"config": config, "conditions": conditions, "wall_seconds": round(time.perf_counter() - started, 1)}
     # The issue's layout: each condition at the top level, next to the config block.
@@ -1003,9 +945,6 @@ def _simulate(options: SimulationOptions) -> int:
     return 0
 
 
-ISO_SHUFFLES = 1
-"""Shuffles per expected-improvement estimate (the reference uses 3). Each costs 8 retrainings, and with thousands
-of weak labels a retraining takes about a second on one core: one shuffle keeps the default run near 15 minutes."""
 VALIDATION_SHARE = 1.0 / 3.0
 """Share of the human fine labels held out (per class) to score ISO's retrainings; never test labels."""
 
@@ -1056,36 +995,25 @@ def make_train_and_evaluate(spec: StrategySpec, data: BenchmarkData, pool: Label
     return train_and_evaluate
 
 
-def select_queries(spec: StrategySpec, data: BenchmarkData, pool: LabelledPool, classifier,
-                   transition: np.ndarray | None, config, options: SimulationOptions,
+def select_queries(spec: StrategySpec, learner: ActiveLearner, data: BenchmarkData, pool: LabelledPool,
+                   model: RoundModel, options: SimulationOptions,
                    rng: np.random.Generator) -> list[tuple[int, str]]:
-    """Ask the strategy for one round's labels: ``[(pool index, "human_fine" | "weak_coarse" | "human_coarse")]``."""
-    from model.query import LabelCosts, LabelKind, PoolState, create_strategy
+    """Ask the learner's strategy for one round's labels: ``[(pool index, "human_fine" | "weak_coarse" |
+    "human_coarse")]``."""
+    from model.query import LabelCosts, LabelKind
 
     human_coarse = spec.weak_source == "human-coarse"
     costs = LabelCosts(human_fine=1.0, weak_coarse=options.cost_human_coarse if human_coarse else options.cost_weak)
-    fine_probabilities = classifier.predict_fine_proba(data.pool_embeddings)
-    coarse_probabilities = classifier.predict_coarse_proba(data.pool_embeddings)
     train_and_evaluate = None
-    if spec.query == "iso" or spec.expected_improvement:
+    if spec.measures_improvement:
         held_out = validation_split(pool.fine, rng)
-        train_and_evaluate = make_train_and_evaluate(spec, data, pool, transition, config, held_out)
-    state = PoolState(
-        embeddings=data.pool_embeddings,
-        hierarchy=data.hierarchy,
-        fine_labels=pool.fine,
-        weak_coarse_labels=pool.human_coarse if human_coarse else (
-            pool.weak_coarse if spec.weak_source == "vlm" else np.full_like(pool.fine, MISSING_LABEL)),
+        transition = None if model.transition is None else model.transition.matrix
+        train_and_evaluate = make_train_and_evaluate(spec, data, pool, transition, model.training_config, held_out)
+    state = learner.pool_state(
+        data.pool_embeddings, round_labels(spec, pool), model,
         weak_kind=LabelKind.HUMAN_COARSE if human_coarse else LabelKind.VLM_COARSE,
-        fine_probabilities=fine_probabilities,
-        coarse_probabilities=coarse_probabilities,
         train_and_evaluate=train_and_evaluate,
-        coarse_transition_matrix=transition if spec.weak_source == "vlm" else None,
     )
-    strategy_options = dict(spec.query_options)
-    if spec.query in ("iso", "ours"):
-        strategy_options["n_shuffles"] = ISO_SHUFFLES
-    strategy = create_strategy(spec.query, **strategy_options)
     kinds = {LabelKind.HUMAN_FINE: "human_fine", LabelKind.VLM_COARSE: "weak_coarse",
              LabelKind.HUMAN_COARSE: "human_coarse"}
-    return [(s.index, kinds[s.kind]) for s in strategy.query(state, options.budget, costs, rng)]
+    return [(s.index, kinds[s.kind]) for s in learner.query(state, options.budget, costs, rng)]
