@@ -684,7 +684,11 @@ class WeakAndGroupMarginQuery:
         share = self._human_share(pool, costs, rng)
         self.last_human_share = share
         candidates = _fine_candidates(pool)
-        n_human = min(affordable_count(share * budget, costs.human_fine), candidates.size)
+        # Once a pool has few samples left without a weak label, the weak share cannot be spent on them: what it
+        # cannot buy goes to human labels rather than staying unspent.
+        weak_capacity = int(np.sum(pool.annotation_type == UNLABELED)) * costs.weak_coarse
+        human_budget = max(share * budget, budget - weak_capacity)
+        n_human = min(affordable_count(human_budget, costs.human_fine), candidates.size)
         posterior = fine_posterior_given_weak(pool)
         if self.measure == "group-margin":
             uncertainty = group_margin_uncertainty(posterior[candidates], pool.hierarchy)

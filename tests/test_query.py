@@ -421,3 +421,23 @@ def test_strategies_come_from_one_registry_with_their_options():
         create_strategy("best")
     with pytest.raises(ModelInputError, match="query strategy 'margin'"):
         create_strategy("margin", human_share=0.5)
+
+
+def test_ours_spends_on_humans_what_the_weak_share_cannot_buy():
+    from model.query import WeakAndGroupMarginQuery
+
+    rng = np.random.default_rng(0)
+    hierarchy = LabelHierarchy.from_groups({"a": ["a1", "a2"], "b": ["b1", "b2"]})
+    n = 60
+    fine = np.full(n, MISSING_LABEL, dtype=np.int64)
+    fine[:8] = np.arange(8) % 4
+    weak = np.full(n, MISSING_LABEL, dtype=np.int64)
+    weak[8:58] = 0  # only two samples are left without any label
+    probabilities = rng.dirichlet(np.ones(4), size=n)
+    pool = PoolState(embeddings=rng.normal(size=(n, 4)), hierarchy=hierarchy, fine_labels=fine,
+                     weak_coarse_labels=weak, fine_probabilities=probabilities)
+    selections = WeakAndGroupMarginQuery(human_share=0.5).query(pool, 10.0, LabelCosts(1.0, 0.02), rng)
+    spent = sum(1.0 if s.kind is LabelKind.HUMAN_FINE else 0.02 for s in selections)
+    # Half of 10 for humans would leave 5 unspent: two weak labels cost 0.04, the rest buys human labels.
+    assert sum(s.kind is LabelKind.HUMAN_FINE for s in selections) == 9
+    assert spent <= 10.0 and spent > 9.0
