@@ -10,6 +10,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+QUERY_STRATEGIES = ("ours", "margin", "entropy", "least-confidence", "k-center", "random")
+"""Strategies that can order a server's queue: those that need no retraining inside a query (ISO does)."""
 WEAK_ANNOTATORS = ("semantic", "imagenet-map", "open-clip", "openai", "none")
 EMBEDDING_RUNTIMES = ("auto", "torch", "onnxruntime")  # model.runtime.RUNTIMES (not imported: it loads torch)
 DEVICES = ("auto", "cpu", "cuda")  # model.runtime.DEVICES
@@ -62,6 +64,8 @@ class Config:
     redis_url: str | None = None
     torch_threads: int | None = None
     queue_tab: bool = False
+    query_strategy: str = "ours"
+    """The strategy that orders the queue (model.query.STRATEGIES); ``ours`` is the benchmark's best."""
     image_download_timeout_seconds: float = 30.0
     predict_deadline_seconds: float = 30.0
     request_read_timeout_seconds: float = 10.0
@@ -118,6 +122,7 @@ class Config:
             redis_url=reader.text("REDIS_URL"),
             torch_threads=reader.optional_integer("TORCH_THREADS", minimum=1),
             queue_tab=reader.boolean("QUEUE_TAB", False),
+            query_strategy=reader.choice("QUERY_STRATEGY", QUERY_STRATEGIES, "ours"),
             image_download_timeout_seconds=reader.number("IMAGE_DOWNLOAD_TIMEOUT_SECONDS", 30.0, minimum=0.0,
                                                          exclusive_minimum=True),
             predict_deadline_seconds=reader.number("PREDICT_DEADLINE_SECONDS", 30.0, minimum=0.0, maximum=90.0),

@@ -35,7 +35,7 @@ from backend.predictions import build_predictions
 from backend.projects import LabelConfigs, Projects, schema_hash
 from backend.protocol import InvalidInput, parse_project_id
 from backend.state import COLD_START_VERSION, ImageKeyIndex, ProjectState, version_number
-from backend.training import cold_start_queue, collect_labels, fit_and_rank
+from backend.training import cold_start_queue, collect_labels, fit_and_rank, server_learner_settings
 from model.hierarchy import MISSING_LABEL, LabelHierarchy
 
 __all__ = ["HANDLED_FIT_EVENTS", "InvalidInput", "MLBackend", "ModelResponse", "parse_project_id"]
@@ -563,6 +563,7 @@ class MLBackend:
             budget_labels=self.config.query_batch_size,
             cost_full=self.config.cost_full,
             cost_weak=self.config.cost_weak,
+            settings=server_learner_settings(self.config.query_strategy),
         )
         classifier, estimate = outcome.classifier, outcome.transition_estimate
         unlabeled_rows = np.flatnonzero(~labels.labeled)

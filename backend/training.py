@@ -94,6 +94,13 @@ class FitOutcome:
         }
 
 
+def server_learner_settings(query_strategy: str) -> LearnerSettings:
+    """The server's learner: ``SERVER_SETTINGS`` (ours), or the same round ordered by another strategy."""
+    if query_strategy == SERVER_SETTINGS.strategy:
+        return SERVER_SETTINGS
+    return replace(SERVER_SETTINGS, strategy=query_strategy, strategy_options={})
+
+
 def fit_and_rank(
     *,
     hierarchy: LabelHierarchy,

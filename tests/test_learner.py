@@ -109,3 +109,16 @@ def test_bad_settings_are_refused_by_name():
         LearnerSettings(strategy="margin", strategy_options={"human_share": 0.5})
     with pytest.raises(ModelInputError, match="config_candidates"):
         LearnerSettings(config_candidates={"weak_loss_weight": ()})
+
+
+def test_the_server_queue_strategy_is_a_setting_whose_default_is_the_benchmarks_ours():
+    from backend.config import Config, ConfigError
+    from backend.training import server_learner_settings
+
+    assert Config.from_env({}).query_strategy == "ours"
+    assert server_learner_settings("ours") is SERVER_SETTINGS
+    margin = server_learner_settings(Config.from_env({"QUERY_STRATEGY": "margin"}).query_strategy)
+    assert margin.strategy == "margin" and margin.strategy_options == {}
+    assert replace(margin, strategy="ours", strategy_options=SERVER_SETTINGS.strategy_options) == SERVER_SETTINGS
+    with pytest.raises(ConfigError, match="QUERY_STRATEGY"):
+        Config.from_env({"QUERY_STRATEGY": "iso"})
