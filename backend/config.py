@@ -65,6 +65,8 @@ class Config:
     torch_threads: int | None = None
     queue_tab: bool = False
     query_strategy: str = "ours"
+    suggestion_precision: float = 0.9
+    """A fine suggestion is pre-ticked only where its out-of-fold precision bound reaches this (0: always)."""
     """The strategy that orders the queue (model.query.STRATEGIES); ``ours`` is the benchmark's best."""
     image_download_timeout_seconds: float = 30.0
     predict_deadline_seconds: float = 30.0
@@ -123,6 +125,7 @@ class Config:
             torch_threads=reader.optional_integer("TORCH_THREADS", minimum=1),
             queue_tab=reader.boolean("QUEUE_TAB", False),
             query_strategy=reader.choice("QUERY_STRATEGY", QUERY_STRATEGIES, "ours"),
+            suggestion_precision=reader.number("SUGGESTION_PRECISION", 0.9, minimum=0.0, maximum=1.0),
             image_download_timeout_seconds=reader.number("IMAGE_DOWNLOAD_TIMEOUT_SECONDS", 30.0, minimum=0.0,
                                                          exclusive_minimum=True),
             predict_deadline_seconds=reader.number("PREDICT_DEADLINE_SECONDS", 30.0, minimum=0.0, maximum=90.0),

@@ -19,10 +19,12 @@ def build_predictions(
     model_version: str,
     queue_scores: Mapping[int, float],
     fine_confidence_threshold: float,
+    coarse_precision: Sequence[float] | None = None,
 ) -> list[dict[str, Any]]:
     """One prediction per task, in order: the weak (else model) coarse choice, the model's fine choice when it is
     at least ``fine_confidence_threshold`` sure, and the task's queue score (else the margin: low = label first).
-    A task without usable features gets an empty prediction."""
+    ``coarse_precision[j]``: how often the VLM is right when it says j (from T); it is the VLM choice's score
+    when known. A task without usable features gets an empty prediction."""
     hierarchy = labeling.hierarchy
     confidence_control = confidence_control_of(labeling)
     usable = features.usable_positions()
@@ -57,6 +59,9 @@ def build_predictions(
         if weak_answered[row]:
             coarse, coarse_score = hierarchy.coarse_classes[weak_choice[row]], float(weak_top[row])
             coarse_source = "VLM"
+            if coarse_precision is not None and len(coarse_precision) == hierarchy.n_coarse:
+                coarse_score = float(coarse_precision[weak_choice[row]])
+                coarse_source = "VLM, expected accuracy from T"
         elif coarse_rows is not None:
             coarse = hierarchy.coarse_classes[model_coarse_choice[row]]
             coarse_score, coarse_source = float(model_coarse_top[row]), "model"

@@ -427,9 +427,22 @@ class MLBackend:
         if queue_scores is None and project_id is not None:
             priorities_version, stored = self.state(project_id).priorities()
             queue_scores = stored if priorities_version == model_version else {}
+        current = self.state(project_id).current() if project_id is not None else None
+        fitted = current.metrics if current is not None and current.model_version == model_version else {}
         return build_predictions(
-            tasks, labeling, features, model, model_version, queue_scores or {}, self.config.fine_confidence_threshold
+            tasks, labeling, features, model, model_version, queue_scores or {},
+            self._suggestion_threshold(fitted), fitted.get("coarse_precision") or None,
         )
+
+    def _suggestion_threshold(self, fitted: Mapping[str, Any]) -> float:
+        """The fine confidence from which a suggestion is pre-ticked: FINE_CONFIDENCE_THRESHOLD, raised to the
+        calibrated threshold of the served version (never, when no threshold reached SUGGESTION_PRECISION)."""
+        floor = self.config.fine_confidence_threshold
+        if self.config.suggestion_precision <= 0:
+            return floor
+        suggestion = fitted.get("suggestion")
+        calibrated = suggestion.get("threshold") if isinstance(suggestion, Mapping) else None
+        return float("inf") if calibrated is None else max(floor, float(calibrated))
 
     # --- background jobs --------------------------------------------------------------------------------------
 
@@ -564,6 +577,7 @@ class MLBackend:
             cost_full=self.config.cost_full,
             cost_weak=self.config.cost_weak,
             settings=server_learner_settings(self.config.query_strategy),
+            suggestion_precision=self.config.suggestion_precision,
         )
         classifier, estimate = outcome.classifier, outcome.transition_estimate
         unlabeled_rows = np.flatnonzero(~labels.labeled)

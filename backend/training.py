@@ -13,6 +13,7 @@ from backend.label_config import ProjectLabeling, task_labels
 from backend.predictions import margins
 from model.errors import UnknownClassError
 from model.hierarchy import MISSING_LABEL, LabelHierarchy
+from model.calibration import PrecisionThreshold, coarse_answer_precision, precision_threshold
 from model.learner import SERVER_SETTINGS, ActiveLearner, LearnerSettings, NewClassifier, RoundLabels
 
 logger = logging.getLogger(__name__)
@@ -79,6 +80,10 @@ class FitOutcome:
     row_scores: np.ndarray
     """Queue score of every row (ascending = label first); only unlabeled rows are meant to be used."""
     queue_summary: dict[str, Any]
+    suggestion: PrecisionThreshold
+    """The fine confidence from which a suggestion is pre-ticked (out-of-fold precision bound >= target)."""
+    coarse_precision: list[float]
+    """P(true coarse = j | the VLM says j) for each coarse class j, from T and the model's class balance."""
 
     def metrics(self, labels: CollectedLabels, n_tasks: int) -> dict[str, Any]:
         config = self.training_config
@@ -91,6 +96,8 @@ class FitOutcome:
             "n_trusted_pairs": self.n_trusted,
             "training_config": config.to_dict() if hasattr(config, "to_dict") else {},
             "queue": self.queue_summary,
+            "suggestion": self.suggestion.to_dict(),
+            "coarse_precision": self.coarse_precision,
         }
 
 
@@ -113,6 +120,7 @@ def fit_and_rank(
     cost_full: float,
     cost_weak: float,
     settings: LearnerSettings = SERVER_SETTINGS,
+    suggestion_precision: float = 0.9,
 ) -> FitOutcome:
     """One round of model.learner.ActiveLearner, the round ``vlm-al simulate`` runs: estimate T from trusted pairs,
     choose a training config, train on every row and rank the unlabeled rows for the next human labels."""
@@ -131,6 +139,14 @@ def fit_and_rank(
     selections = learner.query(pool, float(budget_labels) * costs.human_fine, costs, np.random.default_rng(0))
     estimate = model.transition
     n_trusted = int(np.sum((labels.trusted_coarse != MISSING_LABEL) & (weak_answer != MISSING_LABEL)))
+    if suggestion_precision > 0:
+        rows, out_of_fold = learner.out_of_fold_fine(embeddings, round_labels, model)
+        suggestion = precision_threshold(out_of_fold.max(axis=1), out_of_fold.argmax(axis=1) == labels.fine[rows],
+                                         suggestion_precision)
+    else:
+        suggestion = precision_threshold(np.zeros(0), np.zeros(0, dtype=bool), 0.0)
+    class_balance = model.coarse_probabilities.mean(axis=0)
+    coarse_precision = coarse_answer_precision(estimate.matrix, class_balance) if estimate is not None else None
     return FitOutcome(
         classifier=model.classifier,
         training_config=model.training_config,
@@ -140,6 +156,8 @@ def fit_and_rank(
         row_scores=learner.rank(pool, selections),
         queue_summary={"strategy": settings.strategy, "n_selected": len(selections),
                        "strategy_options": dict(settings.strategy_options)},
+        suggestion=suggestion,
+        coarse_precision=[] if coarse_precision is None else [round(float(p), 4) for p in coarse_precision],
     )
 
 

@@ -221,7 +221,7 @@ def fake_ls() -> Iterator[FakeLabelStudio]:
 def make_config(tmp_path: Path) -> Callable[..., Config]:
     def build(**overrides: Any) -> Config:
         base = Config(model_dir=tmp_path / "model_dir", fit_debounce_seconds=0.05, query_batch_size=3, torch_threads=1,
-                      fine_confidence_threshold=0.0)
+                      fine_confidence_threshold=0.0, suggestion_precision=0.0)
         return replace(base, **overrides)
 
     return build

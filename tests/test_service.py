@@ -690,3 +690,36 @@ def test_the_default_weak_annotator_answers_a_three_level_taxonomy_of_any_class_
         assert counter_value(backend, "vlm_al_weak_labels_computed_total") == 3
     finally:
         backend.jobs.shutdown()
+
+
+def test_fine_suggestions_are_pre_ticked_only_where_their_out_of_fold_precision_reaches_the_target(
+        fake_ls, make_config, make_backend):
+    """Few labels: no threshold reaches SUGGESTION_PRECISION, so only the coarse choice is pre-filled. Many
+    clearly separated labels: the calibrated threshold admits the confident suggestions, and they are right."""
+    add_pool(fake_ls, 12)
+    annotate_some(fake_ls, 2)
+    parts = make_backend(make_config(suggestion_precision=0.9, push_predictions=False))
+    assert parts.backend.run_fit(PROJECT_ID) == "vlm-al-v1"
+    fitted = ProjectState(parts.backend.config.model_dir, PROJECT_ID).current().metrics
+    assert fitted["suggestion"]["threshold"] is None and fitted["suggestion"]["n_validation"] == 8
+    assert len(fitted["coarse_precision"]) == 2 and all(0 < p <= 1 for p in fitted["coarse_precision"])
+    response = parts.backend.predict_response(fake_ls.tasks, project=PROJECT_ID, label_config=fake_ls.label_config)
+    for prediction in response.predictions:
+        choices = [r for r in prediction["result"] if r["type"] == "choices"]
+        assert [r["from_name"] for r in choices] == ["coarse"]  # no fine pre-tick without evidence
+        assert any(abs(choices[0]["score"] - p) < 1e-6 for p in fitted["coarse_precision"])
+
+    annotate_some(fake_ls, 10)  # 40 human labels, each colour its own class
+    assert parts.backend.run_fit(PROJECT_ID) == "vlm-al-v2"
+    fitted = ProjectState(parts.backend.config.model_dir, PROJECT_ID).current().metrics
+    threshold = fitted["suggestion"]["threshold"]
+    assert threshold is not None and fitted["suggestion"]["bound_at_threshold"] >= 0.9
+    response = parts.backend.predict_response(fake_ls.tasks, project=PROJECT_ID, label_config=fake_ls.label_config)
+    ticked = 0
+    for task, prediction in zip(fake_ls.tasks, response.predictions):
+        fine = [r for r in prediction["result"] if r["type"] == "choices" and r["from_name"] != "coarse"]
+        if fine:
+            ticked += 1
+            assert fine[0]["score"] >= threshold - 1e-6
+            assert fine[0]["value"]["choices"] == [FINES[(task["id"] - 1) % 4]]
+    assert ticked > 0
