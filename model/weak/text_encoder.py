@@ -130,15 +130,16 @@ class SentenceTransformerEncoder:
                 show_progress_bar=False,
             ).astype(np.float32)
             with self._lock:
-                for text, vector in zip(missing, vectors):
-                    self._cache[text] = vector
+                for row, text in enumerate(missing):
+                    self._cache[text] = vectors[row]
                 while len(self._cache) > TEXT_CACHE_SIZE:
                     self._cache.popitem(last=False)
         with self._lock:
-            rows = [self._cache.get(t) for t in texts]
-        if any(row is None for row in rows):  # evicted between the two steps by a very large call
-            return self.model.encode(texts, normalize_embeddings=True, convert_to_numpy=True,
-                                     show_progress_bar=False).astype(np.float32)
+            found = [self._cache.get(t) for t in texts]
+        rows = [row for row in found if row is not None]
+        if len(rows) < len(texts):  # evicted between the two steps by a very large call
+            return np.asarray(self.model.encode(texts, normalize_embeddings=True, convert_to_numpy=True,
+                                                show_progress_bar=False), dtype=np.float32)
         return np.stack(rows).astype(np.float32) if rows else np.zeros((0, self.dim), dtype=np.float32)
 
 
