@@ -181,18 +181,6 @@ class ProjectDownloadPools:
         self._pools: OrderedDict[int, ThreadPoolExecutor] = OrderedDict()
         self._lock = threading.Lock()
 
-    def pool(self, project_id: int) -> ThreadPoolExecutor:
-        with self._lock:
-            pool = self._pools.get(project_id)
-            if pool is None:
-                pool = ThreadPoolExecutor(self.threads_per_project, thread_name_prefix=f"vlm-al-download-{project_id}")
-                self._pools[project_id] = pool
-            self._pools.move_to_end(project_id)
-            while len(self._pools) > self.max_pools:
-                _, old = self._pools.popitem(last=False)
-                old.shutdown(wait=False)  # its running downloads finish (bounded by their deadline)
-            return pool
-
     def submit(self, project_id: int, fn: Callable[..., Any], *args: Any) -> Any:
         """Submit under the lock, so a pool closed by the LRU between lookup and submit is never used."""
         with self._lock:
