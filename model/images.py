@@ -64,7 +64,7 @@ def decode_image(data: bytes, limits: ImageLimits | None = None) -> Image.Image:
                 )
             image.load()
             image = ImageOps.exif_transpose(image)
-            return _to_rgb(image)
+            return to_rgb_on_white(image)
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -78,10 +78,12 @@ def decode_image(data: bytes, limits: ImageLimits | None = None) -> Image.Image:
         raise ImageDecodeError(f"image data is corrupt or truncated: {exc}") from exc
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def to_rgb_on_white(image: Image.Image) -> Image.Image:
+    """RGB copy of ``image``: wide integer/float pixels rescaled to their range, any transparency (alpha channel,
+    LA, P or L with a transparency entry) composited onto white."""
     if image.mode == "RGB":
         return image
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         # convert("L") clips wide integer/float pixels at 255; rescale the actual range instead.
         pixels = np.asarray(image, dtype=np.float64)
         low, high = float(pixels.min()), float(pixels.max())

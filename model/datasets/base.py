@@ -20,6 +20,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from model.errors import ModelInputError
 from model.hierarchy import LabelHierarchy
+from model.images import to_rgb_on_white
 
 SPLIT_NAMES: tuple[str, ...] = ("train", "test")
 
@@ -196,22 +197,9 @@ def order_key(name: str) -> bytes:
 
 # --- decoding --------------------------------------------------------------------------------------------------
 
-_WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
-
-
 def composite_on_white(image: Image.Image) -> Image.Image:
-    """RGB copy of ``image``; any transparency (alpha channel, LA, P/L/RGB with a transparency entry) is
-    composited onto white."""
-    if image.mode in _WIDE_MODES:
-        pixels = np.asarray(image, dtype=np.float64)
-        low, high = float(pixels.min()), float(pixels.max())
-        scaled = np.zeros_like(pixels) if high <= low else (pixels - low) / (high - low) * 255.0
-        image = Image.fromarray(scaled.round().astype(np.uint8), mode="L")
-    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
+    """RGB copy of ``image``, transparency composited onto white: the server's decoding rule (model.images)."""
+    return to_rgb_on_white(image)
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

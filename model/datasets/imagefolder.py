@@ -10,11 +10,9 @@ from model.datasets.base import (
     DEFAULT_MAX_SIDE,
     DatasetLayoutError,
     DatasetNotFoundError,
-    ImageSplit,
-    check_split_name,
     readable_name,
 )
-from model.datasets.tree import IMAGE_EXTENSIONS, TreeScanner, build_splits, is_hidden, is_image_name, list_images
+from model.datasets.tree import IMAGE_EXTENSIONS, TreeDataset, TreeScanner, is_hidden, is_image_name, list_images
 from model.errors import ModelInputError
 from model.hierarchy import LabelHierarchy
 
@@ -22,7 +20,7 @@ MIN_IMAGES_PER_CLASS = 2
 """One image cannot be split between train and test, nor tell a class apart from its variants."""
 
 
-class ImageFolderDataset:
+class ImageFolderDataset(TreeDataset):
     """``DIR/<coarse>/<fine>/<images>`` as an ``ImageDataset``.
 
     Folder names become class names (underscores as spaces). Images are files ending in one of
@@ -101,22 +99,7 @@ class ImageFolderDataset:
                 f"usable images per folder: {too_few}; skipped files: {self.skipped or 'none'}"
             )
         self.hierarchy = LabelHierarchy.from_parent_map(parent_by_fine, coarse_order=coarse_names)
-        self._splits = build_splits(
-            dataset=self.name,
-            kind="imagefolder",
-            root=self.root,
-            hierarchy=self.hierarchy,
-            images_by_fine=usable,
-            max_side=max_side,
-            max_pixels=max_pixels,
-        )
-
-    def __repr__(self) -> str:
-        return (f"ImageFolderDataset(root={str(self.root)!r}, {self.hierarchy.n_fine} fine / "
-                f"{self.hierarchy.n_coarse} coarse classes)")
-
-    def split(self, name: str) -> ImageSplit:
-        return self._splits[check_split_name(name)]
+        self._build_splits("imagefolder", usable, max_side, max_pixels)
 
 
 def _subfolders(folder: Path) -> list[Path]:

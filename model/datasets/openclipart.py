@@ -16,11 +16,9 @@ from model.datasets.base import (
     DEFAULT_MAX_SIDE,
     DatasetLayoutError,
     DatasetNotFoundError,
-    ImageSplit,
-    check_split_name,
     readable_name,
 )
-from model.datasets.tree import TreeImage, TreeScanner, build_splits, list_images
+from model.datasets.tree import TreeDataset, TreeImage, TreeScanner, list_images
 from model.errors import ModelInputError
 from model.hierarchy import LabelHierarchy
 
@@ -78,7 +76,7 @@ OPENCLIPART_EXCLUDED_FOLDERS: tuple[str, ...] = (
 """Folders deliberately not used (see the comment above OPENCLIPART_FOLDERS)."""
 
 
-class OpenClipartDataset:
+class OpenClipartDataset(TreeDataset):
     """The chosen openclipart folders as an ``ImageDataset``.
 
     Files whose PNG header declares more than ``max_pixels`` pixels (default 25 MP) are skipped before any
@@ -139,22 +137,7 @@ class OpenClipartDataset:
         images_by_fine: dict[str, list[TreeImage]] = {
             self.folders[folder]: images for folder, images in usable.items()
         }
-        self._splits = build_splits(
-            dataset=self.name,
-            kind="openclipart",
-            root=self.root,
-            hierarchy=self.hierarchy,
-            images_by_fine=images_by_fine,
-            max_side=max_side,
-            max_pixels=max_pixels,
-        )
-
-    def __repr__(self) -> str:
-        return (f"OpenClipartDataset(root={str(self.root)!r}, {self.hierarchy.n_fine} fine / "
-                f"{self.hierarchy.n_coarse} coarse classes)")
-
-    def split(self, name: str) -> ImageSplit:
-        return self._splits[check_split_name(name)]
+        self._build_splits("openclipart", images_by_fine, max_side, max_pixels)
 
 
 def _class_names(folders: list[tuple[str, str]]) -> dict[str, str]:

@@ -16,6 +16,7 @@ from PIL import Image
 
 from model.datasets.base import (
     DatasetImageError,
+    check_split_name,
     DatasetLayoutError,
     ImageSplit,
     is_test_group,
@@ -30,7 +31,7 @@ from model.hierarchy import LabelHierarchy
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 """File name endings (compared case-insensitively) that count as images."""
 
-DECODE_VERSION = "decode-v1"
+DECODE_VERSION = "decode-v2"
 """Part of every content_id: bump it when the decoding (compositing, resizing) changes."""
 
 SKIP_OVER_PIXEL_CAP = "over pixel cap"
@@ -216,3 +217,24 @@ def group_key_of(split: ImageSplit, index: int) -> str:
     if not isinstance(loader, PathLoader):
         raise DatasetLayoutError(f"{split.dataset} {split.split} is not a folder-based split")
     return variant_group_key(loader.paths[index].name)
+
+
+class TreeDataset:
+    """What a folder-tree data set keeps once it has chosen its images: its splits, served by name."""
+
+    name: str
+    root: Path
+    hierarchy: LabelHierarchy
+    _splits: dict[str, ImageSplit]
+
+    def _build_splits(self, kind: str, images_by_fine: Mapping[str, Sequence[TreeImage]], max_side: int,
+                      max_pixels: int) -> None:
+        self._splits = build_splits(dataset=self.name, kind=kind, root=self.root, hierarchy=self.hierarchy,
+                                    images_by_fine=images_by_fine, max_side=max_side, max_pixels=max_pixels)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(root={str(self.root)!r}, {self.hierarchy.n_fine} fine / "
+                f"{self.hierarchy.n_coarse} coarse classes)")
+
+    def split(self, name: str) -> ImageSplit:
+        return self._splits[check_split_name(name)]
