@@ -1,27 +1,62 @@
-"""Background jobs: debounced per key, so a burst of webhooks becomes one run."""
+"""Background jobs: named (kind, project id, plain parameters), debounced per (kind, project).
+
+A job is never a function: it is a name and plain arguments, so the same job runs on this module's in-process
+runners or on RQ workers over Redis (backend/rq_jobs.py). The backend binds one handler,
+``handler(kind, project_id, params)``, that does the work of every kind.
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from filelock import FileLock
+from prometheus_client.core import GaugeMetricFamily
 
 logger = logging.getLogger(__name__)
 
+JobHandler = Callable[[str, int, Mapping[str, Any]], Any]
+"""Does the work of a job: (kind, project id, parameters)."""
 JobFinished = Callable[[str, "BaseException | None", float], None]
-"""Called after every run with (key, the exception or None, seconds)."""
+"""Called after every run with (kind, the exception or None, seconds)."""
+
+JOB_STATES = ("queued", "running", "failed")
+
+
+@dataclass(frozen=True)
+class NamedJob:
+    """What a queue holds: plain data only."""
+
+    kind: str
+    project_id: int
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        """Jobs of one key are debounced together and never run at the same time."""
+        return f"{self.kind}:{self.project_id}"
 
 
 class JobRunner(Protocol):
-    def submit(self, key: str, fn: Callable[[], None]) -> None:
-        """Run ``fn`` in the background; submits of one key close together become one run."""
+    def bind(self, handler: JobHandler, on_finish: JobFinished | None = None) -> None:
+        """The function that runs every job (the backend's ``run_job``), and one told how each run ended."""
+
+    def submit(self, kind: str, project_id: int, params: Mapping[str, Any] | None = None) -> None:
+        """Run the job in the background; submits of one (kind, project) close together become one run."""
+
+    @contextmanager
+    def project_lock(self, project_id: int, lock_path: Path) -> Iterator[None]:
+        """Held while a job reads Label Studio and writes the project's model: one at a time per project."""
+
+    def state(self) -> dict[str, Any]:
+        """Jobs by state with their ages in seconds, for /health and /metrics (cheap: /health has 1 s)."""
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Block until nothing is pending or running; False on timeout."""
@@ -30,22 +65,44 @@ class JobRunner(Protocol):
         """Stop accepting work and wait for running jobs."""
 
 
+def project_lock(lock_path: Path, timeout: float = -1) -> FileLock:
+    """A lock file shared by every process on this machine: two gunicorn workers never fit one project at once."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(lock_path), timeout=timeout)
+
+
 @dataclass
 class _KeyState:
-    fn: Callable[[], None] | None = None
+    job: NamedJob | None = None
     pending: bool = False
     running: bool = False
     first_submit: float = 0.0
     due: float = 0.0
+    started: float = 0.0
+
+
+@dataclass
+class _Failure:
+    kind: str
+    project_id: int
+    error: str
+    seconds: float
+    at: float
+
+
+RECENT_FAILURES = 20
+"""Failed runs an in-process runner remembers for /health."""
+FAILURE_WINDOW_SECONDS = 3600.0
+"""/health and /metrics count the failures of the last hour."""
 
 
 class ThreadJobRunner:
-    """Per-key debounced jobs on a small thread pool.
+    """Per-(kind, project) debounced jobs on a small thread pool: the default, without REDIS_URL.
 
     A submit makes the key due ``debounce_seconds`` after the latest submit (trailing debounce, capped at
     ``max_delay_seconds`` after the first one so a steady stream still runs). The same key never runs twice at
     once: a submit during a run schedules exactly one more run after it, which sees everything submitted meanwhile.
-    The most recent ``fn`` of a key is the one that runs.
+    The most recent parameters of a key are the ones that run.
     """
 
     def __init__(
@@ -54,6 +111,7 @@ class ThreadJobRunner:
         max_workers: int = 2,
         max_delay_seconds: float | None = None,
         on_finish: JobFinished | None = None,
+        handler: JobHandler | None = None,
     ) -> None:
         if debounce_seconds < 0:
             raise ValueError(f"debounce_seconds must be >= 0, got {debounce_seconds}")
@@ -61,8 +119,10 @@ class ThreadJobRunner:
         self.max_delay_seconds = (
             float(max_delay_seconds) if max_delay_seconds is not None else max(5 * self.debounce_seconds, 1.0)
         )
-        self._on_finish = on_finish
+        self.on_finish = on_finish
+        self._handler = handler
         self._states: dict[str, _KeyState] = {}
+        self._failures: list[_Failure] = []
         self._cond = threading.Condition()
         self._closed = False
         self.runs_started = 0
@@ -71,23 +131,44 @@ class ThreadJobRunner:
         self._dispatcher = threading.Thread(target=self._dispatch_loop, name="vlm-al-job-dispatch", daemon=True)
         self._dispatcher.start()
 
-    def submit(self, key: str, fn: Callable[[], None]) -> None:
+    def bind(self, handler: JobHandler, on_finish: JobFinished | None = None) -> None:
+        self._handler = handler
+        self.on_finish = on_finish or self.on_finish
+
+    def submit(self, kind: str, project_id: int, params: Mapping[str, Any] | None = None) -> None:
+        job = NamedJob(kind, int(project_id), dict(params or {}))
         now = time.monotonic()
         with self._cond:
             if self._closed:
                 raise RuntimeError("the job runner is shut down")
-            state = self._states.setdefault(key, _KeyState())
-            state.fn = fn
+            state = self._states.setdefault(job.key, _KeyState())
+            state.job = job
             if not state.pending:
                 state.pending = True
                 state.first_submit = now
             state.due = min(now + self.debounce_seconds, state.first_submit + self.max_delay_seconds)
             self._cond.notify_all()
 
+    @contextmanager
+    def project_lock(self, project_id: int, lock_path: Path) -> Iterator[None]:
+        with project_lock(lock_path):
+            yield
+
     def is_busy(self, key: str) -> bool:
         with self._cond:
             state = self._states.get(key)
             return bool(state and (state.pending or state.running))
+
+    def state(self) -> dict[str, Any]:
+        now = time.monotonic()
+        with self._cond:
+            queued = [now - s.first_submit for s in self._states.values() if s.pending]
+            running = [now - s.started for s in self._states.values() if s.running]
+            failures = [f for f in self._failures if now - f.at <= FAILURE_WINDOW_SECONDS]
+        return job_state_summary("threads", queued, running, [
+            {"kind": f.kind, "project": f.project_id, "error": f.error, "seconds": round(f.seconds, 3),
+             "seconds_ago": round(now - f.at, 1)} for f in failures
+        ])
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -113,56 +194,82 @@ class ThreadJobRunner:
             while not self._closed:
                 now = time.monotonic()
                 next_due: float | None = None
-                for key, state in self._states.items():
+                for state in self._states.values():
                     if not state.pending or state.running:
                         continue
                     if state.due <= now:
                         state.pending = False
                         state.running = True
+                        state.started = now
                         self.runs_started += 1
-                        fn = state.fn
-                        assert fn is not None
-                        self._executor.submit(self._run, key, fn)
+                        assert state.job is not None
+                        self._executor.submit(self._run, state.job)
                     elif next_due is None or state.due < next_due:
                         next_due = state.due
                 self._cond.wait(None if next_due is None else max(next_due - now, 0.001))
 
-    def _run(self, key: str, fn: Callable[[], None]) -> None:
+    def _run(self, job: NamedJob) -> None:
         started = time.monotonic()
         error: BaseException | None = None
         try:
-            fn()
+            if self._handler is None:
+                raise RuntimeError("no job handler bound to the runner")
+            self._handler(job.kind, job.project_id, job.params)
         except Exception as exc:  # a failing job must never kill the worker thread
             error = exc
-            logger.exception("background job %s failed", key)
+            logger.exception("background job %s failed", job.key)
         finally:
             seconds = time.monotonic() - started
-            if self._on_finish is not None:
+            if self.on_finish is not None:
                 try:
-                    self._on_finish(key, error, seconds)
+                    self.on_finish(job.kind, error, seconds)
                 except Exception:
-                    logger.exception("job finish hook failed for %s", key)
+                    logger.exception("job finish hook failed for %s", job.key)
             with self._cond:
                 if error is not None:
                     self.runs_failed += 1
-                self._states[key].running = False
+                    self._failures.append(_Failure(job.kind, job.project_id, f"{type(error).__name__}: {error}"[:300],
+                                                   seconds, time.monotonic()))
+                    del self._failures[:-RECENT_FAILURES]
+                self._states[job.key].running = False
                 self._cond.notify_all()
 
 
 class InlineJobRunner:
     """Runs every job at once in the caller's thread (scripts and tests that want no concurrency)."""
 
-    def __init__(self) -> None:
+    def __init__(self, handler: JobHandler | None = None) -> None:
+        self._handler = handler
+        self.on_finish: JobFinished | None = None
         self.runs_started = 0
         self.runs_failed = 0
 
-    def submit(self, key: str, fn: Callable[[], None]) -> None:
+    def bind(self, handler: JobHandler, on_finish: JobFinished | None = None) -> None:
+        self._handler = handler
+        self.on_finish = on_finish or self.on_finish
+
+    def submit(self, kind: str, project_id: int, params: Mapping[str, Any] | None = None) -> None:
         self.runs_started += 1
+        started = time.monotonic()
+        error: BaseException | None = None
         try:
-            fn()
-        except Exception:
+            if self._handler is None:
+                raise RuntimeError("no job handler bound to the runner")
+            self._handler(kind, int(project_id), dict(params or {}))
+        except Exception as exc:
+            error = exc
             self.runs_failed += 1
-            logger.exception("job %s failed", key)
+            logger.exception("job %s:%s failed", kind, project_id)
+        if self.on_finish is not None:
+            self.on_finish(kind, error, time.monotonic() - started)
+
+    @contextmanager
+    def project_lock(self, project_id: int, lock_path: Path) -> Iterator[None]:
+        with project_lock(lock_path):
+            yield
+
+    def state(self) -> dict[str, Any]:
+        return job_state_summary("inline", [], [], [])
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         return True
@@ -171,7 +278,45 @@ class InlineJobRunner:
         return None
 
 
-def project_lock(lock_path: Path, timeout: float = -1) -> FileLock:
-    """A lock file shared by every process on this machine: two gunicorn workers never fit one project at once."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    return FileLock(str(lock_path), timeout=timeout)
+def job_state_summary(
+    runner: str, queued_ages: list[float], running_ages: list[float], failed: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The one shape of job state in /health, whatever the runner."""
+    return {
+        "runner": runner,
+        "queued": len(queued_ages),
+        "running": len(running_ages),
+        "failed": len(failed),
+        "oldest_queued_seconds": round(max(queued_ages, default=0.0), 3),
+        "longest_running_seconds": round(max(running_ages, default=0.0), 3),
+        "recent_failures": failed[-5:],
+    }
+
+
+class JobStateCollector:
+    """/metrics: ``vlm_al_jobs{state}`` and ``vlm_al_job_age_seconds{state}`` (oldest queued, longest running),
+    read from the runner at scrape time."""
+
+    def __init__(self, runner: JobRunner) -> None:
+        self._runner = runner
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            state = self._runner.state()
+        except Exception as exc:  # e.g. Redis unreachable: the rest of /metrics still answers
+            logger.warning("job state unavailable for /metrics: %s", exc)
+            return
+        counts = GaugeMetricFamily("vlm_al_jobs", "Background jobs by state (failed: in the last hour)",
+                                   labels=["state"])
+        for name in JOB_STATES:
+            counts.add_metric([name], float(state.get(name, 0)))
+        ages = GaugeMetricFamily("vlm_al_job_age_seconds",
+                                 "Seconds the oldest queued job has waited and the longest running job has run",
+                                 labels=["state"])
+        ages.add_metric(["queued"], float(state.get("oldest_queued_seconds", 0.0)))
+        ages.add_metric(["running"], float(state.get("longest_running_seconds", 0.0)))
+        yield counts
+        yield ages
+
+    def describe(self) -> list[Any]:
+        return []  # collected only at scrape time (the runner may need Redis)

@@ -27,7 +27,7 @@ from backend.features import (
     WeakAnnotatorFactory,
     WeakAnnotators,
 )
-from backend.jobs import JobRunner, ThreadJobRunner, project_lock
+from backend.jobs import JobRunner, JobStateCollector, ThreadJobRunner
 from backend.label_config import ProjectLabeling, task_labels
 from backend.ls_client import LabelStudioAPI, LabelStudioClientFactory, LabelStudioError
 from backend.metrics import BackendMetrics
@@ -82,7 +82,9 @@ class MLBackend:
         self.weak_annotators = WeakAnnotators(weak_annotator, weak_annotator_factory)
         self.ls_clients = ls_clients
         self.metrics = metrics or BackendMetrics()
-        self.jobs = jobs or ThreadJobRunner(config.fit_debounce_seconds, on_finish=self._job_finished)
+        self.jobs = jobs or ThreadJobRunner(config.fit_debounce_seconds)
+        self.jobs.bind(self.run_job, self._job_finished)
+        self.metrics.registry.register(JobStateCollector(self.jobs))
         self.redactor = redactor
         self.projects = Projects(Path(config.model_dir), classifier_factory, classifier_loader)
         self.label_configs = LabelConfigs(config.parent_map_file, config.taxonomy_coarse_level, self.weak_annotators)
@@ -149,8 +151,7 @@ class MLBackend:
         ctx = self.projects.context(project_id)
         return self.ls_clients(ctx.hostname, ctx.access_token)
 
-    def _job_finished(self, key: str, error: BaseException | None, seconds: float) -> None:
-        kind = key.split(":", 1)[0]
+    def _job_finished(self, kind: str, error: BaseException | None, seconds: float) -> None:
         self.metrics.job_seconds.labels(kind=kind).observe(seconds)
         if error is not None:
             self.metrics.jobs_failed.labels(kind=kind).inc()
@@ -168,7 +169,14 @@ class MLBackend:
             "model_versions": {str(pid): version for pid, version in sorted(loaded.items())},
             "backbone": self.backbone.name,
             "weak_annotator": self.weak_annotators.describe(),
+            "jobs": self._job_state(),
         }
+
+    def _job_state(self) -> dict[str, Any]:
+        try:
+            return self.jobs.state()
+        except Exception as exc:  # Redis down: /health still answers, and says so
+            return {"error": f"job state unavailable: {type(exc).__name__}: {exc}"[:300]}
 
     def setup(
         self,
@@ -201,13 +209,13 @@ class MLBackend:
         if (backend_host and self.config.basic_auth_enabled and self.config.webhook_basic_auth
                 and project_id not in self._webhook_auth_done and self._can_reach_label_studio(project_id)):
             self._webhook_auth_done.add(project_id)
-            self.jobs.submit(f"webhook-auth:{project_id}", lambda: self.ensure_webhook_auth(project_id, backend_host))
+            self.jobs.submit("webhook-auth", project_id, {"backend_host": backend_host})
         # Label Studio calls /setup on most reads of the ML backend; index once per config, then on TASKS_CREATED.
         if schema and ctx.indexed_schema != schema_hash(schema) and self._can_reach_label_studio(project_id):
             self.queue_index(project_id)
         if self.config.queue_tab and project_id not in self._queue_tabs and self._can_reach_label_studio(project_id):
             self._queue_tabs.add(project_id)
-            self.jobs.submit(f"queue-tab:{project_id}", lambda: self.ensure_queue_tab(project_id))
+            self.jobs.submit("queue-tab", project_id)
         return model_version
 
     def ensure_queue_tab(self, project_id: int) -> int | None:
@@ -404,11 +412,24 @@ class MLBackend:
         """Queue background indexing; the job fetches the project's task list itself, so ``tasks`` is advisory."""
         self.queue_index(project_id)
 
+    def run_job(self, kind: str, project_id: int, params: Mapping[str, Any]) -> Any:
+        """Run one named job (the handler of every job runner, in-process or RQ); unknown kinds raise."""
+        jobs: dict[str, Callable[[], Any]] = {
+            "index": lambda: self.run_index(project_id),
+            "fit": lambda: self.run_fit(project_id),
+            "prune": lambda: self._delete_versions(project_id, list(params.get("versions") or [])),
+            "webhook-auth": lambda: self.ensure_webhook_auth(project_id, str(params["backend_host"])),
+            "queue-tab": lambda: self.ensure_queue_tab(project_id),
+        }
+        if kind not in jobs:
+            raise ValueError(f"unknown job kind {kind!r}; known: {sorted(jobs)}")
+        return jobs[kind]()
+
     def queue_index(self, project_id: int) -> None:
-        self.jobs.submit(f"index:{project_id}", lambda: self.run_index(project_id))
+        self.jobs.submit("index", project_id)
 
     def queue_fit(self, project_id: int) -> None:
-        self.jobs.submit(f"fit:{project_id}", lambda: self.run_fit(project_id))
+        self.jobs.submit("fit", project_id)
 
     def versions(self, project_id: int | None) -> list[str]:
         return self.projects.versions(project_id)
@@ -459,7 +480,7 @@ class MLBackend:
     def run_index(self, project_id: int) -> None:
         """Embed every task and get its weak label; at cold start, push VLM pre-annotations ranked for diversity."""
         # Same lock as fit: an index push must never interleave with a fit's push and PATCH.
-        with project_lock(self.state(project_id).lock_path):
+        with self.jobs.project_lock(project_id, self.state(project_id).lock_path):
             self._index_locked(project_id)
 
     def _index_locked(self, project_id: int) -> None:
@@ -529,7 +550,7 @@ class MLBackend:
         """Retrain on every annotation, re-estimate T, save a new version, re-rank and push the queue."""
         state = self.state(project_id)
         started = time.monotonic()
-        with project_lock(state.lock_path):
+        with self.jobs.project_lock(project_id, state.lock_path):
             try:
                 new_version = self._fit_locked(project_id, state)
             except Exception:
@@ -600,7 +621,7 @@ class MLBackend:
                        replace=True)
         removed = state.prune_versions(self.config.keep_model_versions)
         if removed and self.config.push_predictions:
-            self.jobs.submit(f"prune:{project_id}", lambda: self._delete_versions(project_id, removed))
+            self.jobs.submit("prune", project_id, {"versions": list(removed)})
         return new_version
 
     def _inputs_digest(
