@@ -84,6 +84,11 @@ class FitOutcome:
     """The fine confidence from which a suggestion is pre-ticked (out-of-fold precision bound >= target)."""
     coarse_precision: list[float]
     """P(true coarse = j | the VLM says j) for each coarse class j, from T and the model's class balance."""
+    fine_probabilities: np.ndarray | None = None
+    """The trained model's fine probabilities of every row."""
+    out_of_fold_rows: np.ndarray | None = None
+    """Rows with a human fine label, and their fine probabilities from models trained without them."""
+    out_of_fold: np.ndarray | None = None
 
     def metrics(self, labels: CollectedLabels, n_tasks: int) -> dict[str, Any]:
         config = self.training_config
@@ -121,6 +126,7 @@ def fit_and_rank(
     cost_weak: float,
     settings: LearnerSettings = SERVER_SETTINGS,
     suggestion_precision: float = 0.9,
+    out_of_fold: bool = False,
 ) -> FitOutcome:
     """One round of model.learner.ActiveLearner, the round ``vlm-al simulate`` runs: estimate T from trusted pairs,
     choose a training config, train on every row and rank the unlabeled rows for the next human labels."""
@@ -139,9 +145,11 @@ def fit_and_rank(
     selections = learner.query(pool, float(budget_labels) * costs.human_fine, costs, np.random.default_rng(0))
     estimate = model.transition
     n_trusted = int(np.sum((labels.trusted_coarse != MISSING_LABEL) & (weak_answer != MISSING_LABEL)))
+    rows = held_out = None
+    if suggestion_precision > 0 or out_of_fold:  # out_of_fold: the assistant (backend/assistant.py) reads them
+        rows, held_out = learner.out_of_fold_fine(embeddings, round_labels, model)
     if suggestion_precision > 0:
-        rows, out_of_fold = learner.out_of_fold_fine(embeddings, round_labels, model)
-        suggestion = precision_threshold(out_of_fold.max(axis=1), out_of_fold.argmax(axis=1) == labels.fine[rows],
+        suggestion = precision_threshold(held_out.max(axis=1), held_out.argmax(axis=1) == labels.fine[rows],
                                          suggestion_precision)
     else:
         suggestion = precision_threshold(np.zeros(0), np.zeros(0, dtype=bool), 0.0)
@@ -158,6 +166,9 @@ def fit_and_rank(
                        "strategy_options": dict(settings.strategy_options)},
         suggestion=suggestion,
         coarse_precision=[] if coarse_precision is None else [round(float(p), 4) for p in coarse_precision],
+        fine_probabilities=model.fine_probabilities,
+        out_of_fold_rows=rows,
+        out_of_fold=held_out,
     )
 
 
