@@ -68,6 +68,14 @@ class Config:
     suggestion_precision: float = 0.9
     """A fine suggestion is pre-ticked only where its out-of-fold precision bound reaches this (0: always)."""
     """The strategy that orders the queue (model.query.STRATEGIES); ``ours`` is the benchmark's best."""
+    auto_accept_precision: float = 0.0
+    """Opt-in: label a task automatically where the per-class out-of-fold precision bound reaches this (0: off)."""
+    auto_accept_audit_share: float = 0.1
+    """Share of the tasks auto-accept would label that go to the head of the human queue as an audit instead."""
+    auto_accept_user: str = "auto-accept@vlm-al.local"
+    """The Label Studio user (e-mail) that auto-accepted annotations are completed by; created when missing."""
+    label_errors_tab: bool = True
+    """Keep a Data Manager tab "Likely label errors" filtered to the annotations cleanlab flags."""
     image_download_timeout_seconds: float = 30.0
     predict_deadline_seconds: float = 30.0
     request_read_timeout_seconds: float = 10.0
@@ -126,6 +134,10 @@ class Config:
             queue_tab=reader.boolean("QUEUE_TAB", False),
             query_strategy=reader.choice("QUERY_STRATEGY", QUERY_STRATEGIES, "ours"),
             suggestion_precision=reader.number("SUGGESTION_PRECISION", 0.9, minimum=0.0, maximum=1.0),
+            auto_accept_precision=reader.number("AUTO_ACCEPT_PRECISION", 0.0, minimum=0.0, maximum=1.0),
+            auto_accept_audit_share=reader.number("AUTO_ACCEPT_AUDIT_SHARE", 0.1, minimum=0.0, maximum=1.0),
+            auto_accept_user=reader.text("AUTO_ACCEPT_USER") or "auto-accept@vlm-al.local",
+            label_errors_tab=reader.boolean("LABEL_ERRORS_TAB", True),
             image_download_timeout_seconds=reader.number("IMAGE_DOWNLOAD_TIMEOUT_SECONDS", 30.0, minimum=0.0,
                                                          exclusive_minimum=True),
             predict_deadline_seconds=reader.number("PREDICT_DEADLINE_SECONDS", 30.0, minimum=0.0, maximum=90.0),
