@@ -234,4 +234,4 @@ def test_imagefolder_needs_its_folder():
 
 
 def test_dataset_names_are_the_documented_ones():
-    assert DATASET_NAMES == ("fashion-mnist", "openclipart", "imagefolder:DIR")
+    assert DATASET_NAMES == ("fashion-mnist", "openclipart", "openclipart-scenes", "imagefolder:DIR")
