@@ -25,26 +25,39 @@ class Components:
 
 def build_components(config: Config) -> Components:
     """Load the backbone, the weak annotator (or its heavy model) and the embedding store named by the config."""
-    from model.embedding_store import EmbeddingStore, content_key
-    from model.embeddings import configure_torch_threads, create_backbone
-    from model.images import ImageLimits, decode_image
+    from model.embedding_store import EmbeddingStore
 
-    if config.torch_threads:
-        configure_torch_threads(config.torch_threads)
-    backbone = create_backbone(
-        config.backbone, image_size=config.image_size, device=config.device, runtime=config.embedding_runtime,
-        cache_dir=Path(config.model_dir) / "runtime-cache", threads=config.torch_threads,
-    )
+    backbone = build_backbone(config)
     weak_annotator, weak_annotator_factory = build_weak_annotator(config, backbone)
     store = EmbeddingStore(Path(config.model_dir) / "embeddings.sqlite")
-    limits = ImageLimits(max_bytes=config.max_image_bytes, max_pixels=config.max_image_pixels)
     return Components(
         backbone=backbone,
         weak_annotator=weak_annotator,
         embedding_store=store,
-        image_codec=ImageCodec(content_key=content_key, decode=lambda data: decode_image(data, limits)),
+        image_codec=build_image_codec(config),
         weak_annotator_factory=weak_annotator_factory,
     )
+
+
+def build_backbone(config: Config) -> Any:
+    """The embedding backbone named by BACKBONE, on DEVICE, under EMBEDDING_RUNTIME."""
+    from model.embeddings import configure_torch_threads, create_backbone
+
+    if config.torch_threads:
+        configure_torch_threads(config.torch_threads)
+    return create_backbone(
+        config.backbone, image_size=config.image_size, device=config.device, runtime=config.embedding_runtime,
+        cache_dir=Path(config.model_dir) / "runtime-cache", threads=config.torch_threads,
+    )
+
+
+def build_image_codec(config: Config) -> ImageCodec:
+    """Downloaded bytes to a content key and a decoded image, within MAX_IMAGE_BYTES and MAX_IMAGE_PIXELS."""
+    from model.embedding_store import content_key
+    from model.images import ImageLimits, decode_image
+
+    limits = ImageLimits(max_bytes=config.max_image_bytes, max_pixels=config.max_image_pixels)
+    return ImageCodec(content_key=content_key, decode=lambda data: decode_image(data, limits))
 
 
 @dataclass(frozen=True)
@@ -183,6 +196,14 @@ def _open_clip(config: Config, backbone: Any) -> WeakAnnotatorChoice:
     return None, OpenClipZeroShotFactory(clip_backbone, config.cost_weak)
 
 
+def _simulated(config: Config, backbone: Any) -> WeakAnnotatorChoice:
+    from model.weak.lookup import LookupWeakAnnotator
+
+    if config.simulated_weak_labels_file is None:
+        raise ValueError("WEAK_ANNOTATOR=simulated needs SIMULATED_WEAK_LABELS_FILE")
+    return LookupWeakAnnotator.from_file(config.simulated_weak_labels_file, cost_per_label=config.cost_weak), None
+
+
 def _openai(config: Config, backbone: Any) -> WeakAnnotatorChoice:
     return None, OpenAICompatibleVLMFactory(
         config.vlm_api_base_url or "", config.vlm_api_key, config.vlm_api_model or "", config.cost_weak
@@ -194,10 +215,12 @@ WEAK_ANNOTATOR_BUILDERS = {
     "imagenet-map": _imagenet_map,
     "open-clip": _open_clip,
     "openai": _openai,
+    "simulated": _simulated,
     "none": lambda config, backbone: (None, None),
 }
 """WEAK_ANNOTATOR -> builder. The ImageNet map has its own classes (from its map file); open-vocabulary annotators
-read each project's class names, so only their heavy models are loaded at start-up. The backbone's model is shared
+read each project's class names, so only their heavy models are loaded at start-up. ``simulated`` answers from a
+table drawn through a known T by ``vlm-al replay``: it is for the replay only. The backbone's model is shared
 where it is the same one."""
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 QUERY_STRATEGIES = ("ours", "margin", "entropy", "least-confidence", "k-center", "random")
 """Strategies that can order a server's queue: those that need no retraining inside a query (ISO does)."""
-WEAK_ANNOTATORS = ("semantic", "imagenet-map", "open-clip", "openai", "none")
+WEAK_ANNOTATORS = ("semantic", "imagenet-map", "open-clip", "openai", "simulated", "none")
 EMBEDDING_RUNTIMES = ("auto", "torch", "onnxruntime")  # model.runtime.RUNTIMES (not imported: it loads torch)
 DEVICES = ("auto", "cpu", "cuda")  # model.runtime.DEVICES
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -44,6 +44,8 @@ class Config:
     """timm model whose ImageNet head feeds the semantic annotator; None: the backbone when it has one, else lite0."""
     class_descriptions_file: Path | None = None
     imagenet_map_file: Path = field(default_factory=default_imagenet_map_file)
+    simulated_weak_labels_file: Path | None = None
+    """WEAK_ANNOTATOR=simulated: the table of weak answers ``vlm-al replay`` draws through a known T (replay only)."""
     open_clip_model: str = "ViT-B-32"
     open_clip_pretrained: str | None = None
     vlm_api_base_url: str | None = None
@@ -112,6 +114,7 @@ class Config:
             semantic_classifier=reader.text("SEMANTIC_CLASSIFIER"),
             class_descriptions_file=reader.path("CLASS_DESCRIPTIONS_FILE"),
             imagenet_map_file=reader.path("IMAGENET_MAP_FILE") or default_imagenet_map_file(),
+            simulated_weak_labels_file=reader.path("SIMULATED_WEAK_LABELS_FILE"),
             open_clip_model=reader.text("OPEN_CLIP_MODEL") or "ViT-B-32",
             open_clip_pretrained=reader.text("OPEN_CLIP_PRETRAINED"),
             vlm_api_base_url=reader.url("VLM_API_BASE_URL"),
@@ -151,6 +154,8 @@ class Config:
             raise ConfigError("BASIC_AUTH_USER and BASIC_AUTH_PASS must be set together")
         if config.weak_annotator == "openai" and not (config.vlm_api_base_url and config.vlm_api_model):
             raise ConfigError("WEAK_ANNOTATOR=openai needs VLM_API_BASE_URL and VLM_API_MODEL")
+        if config.weak_annotator == "simulated" and not config.simulated_weak_labels_file:
+            raise ConfigError("WEAK_ANNOTATOR=simulated needs SIMULATED_WEAK_LABELS_FILE (written by vlm-al replay)")
         if config.weak_annotator == "open-clip" and not config.open_clip_pretrained:
             raise ConfigError("WEAK_ANNOTATOR=open-clip needs OPEN_CLIP_PRETRAINED (a tag or a checkpoint path)")
         return config
