@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from backend.assistant import Assistant, FitContext
 from backend.components import build_components
 from backend.config import Config, SecretRedactingFilter
 from backend.features import (
@@ -35,7 +36,7 @@ from backend.predictions import build_predictions
 from backend.projects import LabelConfigs, Projects, schema_hash
 from backend.protocol import InvalidInput, parse_project_id
 from backend.state import COLD_START_VERSION, ImageKeyIndex, ProjectState, version_number
-from backend.training import cold_start_queue, collect_labels, fit_and_rank, server_learner_settings
+from backend.training import cold_start_queue, collect_labels, fit_and_rank, server_learner_settings, weak_answers
 from model.hierarchy import MISSING_LABEL, LabelHierarchy
 
 __all__ = ["HANDLED_FIT_EVENTS", "InvalidInput", "MLBackend", "ModelResponse", "parse_project_id"]
@@ -105,6 +106,7 @@ class MLBackend:
         """One worker per project for /predict's missing features, so one project's slow batch waits on itself."""
         self._queue_tabs: set[int] = set()
         """Projects whose Data Manager queue tab (QUEUE_TAB=true) was ensured or is being ensured."""
+        self.assistant = Assistant(config)
 
     # --- construction from the environment --------------------------------------------------------------------
 
@@ -512,6 +514,10 @@ class MLBackend:
                 state.write_priorities(COLD_START_VERSION, queue_scores)
         already = state.pushed_tasks(model_version)
         to_push = [i for i in unlabeled if tasks[i]["id"] not in already]
+        if to_push and model is not None:  # tasks that arrived after the fit: placed in its queue, no retrain
+            arrivals = features.subset(to_push)
+            self.assistant.score_arrivals(state, model_version, [int(tasks[i]["id"]) for i in to_push],
+                                          model.predict_fine_proba(arrivals.embedding_matrix(list(range(len(to_push))))))
         if to_push:
             self._push(project_id, client, tasks, to_push, labeling, features, model, model_version, queue_scores)
 
@@ -532,6 +538,7 @@ class MLBackend:
         predictions = self._predictions(
             project_id, subset, labeling, features.subset(positions), model, model_version, queue_scores
         )
+        predictions = self.assistant.mark_predictions(self.state(project_id), labeling, subset, predictions)
         payload = [
             {"task": int(task["id"]), **prediction}
             for task, prediction in zip(subset, predictions)
@@ -568,7 +575,8 @@ class MLBackend:
         client = self._client(project_id)
         labeling, label_config = self._project_labeling(project_id, client)
         hierarchy = labeling.hierarchy
-        tasks = client.fetch_tasks(project_id)
+        # Auto-accepted annotations are not human labels: the fit sees those tasks as unlabeled.
+        tasks, auto_accepted = self.assistant.human_view(state, labeling, client.fetch_tasks(project_id))
         features = self.extractor.features(project_id, tasks, labeling, client)
         usable = features.usable_positions()
         if not usable:
@@ -599,11 +607,17 @@ class MLBackend:
             cost_weak=self.config.cost_weak,
             settings=server_learner_settings(self.config.query_strategy),
             suggestion_precision=self.config.suggestion_precision,
+            out_of_fold=True,
         )
         classifier, estimate = outcome.classifier, outcome.transition_estimate
         unlabeled_rows = np.flatnonzero(~labels.labeled)
         scores = {int(tasks[usable[row]]["id"]): float(outcome.row_scores[row]) for row in unlabeled_rows}
         new_version = state.next_version()
+        plan = self.assistant.after_fit(FitContext(
+            project_id, state, labeling, tasks, usable, labels, outcome, embeddings,
+            weak_answers(features.weak_matrix(usable, hierarchy)),
+            lambda training_config: self.projects.new_classifier(hierarchy, dim, training_config), new_version,
+            auto_accepted), scores)
         state.write_priorities(new_version, scores)
         state.commit_version(
             new_version, classifier.save, schema_hash(label_config),
@@ -619,6 +633,8 @@ class MLBackend:
             positions = [usable[row] for row in unlabeled_rows]
             self._push(project_id, client, tasks, positions, labeling, features, classifier, new_version, scores,
                        replace=True)
+        self.assistant.apply(state, labeling, getattr(client, "_sdk", None) if self.config.push_predictions else None,
+                             plan)
         removed = state.prune_versions(self.config.keep_model_versions)
         if removed and self.config.push_predictions:
             self.jobs.submit("prune", project_id, {"versions": list(removed)})

@@ -21,12 +21,13 @@ from model.assistant.stopping import (
     cross_validated_curve,
     fit_inverse_power_law,
     kappa_average,
+    stabilizing_predictions,
     suggest_stopping,
 )
 
 __all__ = [
     "AuditRecord", "AuditSummary", "AutoAcceptDecision", "ClassThreshold", "InversePowerLaw", "LabelIssue",
     "LearningCurve", "StabilizingPredictions", "StoppingSuggestion", "choose_audit", "class_thresholds", "clopper_pearson_lower",
-    "cross_validated_curve", "decide_auto_accept", "fit_inverse_power_law", "kappa_average", "likely_label_errors",
+    "cross_validated_curve", "decide_auto_accept", "fit_inverse_power_law", "kappa_average", "likely_label_errors", "stabilizing_predictions",
     "suggest_stopping", "summarize_audits",
 ]

@@ -153,10 +153,17 @@ class StabilizingPredictions:
 def kappa_average(predictions: Sequence[np.ndarray], window: int = KAPPA_WINDOW,
                   threshold: float = KAPPA_STOP) -> StabilizingPredictions:
     """Stabilizing predictions over successive models' class predictions on the same stop set."""
+    return stabilizing_predictions(list(zip(predictions[:-1], predictions[1:])), window, threshold)
+
+
+def stabilizing_predictions(pairs: Sequence[tuple[np.ndarray, np.ndarray]], window: int = KAPPA_WINDOW,
+                            threshold: float = KAPPA_STOP) -> StabilizingPredictions:
+    """KappaAverage over (earlier, later) prediction pairs of consecutive models on the stop set (empty pairs,
+    a stop set with no task in common, are skipped)."""
     from sklearn.metrics import cohen_kappa_score
 
     kappas = []
-    for before, after in zip(predictions[:-1], predictions[1:]):
+    for before, after in pairs:
         before, after = np.asarray(before), np.asarray(after)
         if before.shape != after.shape:
             raise ModelInputError("stop-set predictions of consecutive models differ in length")
