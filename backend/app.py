@@ -145,6 +145,15 @@ def create_app(config: Config, backend: MLBackend | None = None) -> Flask:
         project_id = parse_project_id(project_raw) if project_raw else None
         return jsonify(versions=backend.versions(project_id))
 
+    @app.get("/report/<name>")
+    def report(name: str) -> Response:
+        """The project report (backend/report.py): ``/report/<id>`` is HTML, ``/report/<id>.json`` the same data."""
+        from backend.report import build_report, render_html
+
+        as_json = name.endswith(".json")
+        data = build_report(backend, parse_project_id(name[: -len(".json")] if as_json else name))
+        return jsonify(data) if as_json else Response(render_html(data), mimetype="text/html")
+
     @app.get("/metrics")
     def metrics_view() -> Response:
         return Response(metrics.exposition(), mimetype=CONTENT_TYPE_LATEST)

@@ -270,22 +270,32 @@ class Assistant:
         if sdk is None:
             return 0
         if plan.accepted:
-            user_id = self._auto_user(sdk, record)
+            try:
+                user_id = self._auto_user(sdk, record)
+            except Exception as exc:  # e.g. an API key without the right to list or create users
+                logger.warning("project %s: no auto-accept user %s, nothing auto-accepted: %s", state.project_id,
+                               self.config.auto_accept_user, exc)
+                plan.accepted.clear()
+        if plan.accepted:
             given = record.setdefault("auto_accepted", {})
+            # Recorded before the annotations exist: the fit their webhooks start must already see them as ours.
+            for task_id, (fine, confidence) in plan.accepted.items():
+                given[str(task_id)] = {"fine": fine, "confidence": round(confidence, 4),
+                                       "model_version": plan.model_version}
+            self.save(state, record)
             hierarchy = labeling.hierarchy
             for task_id, (fine, confidence) in sorted(plan.accepted.items()):
                 result = build_prediction(labeling, coarse=hierarchy.parent_name(fine), coarse_score=1.0, fine=fine,
                                           fine_score=min(max(confidence, 0.0), 1.0), score=1.0,
                                           model_version=plan.model_version)["result"]
                 result = [{k: v for k, v in item.items() if k != "score"} for item in result
-                          if item.get("type") == "choices" or item.get("type") == "taxonomy"]
+                          if item.get("type") in ("choices", "taxonomy")]
                 try:
                     sdk.annotations.create(id=int(task_id), result=result, completed_by=user_id)
                 except Exception as exc:
                     logger.warning("project %s: could not auto-accept task %s: %s", state.project_id, task_id, exc)
+                    given.pop(str(task_id), None)
                     continue
-                given[str(task_id)] = {"fine": fine, "confidence": round(confidence, 4),
-                                       "model_version": plan.model_version}
                 created += 1
             logger.info("project %s: auto-accepted %d tasks as %s", state.project_id, created,
                         self.config.auto_accept_user)
@@ -293,8 +303,10 @@ class Assistant:
             ledger["auto_accepted"] = len(given)
             record["ledger"] = ledger
             self.save(state, record)
-        if self.config.label_errors_tab:
-            self._label_errors_tab(sdk, state.project_id, record.get("label_issues") or [])
+        issues = record.get("label_issues") or []
+        if self.config.label_errors_tab and (issues or record.get("label_errors_tab")):
+            record["label_errors_tab"] = self._label_errors_tab(sdk, state.project_id, issues)
+            self.save(state, record)
         return created
 
     def arrival_scores(self, state: ProjectState, model_version: str, task_ids: Sequence[int],
@@ -448,23 +460,24 @@ class Assistant:
         logger.info("created the Label Studio user %s (id %s) for auto-accepted annotations", email, user.id)
         return int(user.id)
 
-    def _label_errors_tab(self, sdk: Any, project_id: int, issues: Sequence[Mapping[str, Any]]) -> None:
-        """A Data Manager tab filtered to the flagged annotations (Annotation IDs contain the list)."""
+    def _label_errors_tab(self, sdk: Any, project_id: int, issues: Sequence[Mapping[str, Any]]) -> int | None:
+        """A Data Manager tab filtered to the flagged annotations (Annotation IDs contain the list); its id."""
         annotation_ids = [str(a) for issue in issues for a in issue.get("annotations") or []]
         try:
             views = sdk.views.list(project=int(project_id))
             existing = next((v for v in views if isinstance(getattr(v, "data", None), dict)
                              and v.data.get("title") == LABEL_ERRORS_TAB_TITLE), None)
             if not annotation_ids and existing is None:
-                return
+                return None
             data = {"title": LABEL_ERRORS_TAB_TITLE, "type": "list", "target": "tasks",
                     "filters": {"conjunction": "and", "items": [
                         {"filter": "filter:tasks:annotations_ids", "operator": "contains", "type": "String",
                          "value": " ".join(annotation_ids) or "0"}]}}
             if existing is None:
-                sdk.views.create(project=int(project_id), data=data)
-            else:
-                sdk.views.update(id=int(existing.id), project=int(project_id), data={**existing.data, **data})
+                return int(sdk.views.create(project=int(project_id), data=data).id)
+            sdk.views.update(id=int(existing.id), project=int(project_id), data={**existing.data, **data})
+            return int(existing.id)
         except Exception as exc:
             logger.warning("project %s: could not update the %r tab: %s", project_id, LABEL_ERRORS_TAB_TITLE, exc)
+            return None
 
