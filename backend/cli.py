@@ -1,4 +1,4 @@
-"""``vlm-al``: serve the backend, run the offline simulation, or start the one-command demo."""
+"""``vlm-al``: serve the backend, run its job workers (REDIS_URL), run the offline simulation, or start the demo."""
 
 from __future__ import annotations
 
@@ -50,6 +50,25 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _worker(args: argparse.Namespace) -> int:
+    from backend.config import Config, ConfigError
+    from backend.state import ModelDirError, check_model_dir
+
+    try:
+        config = Config.from_env()
+        check_model_dir(config.model_dir)
+    except (ConfigError, ModelDirError) as exc:
+        print(f"vlm-al worker: {exc}", file=sys.stderr)
+        return 2
+    if not config.redis_url:
+        print("vlm-al worker: REDIS_URL is not set (without it, `vlm-al serve` runs jobs in-process)",
+              file=sys.stderr)
+        return 2
+    from backend.rq_jobs import run_worker
+
+    return run_worker(config, burst=args.burst, name=args.name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="vlm-al", description=__doc__)
@@ -59,6 +78,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--port", type=int, default=DEFAULT_PORT)
     serve.add_argument("--workers", type=int, default=None, help="default: WORKERS")
     serve.add_argument("--threads", type=int, default=None, help="default: THREADS")
+    worker = commands.add_parser("worker", help="run background jobs from Redis (REDIS_URL); web processes enqueue")
+    worker.add_argument("--burst", action="store_true", help="stop when the queue is empty")
+    worker.add_argument("--name", default=None, help="worker name (default: host and process id)")
     commands.add_parser("simulate", help="offline active-learning benchmark (options: vlm-al simulate --help)",
                         add_help=False)
     commands.add_parser("demo", help="start Label Studio and this backend, connected (vlm-al demo --help)",
@@ -75,6 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "worker":
+        return _worker(args)
     parser.error(f"unknown command {args.command}")
     return 2
 

@@ -8,7 +8,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -30,6 +30,12 @@ DOWNLOAD_THREADS = 4
 """Concurrent downloads per project: each project has its own pool, so slow images of one never block another."""
 DOWNLOAD_POOLS = 64
 """Projects with a download pool at a time (least recently used pools are closed beyond it)."""
+CHUNKS_IN_FLIGHT = 2
+"""Chunks worked on at once by one features() call: one downloads while the other computes."""
+CLAIM_ATTEMPTS = 3
+"""Rounds of claim, work and wait before what is still missing is left pending."""
+CLAIM_WAIT_SECONDS = 300.0
+"""How long a caller waits for URLs that another caller (thread or replica) claimed."""
 NOT_READY = "not ready yet: the image is being downloaded and embedded in the background"
 WEAK_ANNOTATOR_CACHE_SIZE = 64
 
@@ -107,6 +113,10 @@ class TaskFeatures:
     """The weak annotator's class order; None without a weak annotator."""
     pending: set[int] = field(default_factory=set)
     """Positions not computed yet (``features(fetch=False)``); also listed in ``errors`` with NOT_READY."""
+    downloaded: int = 0
+    """Images this call downloaded."""
+    embedded: int = 0
+    """Embeddings this call computed (the rest came from the cache or another process's work)."""
 
     def usable_positions(self) -> list[int]:
         return [i for i, key in enumerate(self.keys) if key is not None]
@@ -200,6 +210,53 @@ class ProjectDownloadPools:
         return (future.result() for future in futures)
 
 
+class InflightClaims(Protocol):
+    """Who is downloading and embedding which task image right now (per project and URL)."""
+
+    def claim(self, project_id: int, urls: Sequence[str]) -> set[str]:
+        """Claim the URLs nobody holds; returns those this caller now holds."""
+
+    def release(self, project_id: int, urls: Iterable[str]) -> None: ...
+
+    def wait(self, project_id: int, urls: Sequence[str], timeout: float) -> None:
+        """Until none of ``urls`` is held by anyone (done or given up), or ``timeout``."""
+
+
+class LocalInflightClaims:
+    """Claims among the threads of this process (/predict and the index job); RQ replicas share theirs through
+    Redis (backend.rq_jobs.RedisInflightClaims)."""
+
+    def __init__(self) -> None:
+        self._held: set[tuple[int, str]] = set()
+        self._cond = threading.Condition()
+
+    def claim(self, project_id: int, urls: Sequence[str]) -> set[str]:
+        with self._cond:
+            mine = {u for u in urls if (project_id, u) not in self._held}
+            self._held.update((project_id, u) for u in mine)
+            return mine
+
+    def release(self, project_id: int, urls: Iterable[str]) -> None:
+        with self._cond:
+            self._held.difference_update((project_id, u) for u in urls)
+            self._cond.notify_all()
+
+    def wait(self, project_id: int, urls: Sequence[str], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while any((project_id, u) in self._held for u in urls):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                self._cond.wait(remaining)
+
+
+def _task_url(task: Mapping[str, Any], labeling: ProjectLabeling) -> str | None:
+    data = task.get("data") if isinstance(task, Mapping) else None
+    url = data.get(labeling.image_value_key) if isinstance(data, Mapping) else None
+    return url.strip() if isinstance(url, str) and url.strip() else None
+
+
 def _as_stored(vectors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The float16 round trip of the store, so a fresh result equals the cached one bit for bit."""
     return {k: np.asarray(v, dtype=np.float16).astype(np.float32) for k, v in vectors.items()}
@@ -218,6 +275,7 @@ class FeatureExtractor:
         image_index: ImageKeyIndex,
         metrics: BackendMetrics,
         client_for: Callable[[int], LabelStudioAPI],
+        claims: InflightClaims | None = None,
     ) -> None:
         self.backbone = backbone
         self.weak_annotators = weak_annotators
@@ -227,6 +285,8 @@ class FeatureExtractor:
         self.metrics = metrics
         self._client_for = client_for
         self._downloads = ProjectDownloadPools(DOWNLOAD_THREADS, DOWNLOAD_POOLS)
+        self.claims = claims or LocalInflightClaims()
+        self._chunk_pipeline = ThreadPoolExecutor(CHUNKS_IN_FLIGHT, thread_name_prefix="vlm-al-features")
 
     def features(
         self,
@@ -238,8 +298,81 @@ class FeatureExtractor:
     ) -> TaskFeatures:
         """Embeddings and weak answers of the tasks' images: cache first, download and compute what is missing.
 
-        ``fetch=False`` answers from the caches only; the other tasks are listed in ``pending``."""
+        ``fetch=False`` answers from the caches only; the other tasks are listed in ``pending``. Missing work is
+        done in chunks of FEATURE_CHUNK images, two chunks in flight (one downloads while the other computes),
+        each chunk's image bytes freed when it is done. Each chunk's image URLs are claimed first (``claims``:
+        this process, or every replica through Redis): a URL another caller is working on is waited for and
+        read from the cache, never downloaded or embedded twice."""
         started = time.monotonic()
+        result = self._pass(project_id, tasks, labeling, client, fetch=False)
+        if not fetch or not result.pending:
+            if result.errors and not result.pending:  # a pass that leaves work pending is counted when it is done
+                self.metrics.image_errors.inc(len(result.errors))
+            return result
+        own_errors: dict[int, str] = {}
+        downloaded = embedded = 0
+        for _attempt in range(CLAIM_ATTEMPTS):
+            work = sorted(result.pending)
+            chunks = [work[i : i + FEATURE_CHUNK] for i in range(0, len(work), FEATURE_CHUNK)]
+            waiting: list[str] = []
+            futures = [self._chunk_pipeline.submit(self._claimed_chunk, project_id, tasks, chunk, labeling, client)
+                       for chunk in chunks]
+            for future in futures:
+                errors, others, n_downloaded, n_embedded = future.result()
+                own_errors.update(errors)
+                waiting.extend(others)
+                downloaded += n_downloaded
+                embedded += n_embedded
+            if waiting:
+                self.claims.wait(project_id, waiting, CLAIM_WAIT_SECONDS)
+            result = self._pass(project_id, tasks, labeling, client, fetch=False)
+            for position, message in own_errors.items():
+                result.pending.discard(position)
+                result.keys[position] = None
+                result.errors[position] = message
+            if not result.pending:
+                break
+        result.downloaded, result.embedded = downloaded, embedded
+        failed = len([i for i in result.errors if i not in result.pending])
+        self.metrics.image_errors.inc(failed)
+        logger.info("project %s: features of %d tasks in %.2f s: %d downloaded, %d embeddings computed, %d failed, "
+                    "%d pending%s", project_id, len(tasks), time.monotonic() - started, downloaded, embedded, failed,
+                    len(result.pending),
+                    f" (first failure: {result.errors[min(own_errors)]})" if own_errors else "")
+        return result
+
+    def _claimed_chunk(
+        self,
+        project_id: int,
+        tasks: Sequence[Mapping[str, Any]],
+        positions: Sequence[int],
+        labeling: ProjectLabeling,
+        client: LabelStudioAPI | None,
+    ) -> tuple[dict[int, str], list[str], int, int]:
+        """Claim the chunk's URLs, do the claimed ones, release them: (errors by position, URLs others hold,
+        images downloaded, embeddings computed)."""
+        urls = {i: _task_url(tasks[i], labeling) for i in positions}
+        mine = self.claims.claim(project_id, [u for u in urls.values() if u])
+        own = [i for i in positions if urls[i] in mine]
+        others = sorted({u for i, u in urls.items() if u and u not in mine})
+        if not own:
+            return {}, others, 0, 0
+        try:
+            done = self._pass(project_id, [tasks[i] for i in own], labeling, client, fetch=True)
+        finally:
+            self.claims.release(project_id, mine)
+        return ({own[j]: message for j, message in done.errors.items()}, others, done.downloaded,
+                done.embedded)
+
+    def _pass(
+        self,
+        project_id: int,
+        tasks: Sequence[Mapping[str, Any]],
+        labeling: ProjectLabeling,
+        client: LabelStudioAPI | None = None,
+        fetch: bool = True,
+    ) -> TaskFeatures:
+        """One pass over ``tasks`` without claims: cache first, then (``fetch``) download and compute the rest."""
         pending: set[int] = set()
         weak_annotator = self.weak_annotators.for_hierarchy(labeling.hierarchy)
         namespace = weak_namespace(weak_annotator) if weak_annotator is not None else None
@@ -257,11 +390,11 @@ class FeatureExtractor:
         keys: list[str | None] = [known.get(u) if u else None for u in urls]
 
         downloaded: dict[int, bytes] = {}
+        n_embedded = 0
         need_download = [i for i, u in enumerate(urls) if u and keys[i] is None]
         if need_download and not fetch:
             pending.update(need_download)
             need_download = []
-        n_downloads = len(need_download)
         if need_download:
             self._download(project_id, tasks, urls, need_download, client, downloaded, errors)
             new_keys: dict[str, str] = {}
@@ -282,10 +415,10 @@ class FeatureExtractor:
             missing_positions = {}
         if missing_positions:
             redownload = [i for i in missing_positions.values() if i not in downloaded]
-            n_downloads += len(redownload)
             if redownload:
                 self._download(project_id, tasks, urls, redownload, client, downloaded, errors)
-            self._compute(weak_annotator, namespace, missing_positions, downloaded, embeddings, weak, errors)
+            n_embedded = self._compute(weak_annotator, namespace, missing_positions, downloaded, embeddings, weak,
+                                       errors)
         for i, key in enumerate(keys):
             if key is not None and key not in embeddings and i not in errors and i not in pending:
                 failed = next((errors[j] for j, k in enumerate(keys) if k == key and j in errors), "no embedding")
@@ -295,19 +428,13 @@ class FeatureExtractor:
         for i in pending:
             keys[i] = None
             errors.setdefault(i, NOT_READY)
-        failed = {i: m for i, m in errors.items() if i not in pending}
-        if failed and not pending:  # a cache-only pass that leaves work pending is counted by the full pass
-            self.metrics.image_errors.inc(len(failed))
-            for i, message in sorted(failed.items()):
+        for i, message in sorted(errors.items()):
+            if i not in pending:
                 logger.debug("project %s task %s: %s", project_id, tasks[i].get("id"), message)
-        log = logger.info if (n_downloads or failed) else logger.debug
-        log("project %s: features of %d tasks in %.2f s: %d downloaded, %d failed, %d pending%s", project_id,
-            len(tasks), time.monotonic() - started, len(downloaded), len(failed), len(pending),
-            f" (first failure: {failed[min(failed)]})" if failed else "")
         weak_classes = tuple(weak_annotator.coarse_classes) if weak_annotator is not None else None
         return TaskFeatures(
             keys=keys, errors=errors, embeddings=embeddings, weak_probabilities=weak, weak_classes=weak_classes,
-            pending=pending,
+            pending=pending, downloaded=len(downloaded), embedded=n_embedded,
         )
 
     def _download(
@@ -349,7 +476,8 @@ class FeatureExtractor:
         embeddings: dict[str, np.ndarray],
         weak: dict[str, np.ndarray],
         errors: dict[int, str],
-    ) -> None:
+    ) -> int:
+        """Embed (and weakly label) the downloaded images in chunks; returns how many embeddings it computed."""
         shares_backbone = weak_annotator is not None and getattr(weak_annotator, "backbone", None) is self.backbone
         weak_from_logits = (
             shares_backbone
@@ -358,6 +486,7 @@ class FeatureExtractor:
         )
         weak_from_embeddings = shares_backbone and hasattr(weak_annotator, "annotate_embeddings")
         items = [(key, i) for key, i in missing_positions.items() if i in downloaded]
+        computed = 0
         for start in range(0, len(items), FEATURE_CHUNK):
             chunk = items[start : start + FEATURE_CHUNK]
             images, chunk_keys = [], []
@@ -378,6 +507,7 @@ class FeatureExtractor:
                 self.store.put_many(self.backbone.name, new)
                 embeddings.update(_as_stored(new))
                 self.metrics.embeddings_computed.inc(len(new))
+                computed += len(new)
                 missing_weak = [row for row, j in enumerate(need_embedding) if chunk_keys[j] not in weak]
                 if missing_weak:
                     answers = weak_annotator.annotate_logits(np.asarray(logits)[missing_weak])
@@ -396,6 +526,7 @@ class FeatureExtractor:
                 self.store.put_many(self.backbone.name, new)
                 embeddings.update(_as_stored(new))
                 self.metrics.embeddings_computed.inc(len(new))
+                computed += len(new)
             if weak_annotator is not None and namespace is not None:
                 need_weak = [j for j, key in enumerate(chunk_keys) if key not in weak]
                 if need_weak:
@@ -413,3 +544,4 @@ class FeatureExtractor:
                     self.store.put_many(namespace, new_weak)
                     weak.update(_as_stored(new_weak))
                     self.metrics.weak_labels_computed.inc(len(new_weak))
+        return computed

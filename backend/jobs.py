@@ -58,11 +58,23 @@ class JobRunner(Protocol):
     def state(self) -> dict[str, Any]:
         """Jobs by state with their ages in seconds, for /health and /metrics (cheap: /health has 1 s)."""
 
+    def inflight_claims(self) -> Any:
+        """Claims on task images shared by every process this runner spans (None: this process's own)."""
+
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Block until nothing is pending or running; False on timeout."""
 
     def shutdown(self) -> None:
         """Stop accepting work and wait for running jobs."""
+
+
+def build_job_runner(redis_url: str | None, debounce_seconds: float) -> JobRunner:
+    """RQ over Redis when REDIS_URL is set (backend/rq_jobs.py), else the in-process threads."""
+    if redis_url:
+        from backend.rq_jobs import RQJobRunner
+
+        return RQJobRunner.from_url(redis_url, debounce_seconds)
+    return ThreadJobRunner(debounce_seconds)
 
 
 def project_lock(lock_path: Path, timeout: float = -1) -> FileLock:
@@ -153,6 +165,9 @@ class ThreadJobRunner:
     def project_lock(self, project_id: int, lock_path: Path) -> Iterator[None]:
         with project_lock(lock_path):
             yield
+
+    def inflight_claims(self) -> None:
+        return None  # one process: backend.features.LocalInflightClaims
 
     def is_busy(self, key: str) -> bool:
         with self._cond:
@@ -270,6 +285,9 @@ class InlineJobRunner:
 
     def state(self) -> dict[str, Any]:
         return job_state_summary("inline", [], [], [])
+
+    def inflight_claims(self) -> None:
+        return None
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         return True

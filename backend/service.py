@@ -28,7 +28,7 @@ from backend.features import (
     WeakAnnotatorFactory,
     WeakAnnotators,
 )
-from backend.jobs import JobRunner, JobStateCollector, ThreadJobRunner
+from backend.jobs import JobRunner, JobStateCollector, build_job_runner
 from backend.label_config import ProjectLabeling, task_labels
 from backend.ls_client import LabelStudioAPI, LabelStudioClientFactory, LabelStudioError
 from backend.metrics import BackendMetrics
@@ -83,7 +83,7 @@ class MLBackend:
         self.weak_annotators = WeakAnnotators(weak_annotator, weak_annotator_factory)
         self.ls_clients = ls_clients
         self.metrics = metrics or BackendMetrics()
-        self.jobs = jobs or ThreadJobRunner(config.fit_debounce_seconds)
+        self.jobs = jobs or build_job_runner(config.redis_url, config.fit_debounce_seconds)
         self.jobs.bind(self.run_job, self._job_finished)
         self.metrics.registry.register(JobStateCollector(self.jobs))
         self.redactor = redactor
@@ -97,6 +97,7 @@ class MLBackend:
             image_index=image_index or ImageKeyIndex(Path(config.model_dir) / "image_keys.sqlite"),
             metrics=self.metrics,
             client_for=self._client,
+            claims=self.jobs.inflight_claims(),
         )
         self._webhook_auth_done: set[int] = set()
         """Projects whose webhook got (or is getting) the basic auth header in this process."""

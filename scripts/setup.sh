@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-system_packages=(dataset-fashion-mnist openclipart-png gnome-backgrounds chromium)
+system_packages=(dataset-fashion-mnist openclipart-png gnome-backgrounds chromium redis-server)
 missing=()
 for pkg in "${system_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
