@@ -89,3 +89,18 @@ class WeakAnnotator(Protocol):
     cost_per_label: float
 
     def annotate(self, images: Sequence[Image.Image]) -> WeakLabels: ...
+
+
+@runtime_checkable
+class LabelScorer(Protocol):
+    """A weak annotator that can also score every label of a multi-label project on its own.
+
+    ``score_labels`` returns float32 (n, L) in [0, 1] over ``coarse_classes`` read as the project's labels, higher
+    meaning more likely present; the scale may differ per label (thresholds are calibrated per label on human
+    labels), and a row of NaN means no usable answer for that image."""
+
+    name: str
+    coarse_classes: tuple[str, ...]
+    cost_per_label: float
+
+    def score_labels(self, images: Sequence[Image.Image]) -> np.ndarray: ...

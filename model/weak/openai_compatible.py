@@ -29,6 +29,14 @@ DEFAULT_PROMPT = (
 )
 """``{classes}`` is replaced by the coarse class names, separated by semicolons."""
 
+DEFAULT_LIST_PROMPT = (
+    "Which of these categories appear in the image?\n"
+    "Categories: {classes}.\n"
+    "Answer with every category that appears, separated by semicolons, or with the single word none if none does."
+)
+"""The multi-label question (``score_labels``); ``{classes}`` as in ``DEFAULT_PROMPT``."""
+NONE_ANSWERS = frozenset({"none", "no", "nothing", "none of these", "none of them"})
+
 _RETRYABLE_STATUS = frozenset({408, 409, 429}) | frozenset(range(500, 600))
 
 
@@ -60,6 +68,16 @@ def match_answer(answer: str, coarse_classes: Sequence[str]) -> int:
     return maximal[0] if len(maximal) == 1 else MISSING_LABEL
 
 
+def match_answer_list(answer: str, classes: Sequence[str]) -> set[int] | None:
+    """The classes a list answer names (semicolons, commas or lines between them); an empty set for "none";
+    None when the answer names no class and is not "none" (no usable answer)."""
+    if normalise_answer(answer) in NONE_ANSWERS:
+        return set()
+    named = {match_answer(part, classes) for part in re.split(r"[;,\n]|\band\b", answer)}
+    named.discard(MISSING_LABEL)
+    return named or None
+
+
 class OpenAICompatibleVLM:
     """POSTs each image (as a data URL) and the coarse class list to ``{base_url}/v1/chat/completions``.
 
@@ -78,6 +96,7 @@ class OpenAICompatibleVLM:
         cost_per_label: float = 0.02,
         image_size: int = 224,
         prompt: str = DEFAULT_PROMPT,
+        list_prompt: str = DEFAULT_LIST_PROMPT,
         max_workers: int = 4,
         backoff_s: float = 0.5,
         max_tokens: int = 32,
@@ -98,8 +117,8 @@ class OpenAICompatibleVLM:
             raise ModelInputError("timeout_s, image_size, max_workers must be positive; retries, backoff >= 0")
         if cost_per_label < 0:
             raise ModelInputError(f"cost_per_label must be non-negative, got {cost_per_label}")
-        if "{classes}" not in prompt:
-            raise ModelInputError("the VLM prompt must contain '{classes}'")
+        if "{classes}" not in prompt or "{classes}" not in list_prompt:
+            raise ModelInputError("the VLM prompts must contain '{classes}'")
         base = base_url.rstrip("/")
         # Accept base URLs given with or without the API version.
         self.url = f"{base}/chat/completions" if base.endswith("/v1") else f"{base}/v1/chat/completions"
@@ -110,6 +129,7 @@ class OpenAICompatibleVLM:
         self.cost_per_label = float(cost_per_label)
         self.image_size = int(image_size)
         self.prompt = prompt.replace("{classes}", "; ".join(self.coarse_classes))
+        self.list_prompt = list_prompt.replace("{classes}", "; ".join(self.coarse_classes))
         self.max_workers = int(max_workers)
         self.backoff_s = float(backoff_s)
         self.max_tokens = int(max_tokens)
@@ -135,7 +155,7 @@ class OpenAICompatibleVLM:
         rgb.save(buffer, format="PNG")
         return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
-    def request_body(self, image: Image.Image) -> dict[str, Any]:
+    def request_body(self, image: Image.Image, prompt: str | None = None) -> dict[str, Any]:
         return {
             "model": self.model,
             "temperature": 0,
@@ -144,16 +164,16 @@ class OpenAICompatibleVLM:
                 {
                     "role": "user",
                     "content": [
-                        {"type": "text", "text": self.prompt},
+                        {"type": "text", "text": self.prompt if prompt is None else prompt},
                         {"type": "image_url", "image_url": {"url": self.image_data_url(image)}},
                     ],
                 }
             ],
         }
 
-    def ask(self, image: Image.Image) -> str | None:
+    def ask(self, image: Image.Image, prompt: str | None = None) -> str | None:
         """The model's answer text, or None when every attempt failed for a retryable reason."""
-        body = self.request_body(image)
+        body = self.request_body(image, prompt)
         headers = {"Content-Type": "application/json"}
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
@@ -199,6 +219,33 @@ class OpenAICompatibleVLM:
             if indices[position] == MISSING_LABEL:
                 logger.info("VLM answer %r matches no coarse class; dropped", answer[:100])
         return WeakLabels.from_indices(indices, len(self.coarse_classes))
+
+    def score_labels(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """Per-label scores for a multi-label project (``LabelScorer``): the VLM is asked for the list of classes
+        in each image; 1 for a named class, 0 for the others, a NaN row where no usable answer came back."""
+        images = list(images)
+        for image in images:
+            if not isinstance(image, Image.Image):
+                raise ModelInputError(f"expected PIL images, got {type(image).__name__}")
+
+        def ask_list(image: Image.Image) -> str | None:
+            return self.ask(image, self.list_prompt)
+
+        if self.max_workers == 1 or len(images) <= 1:
+            answers = [ask_list(image) for image in images]
+        else:
+            with ThreadPoolExecutor(max_workers=min(self.max_workers, len(images))) as pool:
+                answers = list(pool.map(ask_list, images))
+        scores = np.full((len(images), len(self.coarse_classes)), np.nan, dtype=np.float32)
+        for position, answer in enumerate(answers):
+            named = None if answer is None else match_answer_list(answer, self.coarse_classes)
+            if named is None:
+                if answer is not None:
+                    logger.info("VLM list answer %r names no class; dropped", answer[:100])
+                continue
+            scores[position] = 0.0
+            scores[position, sorted(named)] = 1.0
+        return scores
 
 
 def _answer_text(response: requests.Response) -> str:

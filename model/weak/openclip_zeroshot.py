@@ -163,5 +163,14 @@ class OpenClipZeroShot:
     def annotate(self, images: Sequence[Image.Image]) -> WeakLabels:
         return self.annotate_embeddings(self.backbone.embed(images))
 
+    def score_labels(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """Per-label scores for a multi-label project (``LabelScorer``): the zero-shot probability of every class
+        prompt, read per label (thresholds are calibrated per label on human labels, never an argmax)."""
+        return self.label_scores_embeddings(self.backbone.embed(images))
+
+    def label_scores_embeddings(self, image_features: np.ndarray) -> np.ndarray:
+        """float32 (n, C) from image features of this model computed elsewhere."""
+        return self.annotate_embeddings(image_features).coarse_probabilities
+
 
 __all__ = ["DEFAULT_PROMPT_TEMPLATES", "OpenClipZeroShot"]

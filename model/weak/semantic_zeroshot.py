@@ -270,6 +270,17 @@ class SemanticZeroShot:
         return WeakLabels.from_probabilities(probabilities.astype(np.float32))
 
 
+    def score_labels(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """Per-label scores for a multi-label project (``LabelScorer``): see ``label_scores_logits``."""
+        return self.label_scores_logits(self.backbone.classify_logits(images))
+
+    def label_scores_logits(self, logits: np.ndarray) -> np.ndarray:
+        """float32 (n, C): each class's share of the image's ImageNet probability mass under the label map (ConSE:
+        its temperature-scaled cosine probability). Several objects share the mass, so each label is read on its
+        own scale and cut by a threshold calibrated on human labels, never by an argmax."""
+        return self.annotate_logits(logits).coarse_probabilities
+
+
 def _checked_logits(logits: np.ndarray) -> np.ndarray:
     logits = np.asarray(logits, dtype=np.float64)
     if logits.ndim != 2 or logits.shape[1] != 1000:
