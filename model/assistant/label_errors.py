@@ -52,8 +52,10 @@ def likely_label_errors(labels: np.ndarray, out_of_fold: np.ndarray, *, min_exam
     compact = np.searchsorted(present, labels)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # cleanlab warns about small classes; the list is still its answer
+        # n_jobs=1: cleanlab's default forks a multiprocessing pool, which hangs inside a threaded server whose
+        # torch and ONNX Runtime thread pools do not survive a fork (seen: a fit stuck for minutes in the replay).
         flagged = find_label_issues(compact, columns, return_indices_ranked_by="self_confidence",
-                                    min_examples_per_class=min_examples_per_class)
+                                    min_examples_per_class=min_examples_per_class, n_jobs=1)
     quality = get_label_quality_scores(compact, columns, method="self_confidence")
     suggested = present[columns.argmax(axis=1)]
     return [LabelIssue(int(row), int(labels[row]), int(suggested[row]), float(quality[row])) for row in flagged]
