@@ -85,12 +85,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                         add_help=False)
     commands.add_parser("demo", help="start Label Studio and this backend, connected (vlm-al demo --help)",
                         add_help=False)
-    if argv and argv[0] in ("simulate", "demo"):
+    commands.add_parser("replay", help="the product's learning curve through a real Label Studio "
+                        "(vlm-al replay --help)", add_help=False)
+    if argv and argv[0] in ("simulate", "demo", "replay"):
         command, rest = argv[0], argv[1:]
         if command == "simulate":
             from model.simulate import main as simulate_main
 
             return int(simulate_main(rest) or 0)
+        if command == "replay":
+            from harness.replay import main as replay_main
+
+            return int(replay_main(rest) or 0)
         from backend.demo import main as demo_main
 
         return int(demo_main(rest) or 0)
