@@ -250,12 +250,11 @@ class ReplayProject:
         self.backend_url = backend_url
         self.truth: dict[int, str] = {}
 
-    def import_pool(self, paths: Sequence[Path], fine: np.ndarray) -> None:
+    def import_pool(self, paths: Sequence[Path], fine_names: Sequence[str]) -> None:
         directory = paths[0].parent
         lsb.connect_local_files_storage(self.client, self.project_id, directory, self.ls.document_root)
         task_ids = lsb.import_image_tasks(self.client, self.project_id, list(paths), self.ls.document_root)
-        names = self.labeling.hierarchy.fine_classes
-        self.truth = {task: names[int(label)] for task, label in zip(task_ids, fine)}
+        self.truth = dict(zip(task_ids, fine_names, strict=True))
 
     def connect_and_wait_for_first_predictions(self, timeout_s: float) -> str:
         lsb.connect_ml_backend(self.client, self.project_id, self.backend_url)
@@ -546,7 +545,9 @@ def replay(options: ReplayOptions, label_studio: lsb.LabelStudioServer, work_dir
                 for seed in range(options.seeds):
                     project = ReplayProject(label_studio, backend.url, model_dir, labeling, label_config,
                                             f"replay {annotator} {strategy} seed {seed}", SAMPLINGS[strategy])
-                    project.import_pool(data.pool_paths[seed], data.pool_fine[seed])
+                    # By name: the project's class order is its label config's, not the data set's.
+                    project.import_pool(data.pool_paths[seed],
+                                        [data.hierarchy.fine_classes[int(i)] for i in data.pool_fine[seed]])
                     project.connect_and_wait_for_first_predictions(options.fit_timeout_s)
                     record = RunRecord(annotator, strategy, seed, project.project_id)
                     rng = np.random.default_rng([seed, 7])
