@@ -20,6 +20,7 @@ import numpy as np
 import model.simulate as simulate
 from model.datasets import ImageSplit
 from model.datasets.base import short_digest
+from model.simulate.options import DEFAULT_CACHE_DIR
 from model.split_features import cached_split_features
 
 
@@ -40,11 +41,13 @@ def main() -> None:
     parser.add_argument("variants", help='JSON: {name: 0} runs a benchmark strategy; {name: {...}} a variant of ours')
     parser.add_argument("conditions", help="comma-separated weak-annotator conditions")
     parser.add_argument("seeds", help="comma-separated seeds")
-    parser.add_argument("--cache-dir", default=simulate.DEFAULT_CACHE_DIR)
+    parser.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR)
     parser.add_argument("--validation", default="50000:52000", help="train images used for scoring")
+    parser.add_argument("--pool-size", type=int, default=simulate.SimulationOptions.pool_size)
     args = parser.parse_args()
     start, stop = (int(x) for x in args.validation.split(":"))
-    options = simulate.SimulationOptions(progress=False, threads=1, cache_dir=args.cache_dir)
+    options = simulate.SimulationOptions(progress=False, threads=1, cache_dir=args.cache_dir,
+                                         pool_size=args.pool_size)
     pool_split, _, _ = simulate.load_splits(options)
     full_split = simulate.load_splits(dataclasses.replace(options, pool_size=stop))[0]
     hierarchy = pool_split.hierarchy
@@ -75,6 +78,8 @@ def main() -> None:
                 config_candidates={k: tuple(v) for k, v in variant.get(
                     "config_candidates", ours.settings.config_candidates).items()},
             )
+            # "learner": other LearnerSettings fields (e.g. pseudo_label_confidence).
+            settings = dataclasses.replace(settings, **variant.get("learner", {}))
             spec = dataclasses.replace(ours, settings=settings,
                                        expected_improvement=bool(variant.get("expected_improvement", False)))
         for condition in conditions:

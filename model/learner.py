@@ -29,6 +29,7 @@ from model.query import (
 )
 
 TRANSITION_MODES = ("none", "round0", "every-round")
+PSEUDO_LABEL_SOURCES = ("model", "spreading")
 
 
 class Classifier(Protocol):
@@ -67,6 +68,12 @@ class LearnerSettings:
     the weak labels may count: choosing between 0.2 and 1.0 by cross-validation picked 1.0 too often for a real
     annotator whose errors depend on the image, and lost 0.7 points on validation (ours_validation.md)."""
     min_fine_labels_for_selection: int = 9
+    pseudo_label_confidence: float | None = None
+    """Self-training: after the first fit, rows without a human label whose fine posterior given the VLM's answer
+    (through T) reaches this are trained on as fine labels in a second fit. None: off."""
+    pseudo_label_source: str = "model"
+    """Where that posterior's p(fine | x) comes from: the first fit ("model") or label spreading over a k-nearest-
+    neighbour graph of the embeddings ("spreading", scikit-learn's LabelSpreading)."""
     """Below this many human fine labels, the first candidate is used without cross-validation."""
     strategy: str = "ours"
     """A name in model.query.STRATEGIES."""
@@ -79,6 +86,10 @@ class LearnerSettings:
             raise ModelInputError(f"transition must be one of {list(TRANSITION_MODES)}, got {self.transition!r}")
         if not self.transition_prior_strength >= 0:
             raise ModelInputError(f"transition_prior_strength must be >= 0, got {self.transition_prior_strength}")
+        if self.pseudo_label_confidence is not None and not 0.0 < self.pseudo_label_confidence <= 1.0:
+            raise ModelInputError(f"pseudo_label_confidence must be in (0, 1], got {self.pseudo_label_confidence}")
+        if self.pseudo_label_source not in PSEUDO_LABEL_SOURCES:
+            raise ModelInputError(f"pseudo_label_source must be one of {list(PSEUDO_LABEL_SOURCES)}")
         if not self.config_candidates or not all(len(v) for v in self.config_candidates.values()):
             raise ModelInputError("config_candidates needs at least one value per field")
         create_strategy(self.strategy, **dict(self.strategy_options))  # an unknown strategy or option fails here
@@ -211,8 +222,17 @@ class ActiveLearner:
         """Estimate T, choose the training configuration, train on every row and predict the pool."""
         transition = self.estimate_transition(labels)
         training_config = self.choose_config(embeddings, labels, transition)
+        model = self._fit(embeddings, labels, labels.fine, training_config, transition)
+        if self.settings.pseudo_label_confidence is not None:
+            model = self._fit(embeddings, labels, self.pseudo_labelled(embeddings, labels, model), training_config,
+                              transition)
+        return model
+
+    def _fit(self, embeddings: np.ndarray, labels: RoundLabels, fine: np.ndarray, training_config: Any,
+             transition: CoarseTransitionEstimate | None) -> RoundModel:
         classifier = self._new_classifier(training_config)
-        classifier.fit(embeddings, labels.fine, labels.weak_for_training(),
+        # A fine label wins over a row's weak label inside the classifier, so pseudo-labelled rows train as full.
+        classifier.fit(embeddings, fine, labels.weak_for_training(),
                        None if transition is None else transition.matrix, labels.human_coarse)
         return RoundModel(
             classifier=classifier,
@@ -221,6 +241,25 @@ class ActiveLearner:
             fine_probabilities=np.asarray(classifier.predict_fine_proba(embeddings), dtype=np.float32),
             coarse_probabilities=np.asarray(classifier.predict_coarse_proba(embeddings), dtype=np.float32),
         )
+
+    def pseudo_labelled(self, embeddings: np.ndarray, labels: RoundLabels, model: RoundModel) -> np.ndarray:
+        """The human fine labels plus, on rows without any human label, the fine class whose posterior given the
+        VLM's answer reaches ``pseudo_label_confidence``."""
+        from model.query import fine_posterior_given_weak
+
+        threshold = self.settings.pseudo_label_confidence
+        if threshold is None:
+            return labels.fine
+        pool = self.pool_state(embeddings, labels, model)
+        if self.settings.pseudo_label_source == "spreading":
+            pool = replace(pool, fine_probabilities=label_spreading_probabilities(embeddings, labels.fine,
+                                                                                  self.hierarchy.n_fine))
+        posterior = fine_posterior_given_weak(pool)
+        unlabelled = labels.fine == MISSING_LABEL
+        if labels.human_coarse is not None:
+            unlabelled &= labels.human_coarse == MISSING_LABEL
+        confident = unlabelled & (posterior.max(axis=1) >= threshold)
+        return np.where(confident, posterior.argmax(axis=1), labels.fine).astype(np.int64)
 
     def out_of_fold_fine(self, embeddings: np.ndarray, labels: RoundLabels, model: RoundModel,
                          n_folds: int = 3) -> tuple[np.ndarray, np.ndarray]:
@@ -273,3 +312,22 @@ class ActiveLearner:
     def rank(self, pool: PoolState, selections: Sequence[Selection]) -> np.ndarray:
         """Queue scores (ascending = label first): the planned human picks first, in order, then by margin."""
         return priority_scores(pool, selections)
+
+
+def label_spreading_probabilities(embeddings: np.ndarray, fine: np.ndarray, n_fine: int,
+                                  n_neighbors: int = 10, alpha: float = 0.2) -> np.ndarray:
+    """p(fine | x) from the human fine labels spread over a k-nearest-neighbour graph of the L2-normalised
+    embeddings (Zhou et al. 2004, scikit-learn's LabelSpreading); a class nobody labelled gets 0."""
+    from sklearn.semi_supervised import LabelSpreading
+
+    points = np.asarray(embeddings, dtype=np.float64)
+    points = points / np.maximum(np.linalg.norm(points, axis=1, keepdims=True), 1e-12)
+    targets = np.where(fine == MISSING_LABEL, -1, fine)
+    out = np.zeros((points.shape[0], n_fine), dtype=np.float64)
+    if not np.any(targets >= 0) or points.shape[0] < 2:
+        return out
+    spreading = LabelSpreading(kernel="knn", n_neighbors=min(n_neighbors, points.shape[0] - 1), alpha=alpha,
+                               max_iter=50)
+    spreading.fit(points, targets)
+    out[:, spreading.classes_[spreading.classes_ >= 0]] = spreading.label_distributions_
+    return out

@@ -122,3 +122,33 @@ def test_the_server_queue_strategy_is_a_setting_whose_default_is_the_benchmarks_
     assert replace(margin, strategy="ours", strategy_options=SERVER_SETTINGS.strategy_options) == SERVER_SETTINGS
     with pytest.raises(ConfigError, match="QUERY_STRATEGY"):
         Config.from_env({"QUERY_STRATEGY": "iso"})
+
+
+@pytest.mark.parametrize("source", ["model", "spreading"])
+def test_pseudo_labels_only_fill_confident_rows_without_a_human_label(source):
+    hierarchy, embeddings, fine, weak = problem(seed=3)
+    human_coarse = np.full_like(fine, MISSING_LABEL)
+    unlabelled = np.flatnonzero(fine == MISSING_LABEL)
+    human_coarse[unlabelled[:5]] = weak[unlabelled[:5]]
+    labels = RoundLabels(fine=fine, weak_coarse=weak, human_coarse=human_coarse)
+    settings = replace(BENCHMARK_OURS_SETTINGS, pseudo_label_confidence=0.9, pseudo_label_source=source,
+                       num_threads=1)
+    learner = ActiveLearner(hierarchy, embeddings.shape[1], settings)
+    model = learner.train(embeddings, labels)
+    pseudo = learner.pseudo_labelled(embeddings, labels, model)
+    human = fine != MISSING_LABEL
+    assert np.array_equal(pseudo[human], fine[human])  # a human label is never replaced
+    assert np.all(pseudo[unlabelled[:5]] == MISSING_LABEL)  # nor is a human coarse-only row pseudo-labelled
+    added = (pseudo != MISSING_LABEL) & ~human
+    assert added.sum() > 0.3 * (~human).sum()  # well-separated clusters: most rows are confident
+    # On these clusters the confident pseudo-labels are nearly all right.
+    rng = np.random.default_rng(3)
+    truth = rng.integers(0, hierarchy.n_fine, size=fine.size)
+    assert np.mean(pseudo[added] == truth[added]) > 0.9
+
+
+def test_pseudo_label_settings_are_checked():
+    with pytest.raises(ModelInputError):
+        replace(BENCHMARK_OURS_SETTINGS, pseudo_label_confidence=1.5)
+    with pytest.raises(ModelInputError):
+        replace(BENCHMARK_OURS_SETTINGS, pseudo_label_source="oracle")
