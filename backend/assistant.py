@@ -100,6 +100,7 @@ class Assistant:
     def __init__(self, config: Config) -> None:
         self.config = config
         self._lock = threading.Lock()
+        self._pending_cache: dict[Path, tuple[tuple[int, int, int], frozenset[str]]] = {}
 
     @property
     def auto_accept_on(self) -> bool:
@@ -235,11 +236,29 @@ class Assistant:
                            ", ".join(fine_names[c] for c in paused), target)
         return plan
 
+    def pending_audits(self, state: ProjectState) -> frozenset[str]:
+        """Task ids (as strings) of the audits no human has labeled yet; re-read only when the record changed, since
+        every /predict asks."""
+        path = self.path(state)
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            return frozenset()
+        stamp = (stat.st_mtime_ns, stat.st_ino, stat.st_size)
+        with self._lock:
+            cached = self._pending_cache.get(path)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        audits = self.load(state).get("audits") or {}
+        pending = frozenset(k for k, a in audits.items() if a.get("human") is None)
+        with self._lock:
+            self._pending_cache[path] = (stamp, pending)
+        return pending
+
     def mark_predictions(self, state: ProjectState, labeling: ProjectLabeling, tasks: Sequence[Mapping[str, Any]],
                          predictions: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Pending audit tasks get no fine suggestion (and say why), so the human's label is not the model's echo."""
-        audits = self.load(state).get("audits") or {}
-        pending = {k for k, a in audits.items() if a.get("human") is None}
+        pending = self.pending_audits(state)
         if not pending:
             return predictions
         fine_controls = set(labeling.fine_controls) - {None}
@@ -382,7 +401,7 @@ class Assistant:
         transition = None if outcome.transition_estimate is None else outcome.transition_estimate.matrix
         curve = human_label_curve(ctx.new_classifier, outcome.training_config, ctx.embeddings, ctx.labels.fine,
                                   ctx.weak_answers, transition, ctx.labels.human_coarse, seed=ctx.project_id)
-        law = fit_inverse_power_law(curve.sizes, curve.accuracy, curve.spread)
+        law = fit_inverse_power_law(curve.sizes, curve.accuracy, curve.standard_error)
         record["curve"] = {**curve.to_dict(), "n_labels": n_fine, "model_version": ctx.model_version}
         record["curve_fit"] = None if law is None else law.to_dict()
         return True

@@ -310,6 +310,8 @@ class MLBackend:
             details = "; ".join(f"task {tasks[i].get('id')}: {features.errors[i]}" for i in sorted(features.errors))
             raise InvalidInput(f"no task image could be used: {details}", status=422, kind="unusable_images")
         predictions = self._predictions(project_id, tasks, labeling, features, model, model_version)
+        if project_id is not None:  # an audit task's fine guess stays hidden on this path too
+            predictions = self.assistant.mark_predictions(self.state(project_id), labeling, tasks, predictions)
         for position in features.pending:
             # Not ready within PREDICT_DEADLINE_SECONDS: an empty prediction without a score now (it does not
             # move the queue); the background work finishes it and the index job pushes the real one.

@@ -13,7 +13,7 @@ runs it (``SERVER_SETTINGS``):
 - **stopping**: the suggestion from cross-validation on ``--stop-at`` human labels against the real learning curve
   (fine accuracy on the test split of models trained on growing random label sets of the pool): where the real
   curve's gain per 100 labels falls below the same threshold.
-- **arrival** (``--arrival``): Label Studio and the backend on loopback, a fit on a few labels, then tasks imported;
+- **arrival** (skipped with ``--no-arrival``): Label Studio and the backend on loopback, a fit on a few labels, then tasks imported;
   seconds until each has a prediction of the current model_version (no retrain in between).
 
     .venv/bin/python bench/assistant.py                       # writes bench/results/assistant.json
@@ -159,7 +159,7 @@ class Bench:
         transition = None if model.transition is None else model.transition.matrix
         curve = human_label_curve(new_classifier, model.training_config, self.data.pool_embeddings, fine,
                                   self.weak, transition, n_folds=3, seed=self.seed)
-        law = fit_inverse_power_law(curve.sizes, curve.accuracy, curve.spread)
+        law = fit_inverse_power_law(curve.sizes, curve.accuracy, curve.standard_error)
         suggestion = suggest_stopping(law, stop_at)
         # The real curve: the same round on growing random label sets (nested: the first n of one order).
         real = []
@@ -171,9 +171,8 @@ class Bench:
         measured_gain = {f"{a}->{b}": round(100 * 100 * (y - x) / (b - a), 2)
                          for a, b, x, y in zip(real_sizes[:-1], real_sizes[1:], real[:-1], real[1:])}
         return {
-            "suggested_labels": suggestion.suggested_labels,
-            "labels_where_curve_flattens": None if real_law is None else real_law.flattens_at(),
-            "threshold_gain_per_100": GAIN_PER_100_FLAT,
+            "seed": self.seed,
+            "real_curve_flattens_at": None if real_law is None else real_law.flattens_at(),
             "labels_at_suggestion": stop_at,
             "suggestion": suggestion.to_dict(),
             "cross_validated_curve": curve.to_dict(),
@@ -184,6 +183,113 @@ class Bench:
             "predicted_accuracy_at_real_sizes": None if law is None else
             [round(float(law(n)), 4) for n in real_sizes],
         }
+
+
+STOPPING_TOLERANCE = 0.5
+"""The suggestion counts as right when it is within 50% of where the real curve flattens."""
+
+
+def aggregate_stopping(runs: list[dict], real_sizes: list[int]) -> dict:
+    """The median suggestion over seeds against where the seeds' mean real curve flattens."""
+    real = np.mean([run["real_curve"]["test_accuracy"] for run in runs], axis=0)
+    real_law = fit_inverse_power_law(np.asarray(real_sizes), real)
+    flattens = None if real_law is None else real_law.flattens_at()
+    suggested = [run["suggestion"]["suggested_labels"] for run in runs]
+    median = None if None in suggested else int(np.median(suggested))
+    return {
+        "suggested_labels": median,
+        "labels_where_curve_flattens": flattens,
+        "relative_error": None if median is None or flattens is None else round(abs(median - flattens) / flattens, 3),
+        "tolerance": STOPPING_TOLERANCE,
+        "threshold_gain_per_100": GAIN_PER_100_FLAT,
+        "labels_at_suggestion": runs[0]["labels_at_suggestion"],
+        "suggestions": [run["suggestion"]["text"] for run in runs],
+        "suggested_labels_per_seed": suggested,
+        "real_curve_mean": {"sizes": real_sizes, "test_accuracy": [round(float(a), 4) for a in real]},
+        "real_fit": None if real_law is None else real_law.to_dict(),
+        "per_seed": runs,
+    }
+
+
+def measure_arrival(n_first: int = 16, n_labeled: int = 8, batches: int = 3, per_batch: int = 3) -> dict:
+    """Label Studio and this backend on loopback (as the e2e tests run them), a fit on ``n_labeled`` human labels,
+    then ``batches`` imports of ``per_batch`` tasks: seconds from the import request to a prediction of the current
+    model_version in Label Studio, per task."""
+    import secrets
+    import tempfile
+
+    from backend import ls_bootstrap as lsb
+    from backend.label_config import parse_label_config, recommended_label_config
+    from backend.state import ProjectState
+    from model.datasets import fashion_mnist_hierarchy
+
+    image_size = 112
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(scratch)
+        login = lsb.LabelStudioLogin("bench@vlm-al.local", secrets.token_urlsafe(12), lsb.new_token())
+        ls_port, backend_port = lsb.ephemeral_port(), lsb.ephemeral_port()
+        label_studio = lsb.LabelStudioServer(lsb.ensure_label_studio_venv(None), root / "ls", root / "files", login,
+                                             port=ls_port, log_path=root / "ls.log")
+        model_dir = root / "model_dir"
+        backend = lsb.BackendServer(
+            {**lsb.clean_environment(Path(sys.executable).parent), "LABEL_STUDIO_URL": label_studio.url,
+             "LABEL_STUDIO_API_KEY": login.token, "MODEL_DIR": str(model_dir), "WEAK_ANNOTATOR": "imagenet-map",
+             "IMAGE_SIZE": str(image_size), "FIT_DEBOUNCE_SECONDS": "1", "TORCH_THREADS": "1"},
+            log_path=root / "backend.log", port=backend_port,
+            command=[sys.executable, "-m", "gunicorn", "backend.wsgi:app", "--bind", f"127.0.0.1:{backend_port}"],
+            cwd=ROOT)
+        label_studio.start()
+        backend.start()
+        try:
+            client = label_studio.client()
+            labeling_xml = recommended_label_config(fashion_mnist_hierarchy())
+            labeling = parse_label_config(labeling_xml)
+            project_id = lsb.create_project(client, "arrival", labeling_xml)
+            images_dir = root / "files" / "arrival"
+            images = lsb.write_fashion_mnist_pngs(images_dir, n_first + batches * per_batch, size=image_size, seed=3)
+            lsb.connect_local_files_storage(client, project_id, images_dir, root / "files")
+            task_ids = lsb.import_image_tasks(client, project_id, images.paths[:n_first], root / "files")
+            lsb.connect_ml_backend(client, project_id, backend.url)
+            for task_id, fine in list(zip(task_ids, images.class_names))[:n_labeled]:
+                coarse = labeling.hierarchy.parent_name(fine)
+                client.annotations.create(id=task_id, result=[
+                    {"from_name": labeling.coarse_control, "to_name": labeling.image_name, "type": "choices",
+                     "value": {"choices": [coarse]}},
+                    {"from_name": labeling.fine_control_by_coarse[coarse], "to_name": labeling.image_name,
+                     "type": "choices", "value": {"choices": [fine]}}])
+            state = ProjectState(model_dir, project_id)
+
+            def fitted() -> str | None:
+                current = state.current()
+                if current is None or current.metrics.get("n_fine") != n_labeled:
+                    return None
+                version = client.projects.get(project_id).model_version
+                return version if version == current.model_version else None
+
+            version = lsb.wait_until(fitted, 600, "the first fit", interval_s=1.0)
+            seconds = []
+            for batch in range(batches):
+                paths = images.paths[n_first + batch * per_batch: n_first + (batch + 1) * per_batch]
+                started = time.monotonic()
+                new_ids = set(lsb.import_image_tasks(client, project_id, paths, root / "files"))
+                arrived: dict[int, float] = {}
+                while len(arrived) < len(new_ids) and time.monotonic() - started < 300:
+                    for prediction in lsb.project_predictions(client, project_id):
+                        if prediction["task"] in new_ids and prediction["model_version"] == version:
+                            arrived.setdefault(prediction["task"], time.monotonic() - started)
+                    time.sleep(0.2)
+                seconds.extend(arrived.values())
+                if len(arrived) < len(new_ids):
+                    raise SystemExit(f"arrival: {len(new_ids) - len(arrived)} tasks got no {version} prediction")
+            retrained = state.current().model_version != version
+        finally:
+            backend.stop()
+            label_studio.stop()
+    return {"median_seconds": round(float(np.median(seconds)), 2), "max_seconds": round(float(max(seconds)), 2),
+            "per_task_seconds": [round(s, 2) for s in seconds], "n_tasks": len(seconds), "model_version": version,
+            "retrained_in_between": retrained,
+            "how": "import request -> a prediction of the current model_version visible in Label Studio, polled "
+                   "every 0.2 s (the TASKS_CREATED webhook embeds, weak-labels and scores them)"}
 
 
 def machine() -> dict:
@@ -197,18 +303,19 @@ def machine() -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="fashion-mnist")
-    parser.add_argument("--pool-size", type=int, default=1500)
+    parser.add_argument("--pool-size", type=int, default=6000)
     parser.add_argument("--test-size", type=int, default=2000)
     parser.add_argument("--cache-dir", default="~/.cache/vlm-al")
     parser.add_argument("--simulated-accuracy", type=float, default=0.85)
     parser.add_argument("--target", type=float, default=0.95)
     parser.add_argument("--audit-share", type=float, default=0.1)
-    parser.add_argument("--auto-labels", type=int, default=600)
-    parser.add_argument("--error-labels", type=int, default=600)
+    parser.add_argument("--auto-labels", type=int, default=1500)
+    parser.add_argument("--error-labels", type=int, default=1000)
     parser.add_argument("--stop-at", type=int, default=200)
-    parser.add_argument("--real-sizes", default="50,100,200,300,450,600,800,1000,1250")
+    parser.add_argument("--real-sizes", default="50,100,200,300,450,600,800,1000,1300,1700,2200,3000")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--arrival", action="store_true", help="also time arrival scoring against Label Studio")
+    parser.add_argument("--stopping-seeds", type=int, default=3, help="seeds of the stopping comparison")
+    parser.add_argument("--no-arrival", action="store_true", help="skip timing arrival against Label Studio")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "assistant.json"))
     args = parser.parse_args()
     import torch
@@ -222,18 +329,25 @@ def main() -> None:
     bench = Bench(data, simulated_answers(args.seed, data, args.simulated_accuracy), args.seed)
     timings = {}
     results: dict = {}
+    real_sizes = [int(s) for s in args.real_sizes.split(",")]
+
+    def stopping() -> dict:
+        runs = [bench.stopping(args.stop_at, real_sizes)]
+        for seed in range(args.seed + 1, args.seed + args.stopping_seeds):
+            runs.append(Bench(data, simulated_answers(seed, data, args.simulated_accuracy), seed).stopping(
+                args.stop_at, real_sizes))
+        return aggregate_stopping(runs, real_sizes)
+
     for name, run in (("auto_accept", lambda: bench.auto_accept(args.auto_labels, args.target, args.audit_share)),
                       ("label_errors", lambda: bench.label_errors(args.error_labels)),
-                      ("stopping", lambda: bench.stopping(args.stop_at,
-                                                          [int(s) for s in args.real_sizes.split(",")]))):
+                      ("stopping", stopping)):
         begun = time.perf_counter()
         results[name] = run()
         timings[name] = round(time.perf_counter() - begun, 1)
-        print(name, json.dumps({k: v for k, v in results[name].items() if not isinstance(v, dict)}), flush=True)
+        print(name, json.dumps({k: v for k, v in results[name].items() if not isinstance(v, (dict, list))}),
+              flush=True)
     arrival = None
-    if args.arrival:
-        from bench.assistant_arrival import measure_arrival
-
+    if not args.no_arrival:
         arrival = measure_arrival()
     results["arrival_seconds"] = None if arrival is None else arrival["median_seconds"]
     results["arrival"] = arrival

@@ -217,9 +217,12 @@ def test_cross_validated_curve_uses_nested_subsets_and_held_out_folds():
         seen.append(len(train))
         return len(train) / 100
 
-    curve = cross_validated_curve(90, evaluate, sizes=[10, 30, 60, 80], n_folds=3)
+    curve = cross_validated_curve(90, evaluate, sizes=[10, 30, 60, 80], n_folds=3, n_repeats=2)
     assert curve.sizes.tolist() == [10, 30, 60]  # 80 > the 60 rows outside a fold
-    assert seen == [10, 30, 60] * 3 and np.allclose(curve.accuracy, [0.1, 0.3, 0.6])
+    assert seen == [10, 30, 60] * 6 and np.allclose(curve.accuracy, [0.1, 0.3, 0.6])
+    assert curve.n_held_out == 180 and curve.n_runs == 6
+    # Runs that agree exactly still leave each point its binomial error.
+    assert np.allclose(curve.standard_error, np.sqrt(curve.accuracy * (1 - curve.accuracy) / 180))
 
 
 def test_kappa_average_stops_once_predictions_stabilize():

@@ -36,11 +36,23 @@ class LearningCurve:
     accuracy: np.ndarray
     """Mean held-out fine accuracy over folds."""
     spread: np.ndarray
-    """Standard deviation over folds."""
+    """Standard deviation over folds (and repeats)."""
+    n_held_out: int = 0
+    """Held-out predictions behind each mean (every labeled row, once per repeat)."""
+    n_runs: int = 1
+    """Models behind each mean (folds x repeats)."""
+
+    @property
+    def standard_error(self) -> np.ndarray:
+        """Of each mean: the binomial error of ``n_held_out`` predictions, or the runs' spread if larger. Three
+        folds can agree by chance (a spread near 0), which must not make one point decide the fit."""
+        binomial = np.sqrt(self.accuracy * (1 - self.accuracy) / max(self.n_held_out, 1))
+        return np.maximum(binomial, self.spread / np.sqrt(self.n_runs))
 
     def to_dict(self) -> dict:
         return {"sizes": [int(s) for s in self.sizes], "accuracy": [round(float(a), 4) for a in self.accuracy],
-                "spread": [round(float(s), 4) for s in self.spread]}
+                "spread": [round(float(s), 4) for s in self.spread],
+                "standard_error": [round(float(s), 4) for s in self.standard_error], "n_held_out": self.n_held_out}
 
 
 def curve_sizes(n_train_max: int, n_points: int = 5, smallest: int = 10) -> np.ndarray:
@@ -52,26 +64,29 @@ def curve_sizes(n_train_max: int, n_points: int = 5, smallest: int = 10) -> np.n
 
 
 def cross_validated_curve(n_labels: int, evaluate: Callable[[np.ndarray, np.ndarray], float], *,
-                          sizes: Sequence[int] | None = None, n_folds: int = 3, seed: int = 0) -> LearningCurve:
+                          sizes: Sequence[int] | None = None, n_folds: int = 3, n_repeats: int = 1,
+                          seed: int = 0) -> LearningCurve:
     """Accuracy against the number of training labels, from ``n_folds``-fold cross-validation over ``n_labels``
-    labeled rows. ``evaluate(train_rows, held_out_rows)`` trains on the train rows (positions into the labeled
-    rows) and returns the accuracy on the held-out ones. Each fold's subsets are nested (a larger one contains the
-    smaller), so a curve is never non-monotone by the luck of the draw alone."""
-    if n_folds < 2:
-        raise ModelInputError(f"n_folds must be at least 2, got {n_folds}")
+    labeled rows, ``n_repeats`` times with new folds. ``evaluate(train_rows, held_out_rows)`` trains on the train
+    rows (positions into the labeled rows) and returns the accuracy on the held-out ones. Each fold's subsets are
+    nested (a larger one contains the smaller), so a curve is never non-monotone by the luck of the draw alone."""
+    if n_folds < 2 or n_repeats < 1:
+        raise ModelInputError(f"need n_folds >= 2 and n_repeats >= 1, got {n_folds} and {n_repeats}")
     rng = np.random.default_rng(seed)
-    folds = rng.permutation(n_labels) % n_folds
-    n_train_max = int(np.min([np.sum(folds != f) for f in range(n_folds)])) if n_labels else 0
+    n_train_max = n_labels - int(np.ceil(n_labels / n_folds))
     grid = curve_sizes(n_train_max) if sizes is None else np.asarray([s for s in sizes if s <= n_train_max])
     if grid.size == 0:
         return LearningCurve(np.zeros(0, dtype=np.int64), np.zeros(0), np.zeros(0))
-    scores = np.zeros((n_folds, grid.size))
-    for fold in range(n_folds):
-        held_out = np.flatnonzero(folds == fold)
-        order = rng.permutation(np.flatnonzero(folds != fold))
-        for column, size in enumerate(grid):
-            scores[fold, column] = evaluate(np.sort(order[:size]), held_out)
-    return LearningCurve(grid.astype(np.int64), scores.mean(axis=0), scores.std(axis=0))
+    scores = np.zeros((n_repeats * n_folds, grid.size))
+    for repeat in range(n_repeats):
+        folds = rng.permutation(n_labels) % n_folds
+        for fold in range(n_folds):
+            held_out = np.flatnonzero(folds == fold)
+            order = rng.permutation(np.flatnonzero(folds != fold))
+            for column, size in enumerate(grid):
+                scores[repeat * n_folds + fold, column] = evaluate(np.sort(order[:size]), held_out)
+    return LearningCurve(grid.astype(np.int64), scores.mean(axis=0), scores.std(axis=0),
+                         n_held_out=n_labels * n_repeats, n_runs=n_repeats * n_folds)
 
 
 @dataclass(frozen=True)
@@ -105,16 +120,17 @@ class InversePowerLaw:
         return {"a": round(self.a, 5), "b": round(self.b, 5), "c": round(self.c, 5), "form": "a - b * n^(-c)"}
 
 
-def fit_inverse_power_law(sizes: np.ndarray, accuracy: np.ndarray, spread: np.ndarray | None = None
+def fit_inverse_power_law(sizes: np.ndarray, accuracy: np.ndarray, standard_error: np.ndarray | None = None
                           ) -> InversePowerLaw | None:
-    """Least-squares fit (weighted by the fold spread when given); None with fewer than 3 points or no fit."""
+    """Least-squares fit (weighted by each point's standard error when given); None with fewer than 3 points or
+    no fit."""
     from scipy.optimize import curve_fit
 
     sizes = np.asarray(sizes, dtype=np.float64)
     accuracy = np.asarray(accuracy, dtype=np.float64)
     if sizes.size < 3 or sizes.size != accuracy.size:
         return None
-    sigma = None if spread is None else np.asarray(spread, dtype=np.float64) + 0.01
+    sigma = None if standard_error is None else np.maximum(np.asarray(standard_error, dtype=np.float64), 1e-3)
 
     def law(n: np.ndarray, a: float, b: float, c: float) -> np.ndarray:
         return a - b * np.power(n, -c)
@@ -223,9 +239,10 @@ def suggest_stopping(law: InversePowerLaw | None, n_labels: int, threshold: floa
 
 def human_label_curve(new_classifier: Callable[[Any], Any], training_config: Any, embeddings: np.ndarray,
                       fine: np.ndarray, weak_answers: np.ndarray | None, transition: np.ndarray | None,
-                      human_coarse: np.ndarray | None = None, *, n_folds: int = 3, sizes: Sequence[int] | None = None,
-                      seed: int = 0) -> LearningCurve:
-    """``cross_validated_curve`` over the rows with a human fine label, each point trained as a round trains:
+                      human_coarse: np.ndarray | None = None, *, n_folds: int = 3, n_repeats: int = 2,
+                      sizes: Sequence[int] | None = None, seed: int = 0) -> LearningCurve:
+    """``cross_validated_curve`` over the rows with a human fine label (3 folds, twice: one split of a few hundred
+    labels is noisy enough to call a rising curve flat), each point trained as a round trains:
     a labeled row outside the training subset keeps only its VLM answer (``weak_answers``), as a task nobody has
     labeled yet; rows with a human coarse label train on it, without the VLM's."""
     from model.hierarchy import MISSING_LABEL
@@ -247,4 +264,5 @@ def human_label_curve(new_classifier: Callable[[Any], Any], training_config: Any
         predicted = np.asarray(classifier.predict_fine_proba(embeddings[rows])).argmax(axis=1)
         return float(np.mean(predicted == fine[rows]))
 
-    return cross_validated_curve(labeled.size, evaluate, sizes=sizes, n_folds=n_folds, seed=seed)
+    return cross_validated_curve(labeled.size, evaluate, sizes=sizes, n_folds=n_folds, n_repeats=n_repeats,
+                                 seed=seed)
