@@ -45,6 +45,9 @@ class NamedJob:
 
 
 class JobRunner(Protocol):
+    in_process: bool
+    """Whether jobs run in this process (threads) rather than in `vlm-al worker` processes (RQ)."""
+
     def bind(self, handler: JobHandler, on_finish: JobFinished | None = None) -> None:
         """The function that runs every job (the backend's ``run_job``), and one told how each run ended."""
 
@@ -60,6 +63,12 @@ class JobRunner(Protocol):
 
     def inflight_claims(self) -> Any:
         """Claims on task images shared by every process this runner spans (None: this process's own)."""
+
+    def share_connection(self, project_id: int, hostname: str | None, access_token: str | None) -> None:
+        """Make a project's Label Studio address and token (from /setup) reachable by the job workers."""
+
+    def shared_connection(self, project_id: int) -> tuple[str | None, str | None]:
+        """(hostname, access token) a web process shared for the project; (None, None) if none."""
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Block until nothing is pending or running; False on timeout."""
@@ -81,6 +90,28 @@ def project_lock(lock_path: Path, timeout: float = -1) -> FileLock:
     """A lock file shared by every process on this machine: two gunicorn workers never fit one project at once."""
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     return FileLock(str(lock_path), timeout=timeout)
+
+
+class _ThreadHeldLocks:
+    """The project lock files of this process, re-entrant per thread: a job that runs another job inline (the
+    push after a fit, under InlineJobRunner) does not wait for itself."""
+
+    def __init__(self) -> None:
+        self._held = threading.local()
+
+    @contextmanager
+    def hold(self, lock_path: Path) -> Iterator[None]:
+        held: set[str] = self._held.__dict__.setdefault("paths", set())
+        key = str(lock_path)
+        if key in held:
+            yield
+            return
+        with project_lock(lock_path):
+            held.add(key)
+            try:
+                yield
+            finally:
+                held.discard(key)
 
 
 @dataclass
@@ -117,6 +148,8 @@ class ThreadJobRunner:
     The most recent parameters of a key are the ones that run.
     """
 
+    in_process = True
+
     def __init__(
         self,
         debounce_seconds: float,
@@ -133,6 +166,7 @@ class ThreadJobRunner:
         )
         self.on_finish = on_finish
         self._handler = handler
+        self._locks = _ThreadHeldLocks()
         self._states: dict[str, _KeyState] = {}
         self._failures: list[_Failure] = []
         self._cond = threading.Condition()
@@ -163,7 +197,7 @@ class ThreadJobRunner:
 
     @contextmanager
     def project_lock(self, project_id: int, lock_path: Path) -> Iterator[None]:
-        with project_lock(lock_path):
+        with self._locks.hold(lock_path):
             yield
 
     def inflight_claims(self) -> None:
@@ -253,8 +287,11 @@ class ThreadJobRunner:
 class InlineJobRunner:
     """Runs every job at once in the caller's thread (scripts and tests that want no concurrency)."""
 
+    in_process = True
+
     def __init__(self, handler: JobHandler | None = None) -> None:
         self._handler = handler
+        self._locks = _ThreadHeldLocks()
         self.on_finish: JobFinished | None = None
         self.runs_started = 0
         self.runs_failed = 0
@@ -280,7 +317,7 @@ class InlineJobRunner:
 
     @contextmanager
     def project_lock(self, project_id: int, lock_path: Path) -> Iterator[None]:
-        with project_lock(lock_path):
+        with self._locks.hold(lock_path):
             yield
 
     def state(self) -> dict[str, Any]:

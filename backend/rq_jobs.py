@@ -74,6 +74,8 @@ def _keys(kind: str, project_id: int) -> tuple[str, str, str]:
 class RQJobRunner:
     """The job runner of every process when REDIS_URL is set (web processes only ever call ``submit``)."""
 
+    in_process = False
+
     def __init__(
         self,
         connection: Redis,
@@ -254,6 +256,17 @@ class RQJobRunner:
             if deadline is not None and time.monotonic() > deadline:
                 return False
             time.sleep(0.1)
+
+    def share_connection(self, project_id: int, hostname: str | None, access_token: str | None) -> None:
+        """The project's /setup address and token, for the workers (Redis holds them: keep it private)."""
+        fields = {"hostname": hostname or "", "access_token": access_token or ""}
+        self.redis.hset(f"{KEY_PREFIX}:connection:{int(project_id)}", mapping=fields)
+
+    def shared_connection(self, project_id: int) -> tuple[str | None, str | None]:
+        fields = self.redis.hgetall(f"{KEY_PREFIX}:connection:{int(project_id)}")
+        hostname = fields.get(b"hostname", b"").decode() or None
+        token = fields.get(b"access_token", b"").decode() or None
+        return hostname, token
 
     def inflight_claims(self) -> RedisInflightClaims:
         """Image work shared by every replica on this Redis (/predict and index jobs never embed twice)."""

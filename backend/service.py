@@ -46,6 +46,7 @@ logger = logging.getLogger(__name__)
 MAX_QUEUED_PREDICT_BATCHES = 2
 """Per project: /predict batches whose missing features may wait for the project's worker at a time."""
 HANDLED_FIT_EVENTS = frozenset({"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED", "START_TRAINING"})
+TASK_LIST_EVENTS = frozenset({"TASKS_CREATED", "TASKS_DELETED"})
 
 
 @dataclass
@@ -152,6 +153,11 @@ class MLBackend:
 
     def _client(self, project_id: int) -> LabelStudioAPI:
         ctx = self.projects.context(project_id)
+        if ctx.hostname is None and ctx.access_token is None and not self.jobs.in_process:
+            # An RQ worker: the /setup that connected the project reached a web process, which shared it.
+            ctx.hostname, ctx.access_token = self.jobs.shared_connection(project_id)
+            if ctx.access_token and self.redactor is not None:
+                self.redactor.add_secrets([ctx.access_token])
         return self.ls_clients(ctx.hostname, ctx.access_token)
 
     def _job_finished(self, kind: str, error: BaseException | None, seconds: float) -> None:
@@ -208,6 +214,8 @@ class MLBackend:
             ctx.access_token = access_token or ctx.access_token
             if schema:
                 ctx.label_config = schema
+        if not self.jobs.in_process and (hostname or access_token):
+            self.jobs.share_connection(project_id, ctx.hostname, ctx.access_token)
         _, model_version = self.projects.served_model(project_id, labeling)
         if (backend_host and self.config.basic_auth_enabled and self.config.webhook_basic_auth
                 and project_id not in self._webhook_auth_done and self._can_reach_label_studio(project_id)):
@@ -216,6 +224,8 @@ class MLBackend:
         # Label Studio calls /setup on most reads of the ML backend; index once per config, then on TASKS_CREATED.
         if schema and ctx.indexed_schema != schema_hash(schema) and self._can_reach_label_studio(project_id):
             self.queue_index(project_id)
+            if not self.jobs.in_process:  # the job runs in a worker: enqueuing it is all this process does
+                ctx.indexed_schema = schema_hash(schema)
         if self.config.queue_tab and project_id not in self._queue_tabs and self._can_reach_label_studio(project_id):
             self._queue_tabs.add(project_id)
             self.jobs.submit("queue-tab", project_id)
@@ -365,12 +375,12 @@ class MLBackend:
 
     def handle_event(self, action: str, data: Mapping[str, Any]) -> dict[str, Any]:
         """Webhook events: enqueue only, so Label Studio's 1 s webhook timeout is never hit."""
-        if action in HANDLED_FIT_EVENTS or action == "TASKS_CREATED" or action == "PROJECT_UPDATED":
+        if action in HANDLED_FIT_EVENTS or action in TASK_LIST_EVENTS or action == "PROJECT_UPDATED":
             project_id = parse_project_id(_required_project(data))
         if action in HANDLED_FIT_EVENTS:
             self.queue_fit(project_id)
             outcome = {"status": "queued", "job": f"fit:{project_id}", "action": action}
-        elif action == "TASKS_CREATED":
+        elif action in TASK_LIST_EVENTS:  # new tasks get embedded; the task list the fits start from is renewed
             tasks = data.get("tasks")
             self.queue_index(project_id)
             outcome = {"status": "queued", "job": f"index:{project_id}", "action": action,
@@ -425,6 +435,7 @@ class MLBackend:
             "prune": lambda: self._delete_versions(project_id, list(params.get("versions") or [])),
             "webhook-auth": lambda: self.ensure_webhook_auth(project_id, str(params["backend_host"])),
             "queue-tab": lambda: self.ensure_queue_tab(project_id),
+            "push": lambda: self.run_push(project_id, str(params["model_version"])),
         }
         if kind not in jobs:
             raise ValueError(f"unknown job kind {kind!r}; known: {sorted(jobs)}")
@@ -492,6 +503,7 @@ class MLBackend:
         client = self._client(project_id)
         labeling, label_config = self._project_labeling(project_id, client)
         tasks = client.fetch_tasks(project_id)
+        self.state(project_id).write_task_list(labeling.image_value_key, tasks)  # what the fits start from
         features = self.extractor.features(project_id, tasks, labeling, client)
         self.projects.context(project_id).indexed_schema = schema_hash(label_config)
         if not self.config.push_predictions:
@@ -553,8 +565,40 @@ class MLBackend:
         # Label Studio refuses a model_version that no prediction carries.
         if created > 0:
             client.set_model_version(project_id, model_version)
+            self.state(project_id).record_label_studio_versions(pushed=[model_version])
         logger.info("project %s: pushed %d/%d predictions of %s", project_id, created, len(payload), model_version)
         return created
+
+    def _tasks_for_fit(self, project_id: int, client: LabelStudioAPI) -> list[dict[str, Any]]:
+        """The task list of the last index plus only the annotated tasks (Label Studio's export): a fit's Label
+        Studio traffic grows with the annotations, not with the project. Before any index: every task."""
+        task_list = self.state(project_id).task_list()
+        if task_list is None:
+            return client.fetch_tasks(project_id)
+        return task_list.tasks_with(client.fetch_annotated_tasks(project_id))
+
+    def run_push(self, project_id: int, model_version: str) -> int:
+        """Push the rest of a fit's queue (after its head), unless a newer version has replaced it meanwhile."""
+        state = self.state(project_id)
+        with self.jobs.project_lock(project_id, state.lock_path):
+            current = state.current()
+            priorities_version, scores = state.priorities()
+            task_list = state.task_list()
+            if current is None or current.model_version != model_version or priorities_version != model_version \
+                    or task_list is None:
+                return 0  # a newer fit pushes its own queue
+            client = self._client(project_id)
+            labeling, _ = self._project_labeling(project_id, client)
+            model, served_version = self.projects.served_model(project_id, labeling)
+            if served_version != model_version:
+                return 0
+            already = state.pushed_tasks(model_version)
+            tasks = [t for t in task_list.tasks_with(()) if t["id"] in scores and t["id"] not in already]
+            features = self.extractor.features(project_id, tasks, labeling, client)
+            positions = features.usable_positions()
+            if not positions:
+                return 0
+            return self._push(project_id, client, tasks, positions, labeling, features, model, model_version, scores)
 
     def run_fit(self, project_id: int) -> str | None:
         """Retrain on every annotation, re-estimate T, save a new version, re-rank and push the queue."""
@@ -579,7 +623,7 @@ class MLBackend:
         labeling, label_config = self._project_labeling(project_id, client)
         hierarchy = labeling.hierarchy
         # Auto-accepted annotations are not human labels: the fit sees those tasks as unlabeled.
-        tasks, auto_accepted = self.assistant.human_view(state, labeling, client.fetch_tasks(project_id))
+        tasks, auto_accepted = self.assistant.human_view(state, labeling, self._tasks_for_fit(project_id, client))
         features = self.extractor.features(project_id, tasks, labeling, client)
         usable = features.usable_positions()
         if not usable:
@@ -633,14 +677,22 @@ class MLBackend:
         )
         self.projects.serve(project_id, classifier, new_version)
         if self.config.push_predictions and unlabeled_rows.size:
-            positions = [usable[row] for row in unlabeled_rows]
-            self._push(project_id, client, tasks, positions, labeling, features, classifier, new_version, scores,
+            # The head of the queue now (Label Studio serves ascending scores of the current version only); the
+            # rest in a background job, so the time to a re-ordered queue does not grow with the project.
+            positions = sorted((usable[row] for row in unlabeled_rows), key=lambda i: scores[int(tasks[i]["id"])])
+            head = positions[: self.config.push_head_tasks]
+            self._push(project_id, client, tasks, head, labeling, features, classifier, new_version, scores,
                        replace=True)
+            if len(positions) > len(head):
+                self.jobs.submit("push", project_id, {"model_version": new_version})
         self.assistant.apply(state, labeling, getattr(client, "_sdk", None) if self.config.push_predictions else None,
                              plan)
-        removed = state.prune_versions(self.config.keep_model_versions)
-        if removed and self.config.push_predictions:
-            self.jobs.submit("prune", project_id, {"versions": list(removed)})
+        state.prune_versions(self.config.keep_model_versions)
+        # Deleting a version costs Label Studio about 30 s at 10k tasks and does not change what it serves: old
+        # versions (v0 included) are deleted rarely, all in one background job.
+        old = [v for v in state.versions_in_label_studio() if v != new_version]
+        if self.config.push_predictions and len(old) >= self.config.prune_label_studio_every:
+            self.jobs.submit("prune", project_id, {"versions": old})
         return new_version
 
     def _inputs_digest(
@@ -667,6 +719,7 @@ class MLBackend:
             if version == current:
                 continue  # deleting the current version would clear the project's model_version
             client.delete_model_version(project_id, version)
+            self.state(project_id).record_label_studio_versions(deleted=[version])
 
 
 def _same_host(a: str, b: str) -> bool:

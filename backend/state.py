@@ -6,6 +6,8 @@ Layout of one project:
   transition_history.jsonl   one coarse transition matrix estimate per fit
   priorities.json            task id -> queue score of the current version
   pushed.json                task ids that hold a prediction of the current version in Label Studio
+  tasks.json                 the task list of the last index (ids and image URLs), so a fit lists no tasks
+  ls_versions.json           model versions pushed to Label Studio and not deleted there yet
   fit.lock                   cross-process lock held while fitting
 """
 
@@ -23,6 +25,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from model.io import atomic_write_json
 
 VERSION_PREFIX = "vlm-al-v"
@@ -37,6 +41,26 @@ def version_number(model_version: str) -> int | None:
 
 def model_version_name(number: int) -> str:
     return f"{VERSION_PREFIX}{number}"
+
+
+@dataclass(frozen=True)
+class TaskList:
+    """A project's tasks as of its last index: ids (int64) and image URLs, not one dict per task."""
+
+    image_key: str
+    ids: np.ndarray
+    urls: list[str | None]
+
+    def tasks_with(self, annotated: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """Every task to fit on: the annotated ones as Label Studio exported them (tasks created since the index
+        included), the others as ``{"id", "data": {image_key: url}}`` built here."""
+        by_id = {int(t["id"]): t for t in annotated if isinstance(t.get("id"), int)}
+        tasks: list[dict[str, Any]] = []
+        for task_id, url in zip(self.ids.tolist(), self.urls):
+            exported = by_id.pop(task_id, None)
+            tasks.append(dict(exported) if exported is not None else {"id": task_id, "data": {self.image_key: url}})
+        tasks.extend(dict(t) for t in by_id.values())
+        return tasks
 
 
 class ModelDirError(RuntimeError):
@@ -95,6 +119,9 @@ class ProjectState:
         self.priorities_path = self.root / "priorities.json"
         self.pushed_path = self.root / "pushed.json"
         self.lock_path = self.root / "fit.lock"
+        self.tasks_path = self.root / "tasks.json"
+        self.ls_versions_path = self.root / "ls_versions.json"
+        self._tasks_cache: tuple[object, TaskList | None] | None = None
         self._lock = threading.Lock()
         self._current_cache: tuple[object, CurrentModel | None] | None = None
         self._priorities_cache: tuple[object, str | None, dict[int, float]] | None = None
@@ -264,6 +291,45 @@ class ProjectState:
         ids = set() if replace else self.pushed_tasks(model_version)
         ids.update(int(t) for t in task_ids)
         atomic_write_json(self.pushed_path, {"model_version": model_version, "task_ids": sorted(ids)})
+
+
+    def write_task_list(self, image_key: str, tasks: Iterable[Mapping[str, Any]]) -> None:
+        """Keep the task list of an index (ids and image URLs) for the fits until the next index."""
+        ids: list[int] = []
+        urls: list[str | None] = []
+        for task in tasks:
+            data = task.get("data")
+            url = data.get(image_key) if isinstance(data, Mapping) else None
+            ids.append(int(task["id"]))
+            urls.append(url if isinstance(url, str) else None)
+        atomic_write_json(self.tasks_path, {"image_key": image_key, "ids": ids, "urls": urls})
+
+    def task_list(self) -> TaskList | None:
+        """The last index's task list (re-read only when another process wrote a new one); None before one."""
+        mtime = self._mtime(self.tasks_path)
+        with self._lock:
+            if self._tasks_cache is not None and self._tasks_cache[0] == mtime:
+                return self._tasks_cache[1]
+        task_list = None
+        if mtime != -1:
+            data = json.loads(self.tasks_path.read_text())
+            task_list = TaskList(str(data["image_key"]), np.asarray(data["ids"], dtype=np.int64), list(data["urls"]))
+        with self._lock:
+            self._tasks_cache = (mtime, task_list)
+        return task_list
+
+    def versions_in_label_studio(self) -> list[str]:
+        """Model versions pushed to Label Studio and not deleted there yet, oldest first."""
+        if not self.ls_versions_path.exists():
+            return []
+        return [str(v) for v in json.loads(self.ls_versions_path.read_text()).get("versions", [])]
+
+    def record_label_studio_versions(self, pushed: Iterable[str] = (), deleted: Iterable[str] = ()) -> list[str]:
+        gone = set(deleted)
+        versions = [v for v in self.versions_in_label_studio() if v not in gone]
+        versions += [v for v in pushed if v not in versions and v not in gone]
+        atomic_write_json(self.ls_versions_path, {"versions": versions})
+        return versions
 
 
 class ImageKeyIndex:

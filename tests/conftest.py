@@ -119,6 +119,8 @@ class FakeLabelStudio:
     downloads: list[str] = field(default_factory=list)
     auth_headers: list[str] = field(default_factory=list)
     drop_predictions: int = 0
+    requests: list[str] = field(default_factory=list)
+    """Every API path called (images excluded), in order."""
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add_task(self, task_id: int, fine: str | None, jitter: int = 0, image: bytes | None = None) -> dict[str, Any]:
@@ -158,6 +160,9 @@ class FakeLabelStudio:
 
         @app.before_request
         def check_auth():
+            if request.path.startswith("/api/"):
+                with self.lock:
+                    self.requests.append(f"{request.method} {request.path}")
             if not authorised():
                 return jsonify(detail="Authentication credentials were not provided."), 401
             return None
@@ -170,6 +175,11 @@ class FakeLabelStudio:
             if page > 1 and not chunk:
                 return jsonify(detail="Invalid page."), 404
             return jsonify(tasks=chunk, total=len(self.tasks), total_annotations=0, total_predictions=0)
+
+        @app.get("/api/projects/<int:pid>/export")
+        def export(pid: int):
+            assert request.args.get("download_all_tasks") == "false"
+            return jsonify([task for task in self.tasks if task["annotations"]])
 
         @app.route("/api/projects/<int:pid>/", methods=["GET", "PATCH"])
         def project(pid: int):

@@ -203,3 +203,11 @@ def test_image_claims_are_shared_between_processes(redis, redis_port):
     second.wait(1, urls[:3], timeout=5)
     assert 0.3 < time.monotonic() - started < 3
     assert second.claim(1, urls[:3]) == set(urls[:3])
+
+
+def test_a_project_connection_shared_by_a_web_process_reaches_a_worker(redis, redis_port):
+    web, worker = RQJobRunner(Redis(port=redis_port), 0.1), RQJobRunner(Redis(port=redis_port), 0.1)
+    assert worker.shared_connection(8) == (None, None)
+    web.share_connection(8, "http://ls.example:8080", "token-0123456789")
+    assert worker.shared_connection(8) == ("http://ls.example:8080", "token-0123456789")
+    assert not web.in_process

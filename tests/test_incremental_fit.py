@@ -1,0 +1,92 @@
+"""A fit reads what changed: the task list kept from indexing plus Label Studio's export of annotated tasks; the head
+of the queue is pushed at once and the rest by a background push job (fake Label Studio over real HTTP)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from backend.app import create_app
+from backend.state import ProjectState, TaskList
+from conftest import PROJECT_ID
+
+FINES = ["T-shirt", "Shirt", "Sneaker", "Boot"]
+
+
+def add_tasks(fake_ls, first: int, n: int) -> None:
+    for task_id in range(first, first + n):
+        fake_ls.add_task(task_id, FINES[(task_id - 1) % 4])
+
+
+def annotate(fake_ls, task_ids) -> None:
+    for task_id in task_ids:
+        fake_ls.annotate(task_id, FINES[(task_id - 1) % 4])
+
+
+def fit_traffic(fake_ls, parts) -> list[str]:
+    fake_ls.requests.clear()
+    assert parts.backend.run_fit(PROJECT_ID) is not None
+    return list(fake_ls.requests)
+
+
+def test_a_fit_lists_no_tasks_and_its_label_studio_traffic_does_not_grow_with_the_project(
+        fake_ls, make_config, make_backend):
+    add_tasks(fake_ls, 1, 24)
+    parts = make_backend(make_config(push_head_tasks=5))
+    parts.backend.run_index(PROJECT_ID)
+    annotate(fake_ls, range(1, 9))
+    small = fit_traffic(fake_ls, parts)
+    assert not [r for r in small if r.startswith("GET /api/tasks")]
+    assert small.count(f"GET /api/projects/{PROJECT_ID}/export") == 1
+    add_tasks(fake_ls, 25, 96)  # five times the project
+    parts.backend.run_index(PROJECT_ID)
+    annotate(fake_ls, [9])
+    large = fit_traffic(fake_ls, parts)
+    assert sorted(large) == sorted(small)
+    state = ProjectState(parts.backend.config.model_dir, PROJECT_ID)
+    current = state.current()
+    assert current.metrics["n_fine"] == 9 and current.metrics["n_tasks"] == 120
+
+
+def test_the_head_of_the_queue_is_pushed_first_and_the_rest_in_a_push_job(fake_ls, make_config, make_backend):
+    add_tasks(fake_ls, 1, 30)
+    parts = make_backend(make_config(push_head_tasks=5))
+    parts.backend.run_index(PROJECT_ID)
+    annotate(fake_ls, range(1, 9))
+    fake_ls.imports.clear()
+    version = parts.backend.run_fit(PROJECT_ID)
+    head, rest = fake_ls.imports  # the fit's push, then the push job's (run inline here)
+    assert len(head) == 5 and len(rest) == 30 - 8 - 5
+    assert {p["model_version"] for p in head + rest} == {version}
+    assert max(p["score"] for p in head) <= min(p["score"] for p in rest)  # Label Studio serves ascending scores
+    assert {p["task"] for p in head + rest} == set(range(9, 31))
+    assert fake_ls.project_model_version == version
+    # a push job for a version that is no longer current pushes nothing
+    annotate(fake_ls, [9])
+    parts.backend.run_fit(PROJECT_ID)
+    fake_ls.imports.clear()
+    assert parts.backend.run_push(PROJECT_ID, version) == 0
+    assert fake_ls.imports == []
+
+
+def test_tasks_deleted_renews_the_task_list(fake_ls, make_config, make_backend):
+    add_tasks(fake_ls, 1, 12)
+    parts = make_backend(make_config(push_predictions=False))
+    parts.backend.run_index(PROJECT_ID)
+    state = ProjectState(parts.backend.config.model_dir, PROJECT_ID)
+    assert state.task_list().ids.tolist() == list(range(1, 13))
+    del fake_ls.tasks[:4]
+    client = create_app(parts.backend.config, parts.backend).test_client()
+    response = client.post("/webhook", json={"action": "TASKS_DELETED", "project": {"id": PROJECT_ID},
+                                             "tasks": [{"id": i} for i in range(1, 5)]})
+    assert response.status_code == 200 and response.get_json()["status"] == "queued"
+    assert state.task_list().ids.tolist() == list(range(5, 13))
+
+
+def test_task_list_merges_the_export_and_tasks_created_since():
+    task_list = TaskList("image", np.asarray([1, 2, 3], dtype=np.int64), ["/a.png", None, "/c.png"])
+    exported = [{"id": 2, "data": {"image": "/b.png"}, "annotations": [{"id": 9}]},
+                {"id": 7, "data": {"image": "/new.png"}, "annotations": [{"id": 10}]}]
+    tasks = task_list.tasks_with(exported)
+    assert [t["id"] for t in tasks] == [1, 2, 3, 7]
+    assert tasks[0] == {"id": 1, "data": {"image": "/a.png"}}
+    assert tasks[1]["annotations"] == [{"id": 9}] and tasks[3]["data"]["image"] == "/new.png"
