@@ -60,6 +60,9 @@ class LabelLayout(enum.Enum):
     """A coarse <Choices> and a fine <Choices>; the hierarchy comes from a parent map."""
     FLAT_CHOICES = "flat_choices"
     """One <Choices> of fine classes; the coarse classes come from a parent map."""
+    MULTI_LABEL = "multi_label"
+    """One <Choices choice="multiple"> over the image: a set of labels per image (backend.multilabel), an empty
+    set meaning "none of these". The hierarchy is flat: every label its own coarse class."""
 
 
 def _frozen_map() -> Mapping:
@@ -289,6 +292,8 @@ class _ConfigReader:
         if taxonomies:
             return self._taxonomy(taxonomies[0])
         choices = [c for c in on_image if c.tag.lower() == "choices"]
+        if len(choices) == 1 and choices[0].attr.get("choice") == "multiple":
+            return self._multi_label(choices[0])
         if len(choices) == 1:
             return self._flat_choices(choices[0])
         if len(choices) == 2:
@@ -514,6 +519,21 @@ class _ConfigReader:
             image_name=image,
             image_value_key=self._image_value_key(image),
             fine_control=fine.name,
+            interface=self.interface,
+        )
+
+    def _multi_label(self, control: Any) -> ProjectLabeling:
+        from model.multilabel.labels import flat_label_hierarchy
+
+        labels = self._labels_of(control)
+        image = self._image_of(control)
+        self._ignored_parent_map(LabelLayout.MULTI_LABEL)
+        return ProjectLabeling(
+            hierarchy=self._hierarchy(lambda: flat_label_hierarchy(labels), _describe(control)),
+            layout=LabelLayout.MULTI_LABEL,
+            image_name=image,
+            image_value_key=self._image_value_key(image),
+            fine_control=control.name,
             interface=self.interface,
         )
 

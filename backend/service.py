@@ -32,6 +32,7 @@ from backend.jobs import JobRunner, JobStateCollector, build_job_runner
 from backend.label_config import ProjectLabeling, task_labels
 from backend.ls_client import LabelStudioAPI, LabelStudioClientFactory, LabelStudioError
 from backend.metrics import BackendMetrics
+from backend.multilabel import MultiLabelProjects, is_multilabel
 from backend.predictions import build_predictions
 from backend.projects import LabelConfigs, Projects, schema_hash
 from backend.protocol import InvalidInput, parse_project_id
@@ -100,6 +101,8 @@ class MLBackend:
             client_for=self._client,
             claims=self.jobs.inflight_claims(),
         )
+        self.multilabel = MultiLabelProjects(config, self.projects, self.extractor, image_codec.decode, self.metrics)
+        """<Choices choice="multiple"> projects (backend.multilabel): label sets, their own model and predictions."""
         self._webhook_auth_done: set[int] = set()
         """Projects whose webhook got (or is getting) the basic auth header in this process."""
         self._predict_workers = ProjectDownloadPools(1, 64)
@@ -216,7 +219,10 @@ class MLBackend:
                 ctx.label_config = schema
         if not self.jobs.in_process and (hostname or access_token):
             self.jobs.share_connection(project_id, ctx.hostname, ctx.access_token)
-        _, model_version = self.projects.served_model(project_id, labeling)
+        if labeling is not None and is_multilabel(labeling):
+            model_version = self.multilabel.served(project_id, labeling)[1]
+        else:
+            _, model_version = self.projects.served_model(project_id, labeling)
         if (backend_host and self.config.basic_auth_enabled and self.config.webhook_basic_auth
                 and project_id not in self._webhook_auth_done and self._can_reach_label_studio(project_id)):
             self._webhook_auth_done.add(project_id)
@@ -309,6 +315,9 @@ class MLBackend:
         labeling = self.labeling(config_xml)
         if ctx is not None and label_config:
             ctx.label_config = label_config
+        if is_multilabel(labeling):
+            features = self._features_within_deadline(project_id, tasks, labeling)
+            return ModelResponse(*self.multilabel.predictions(project_id, tasks, labeling, features, None))
         if project_id is None:
             model, model_version = None, COLD_START_VERSION
         else:
@@ -502,6 +511,8 @@ class MLBackend:
     def _index_locked(self, project_id: int) -> None:
         client = self._client(project_id)
         labeling, label_config = self._project_labeling(project_id, client)
+        if is_multilabel(labeling):
+            return self.multilabel.index(project_id, client, labeling, label_config)
         tasks = client.fetch_tasks(project_id)
         self.state(project_id).write_task_list(labeling.image_value_key, tasks)  # what the fits start from
         features = self.extractor.features(project_id, tasks, labeling, client)
@@ -621,6 +632,8 @@ class MLBackend:
     def _fit_locked(self, project_id: int, state: ProjectState) -> str | None:
         client = self._client(project_id)
         labeling, label_config = self._project_labeling(project_id, client)
+        if is_multilabel(labeling):
+            return self.multilabel.fit(project_id, state, client, labeling, label_config)
         hierarchy = labeling.hierarchy
         # Auto-accepted annotations are not human labels: the fit sees those tasks as unlabeled.
         tasks, auto_accepted = self.assistant.human_view(state, labeling, self._tasks_for_fit(project_id, client))

@@ -65,7 +65,9 @@ class MultiLabelRoundLabels:
         n = self.labelled.shape[0]
         if self.weak_scores is None:
             return np.zeros(n, dtype=bool)
-        return np.ones(n, dtype=bool) if self.weak_answered is None else np.asarray(self.weak_answered, dtype=bool)
+        given = np.ones(n, dtype=bool) if self.weak_answered is None else np.asarray(self.weak_answered, dtype=bool)
+        # A NaN row is an API VLM without a usable reply: never read as an answer.
+        return given & np.all(np.isfinite(np.asarray(self.weak_scores, dtype=np.float64)), axis=1)
 
 
 @dataclass
@@ -110,11 +112,11 @@ class MultiLabelLearner:
         answered = labels.answered()
         if labels.weak_scores is None or not answered.any():
             return None, np.zeros((n, self.n_labels), dtype=bool)
-        scores = np.asarray(labels.weak_scores, dtype=np.float64)
+        scores = np.where(answered[:, None], np.asarray(labels.weak_scores, dtype=np.float64), 0.0)
         trusted = answered & np.asarray(labels.labelled, dtype=bool)
         thresholds = calibrate_label_thresholds(scores[trusted], np.asarray(labels.human_sets)[trusted],
                                                 pool_scores=scores[answered])
-        return thresholds, thresholds.apply(np.where(answered[:, None], scores, -np.inf)) & answered[:, None]
+        return thresholds, thresholds.apply(scores) & answered[:, None]
 
     def train(self, labels: MultiLabelRoundLabels, config: MultiLabelTrainingConfig | None = None) -> MultiLabelRoundModel:
         self._check(labels)

@@ -1,0 +1,82 @@
+"""Multi-label projects in the backend: the config, label sets read back (an empty set included), predictions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from backend.label_config import LabelConfigError, LabelLayout, parse_label_config
+from backend.multilabel import annotation_label_set, build_multilabel_prediction, is_multilabel, task_label_set
+
+MULTI_XML = """
+<View>
+  <Image name="img" value="$photo"/>
+  <Choices name="tags" toName="img" choice="multiple" showInline="true">
+    <Choice value="cat"/><Choice value="dog"/><Choice value="sports car"/>
+  </Choices>
+  <TextArea name="model_confidence" toName="img" editable="false"/>
+</View>
+"""
+
+
+@pytest.fixture(scope="module")
+def labeling():
+    return parse_label_config(MULTI_XML)
+
+
+def ticked(*labels, from_name="tags", origin="manual"):
+    return {"from_name": from_name, "to_name": "img", "type": "choices", "value": {"choices": list(labels)},
+            "origin": origin}
+
+
+def test_a_multiple_choices_over_an_image_is_a_multi_label_project(labeling):
+    assert labeling.layout is LabelLayout.MULTI_LABEL and is_multilabel(labeling)
+    assert labeling.hierarchy.coarse_classes == ("cat", "dog", "sports car")
+    assert labeling.fine_control == "tags" and labeling.image_name == "img" and labeling.image_value_key == "photo"
+    single = MULTI_XML.replace(' choice="multiple"', "")
+    with pytest.raises(LabelConfigError, match="parent map"):
+        parse_label_config(single)  # one single-choice <Choices> is the flat layout, which needs a parent map
+    with pytest.raises(LabelConfigError, match="at least 2"):
+        parse_label_config(MULTI_XML.replace('<Choice value="dog"/><Choice value="sports car"/>', ""))
+
+
+def test_annotations_read_back_as_label_sets_including_the_empty_set(labeling):
+    assert annotation_label_set(labeling, {"id": 1, "result": [ticked("cat", "sports car")]}) == {"cat", "sports car"}
+    # Submitted with nothing ticked: "none of these", a label like any other.
+    assert annotation_label_set(labeling, {"id": 2, "result": []}) == frozenset()
+    assert annotation_label_set(labeling, {"id": 3, "result": [
+        {"from_name": "model_confidence", "to_name": "img", "type": "textarea", "value": {"text": ["x"]}}]}) == set()
+    # An unchanged pre-ticked set is the annotator's own.
+    assert annotation_label_set(labeling, {"id": 4, "result": [ticked("dog", origin="prediction")]}) == {"dog"}
+    assert annotation_label_set(labeling, {"id": 5, "result": [ticked("horse")]}) is None
+    assert annotation_label_set(labeling, {"id": 6, "result": [{"from_name": "tags", "value": {"choices": "cat"}}]}) is None
+    assert annotation_label_set(labeling, {"id": 7, "was_cancelled": True, "result": [ticked("cat")]}) is None
+
+
+def test_the_task_label_set_is_the_ground_truth_then_the_newest_readable_annotation(labeling):
+    task = {"id": 9, "annotations": [
+        {"id": 1, "updated_at": "2026-01-01T10:00:00Z", "result": [ticked("cat")]},
+        {"id": 2, "updated_at": "2026-01-02T10:00:00Z", "result": []},
+        {"id": 3, "updated_at": "2026-01-03T10:00:00Z", "result": [ticked("unknown")]},
+        {"id": 4, "updated_at": "2026-01-04T10:00:00Z", "was_cancelled": True, "result": [ticked("dog")]},
+    ]}
+    assert task_label_set(labeling, task) == frozenset()  # the newest readable one: the empty set
+    task["annotations"][0]["ground_truth"] = True
+    assert task_label_set(labeling, task) == {"cat"}
+    assert task_label_set(labeling, {"id": 10, "annotations": []}) is None
+
+
+def test_predictions_pre_tick_only_labels_past_their_calibrated_threshold_and_carry_every_score(labeling):
+    prediction = build_multilabel_prediction(labeling, np.array([0.95, 0.6, 0.9]), [0.9, 0.5, None], 0.25, "v3")
+    choices, confidence = prediction["result"]
+    # "sports car" has no threshold (its precision never reached the target): never pre-ticked, however sure.
+    assert choices["value"] == {"choices": ["cat", "dog"]} and choices["from_name"] == "tags"
+    assert choices["meta"]["label_scores"] == {"cat": 0.95, "dog": 0.6, "sports car": 0.9}
+    assert choices["score"] == pytest.approx(0.775)
+    assert prediction["score"] == 0.25 and prediction["model_version"] == "v3"
+    assert "cat 95% (pre-ticked)" in confidence["value"]["text"][0]
+    assert "sports car 90%" in confidence["value"]["text"][0]
+    nothing = build_multilabel_prediction(labeling, np.array([0.1, 0.2, 0.3]), [None] * 3, 0.5, "v3")
+    assert nothing["result"][0]["value"] == {"choices": []}
+    with pytest.raises(ValueError):
+        build_multilabel_prediction(labeling, np.array([0.1, 0.2]), [None] * 3, 0.5, "v3")
