@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import logging
 import threading
@@ -507,6 +508,9 @@ class MLBackend:
         # Same lock as fit: an index push must never interleave with a fit's push and PATCH.
         with self.jobs.project_lock(project_id, self.state(project_id).lock_path):
             self._index_locked(project_id)
+        # What indexing left in memory stays: full collections stop scanning it, so they no longer stall every
+        # thread (and /health, which Label Studio gives 1 s) for a time that grows with the project.
+        gc.freeze()
 
     def _index_locked(self, project_id: int) -> None:
         client = self._client(project_id)
