@@ -570,12 +570,25 @@ def replay(options: ReplayOptions, label_studio: lsb.LabelStudioServer, work_dir
     }
     from model.simulate.report import machine_description
 
+    results["config"]["code_commit"] = code_commit()
     results["machine"] = machine_description()
     results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     results["runs"] = [{"annotator": r.annotator, "strategy": r.strategy, "seed": r.seed, "project": r.project_id,
                         "checkpoints": [asdict(c) for c in r.checkpoints]} for r in records]
     results["wall_seconds"] = round(time.monotonic() - started, 1)
     return results
+
+
+def code_commit() -> str | None:
+    """The git commit of the code the backend ran (the replay starts it from this checkout), if known."""
+    import subprocess
+
+    try:
+        completed = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                                   capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return completed.stdout.strip() or None
 
 
 def write_results(results: Mapping[str, Any], out: Path) -> None:
