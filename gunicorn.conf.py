@@ -14,7 +14,8 @@ threads = _config.threads
 # thread, so slow clients cannot starve /health (backend/worker.py)
 worker_class = "backend.worker.BufferedThreadWorker"
 loglevel = _config.log_level.lower()
-# Fits run in background threads inside the worker, so a long request timeout is not needed;
+# Jobs run on background threads inside the worker (or on `vlm-al worker` processes with REDIS_URL), so a long
+# request timeout is not needed;
 # /predict of a large uncached batch is the slowest request Label Studio sends (it waits 100 s).
 timeout = 120
 graceful_timeout = 30
