@@ -174,6 +174,11 @@ class LabelStudioClient:
             params={"exportType": "JSON", "download_all_tasks": "false"},
             request_options={"timeout": PUSH_TIMEOUT_SECONDS},
         )
+        if response.status_code == 404:
+            # A Label Studio (or a stand-in) without the export view: the slow way, every task listed.
+            logger.warning("project %s: no export endpoint in this Label Studio; listing every task to find the "
+                           "annotated ones", project_id)
+            return [task for task in self.fetch_tasks(project_id) if task.get("annotations")]
         _raise_for_status(response, f"GET /api/projects/{project_id}/export")
         body = response.json()
         if not isinstance(body, list):
