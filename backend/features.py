@@ -286,7 +286,6 @@ class FeatureExtractor:
         self._client_for = client_for
         self._downloads = ProjectDownloadPools(DOWNLOAD_THREADS, DOWNLOAD_POOLS)
         self.claims = claims or LocalInflightClaims()
-        self._chunk_pipeline = ThreadPoolExecutor(CHUNKS_IN_FLIGHT, thread_name_prefix="vlm-al-features")
 
     def features(
         self,
@@ -315,10 +314,11 @@ class FeatureExtractor:
             work = sorted(result.pending)
             chunks = [work[i : i + FEATURE_CHUNK] for i in range(0, len(work), FEATURE_CHUNK)]
             waiting: list[str] = []
-            futures = [self._chunk_pipeline.submit(self._claimed_chunk, project_id, tasks, chunk, labeling, client)
-                       for chunk in chunks]
-            for future in futures:
-                errors, others, n_downloaded, n_embedded = future.result()
+            # Each call has its own two threads: /predict never queues behind an index job's chunks.
+            with ThreadPoolExecutor(min(CHUNKS_IN_FLIGHT, len(chunks)), thread_name_prefix="vlm-al-chunk") as pipeline:
+                done = list(pipeline.map(lambda chunk: self._claimed_chunk(project_id, tasks, chunk, labeling, client),
+                                         chunks))
+            for errors, others, n_downloaded, n_embedded in done:
                 own_errors.update(errors)
                 waiting.extend(others)
                 downloaded += n_downloaded
