@@ -103,19 +103,21 @@ def build_multilabel_prediction(labeling: ProjectLabeling, label_probabilities: 
                                 pretick: Sequence[float | None], queue_score: float, model_version: str,
                                 ) -> dict[str, Any]:
     """One prediction: the labels whose probability reaches their pre-tick threshold, ticked in one result with
-    every label's probability in its ``meta``; ``score`` is the queue priority (ascending = label first)."""
+    every label's probability in its ``meta``, and every label's probability in the ``model_confidence`` text
+    area where the config has one; ``score`` is the queue priority (ascending = label first)."""
     names = labeling.hierarchy.coarse_classes
     probabilities = [float(p) for p in np.asarray(label_probabilities, dtype=np.float64)]
     if len(probabilities) != len(names) or len(pretick) != len(names):
         raise ValueError(f"need one probability and one threshold per label ({len(names)})")
     ticked = [name for name, p, t in zip(names, probabilities, pretick) if t is not None and p >= t]
     label_scores = {name: round(p, 4) for name, p in zip(names, probabilities)}
-    result: list[dict[str, Any]] = [{
-        "from_name": labeling.fine_control, "to_name": labeling.image_name, "type": "choices",
-        "value": {"choices": ticked},
-        "score": round(float(np.mean([label_scores[n] for n in ticked])) if ticked else 0.0, 4),
-        "meta": {"label_scores": label_scores},
-    }]
+    result: list[dict[str, Any]] = []
+    if ticked:  # a prediction never ticks an empty set: "none of these" stays the annotator's call
+        result.append({
+            "from_name": labeling.fine_control, "to_name": labeling.image_name, "type": "choices",
+            "value": {"choices": ticked}, "score": round(float(np.mean([label_scores[n] for n in ticked])), 4),
+            "meta": {"label_scores": label_scores},
+        })
     confidence = confidence_control_of(labeling)
     if confidence is not None:
         shown = " · ".join(f"{name} {p:.0%}{' (pre-ticked)' if name in ticked else ''}"

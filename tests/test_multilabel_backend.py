@@ -77,6 +77,7 @@ def test_predictions_pre_tick_only_labels_past_their_calibrated_threshold_and_ca
     assert "cat 95% (pre-ticked)" in confidence["value"]["text"][0]
     assert "sports car 90%" in confidence["value"]["text"][0]
     nothing = build_multilabel_prediction(labeling, np.array([0.1, 0.2, 0.3]), [None] * 3, 0.5, "v3")
-    assert nothing["result"][0]["value"] == {"choices": []}
+    assert [item["type"] for item in nothing["result"]] == ["textarea"]  # nothing ticked, every score shown
+    assert "sports car 30%" in nothing["result"][0]["value"]["text"][0]
     with pytest.raises(ValueError):
         build_multilabel_prediction(labeling, np.array([0.1, 0.2]), [None] * 3, 0.5, "v3")
