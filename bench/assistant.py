@@ -358,8 +358,26 @@ def main() -> None:
     info["load_average_1min_end"] = round(os.getloadavg()[0], 2)
     results["machine"] = info
     results["seconds"] = {**timings, "total": round(time.perf_counter() - started, 1)}
-    atomic_write_json(Path(args.out), results)
-    print(f"wrote {args.out}")
+    write_results(Path(args.out), results)
+
+
+HEADLINE_KEYS = {
+    "auto_accept": ("target", "audited_precision", "share_auto_accepted"),
+    "label_errors": ("injected_rate", "k", "precision_at_k", "recall_at_k"),
+    "stopping": ("suggested_labels", "labels_where_curve_flattens"),
+}
+
+
+def write_results(out: Path, results: dict) -> None:
+    """``out`` holds exactly the keys checks read (plus the machine and its load); everything else (per-class
+    thresholds, curves, seeds, arrival per task) goes beside it, to ``<out stem>_details.json``."""
+    details = out.with_name(out.stem + "_details.json")
+    headline = {name: {key: results[name][key] for key in keys} for name, keys in HEADLINE_KEYS.items()}
+    headline["arrival_seconds"] = results["arrival_seconds"]
+    headline["machine"] = {**results["machine"], "seconds": results["seconds"], "details": details.name}
+    atomic_write_json(out, headline)
+    atomic_write_json(details, results)
+    print(f"wrote {out} and {details}")
 
 
 if __name__ == "__main__":
