@@ -368,6 +368,8 @@ def run_worker(config: Any, burst: bool = False, name: str | None = None) -> int
     if not config.redis_url:
         raise ValueError("vlm-al worker needs REDIS_URL")
     redactor = configure_logging(config)
+    if config.log_level != "DEBUG":
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Label Studio call otherwise
     backend = MLBackend.from_config(config, redactor=redactor)
     if not isinstance(backend.jobs, RQJobRunner):
         raise ValueError("vlm-al worker needs the RQ job runner (REDIS_URL)")

@@ -1,0 +1,361 @@
+"""Scale: indexing speed, the fit loop, memory and /health during a fit with a real Label Studio; RQ workers.
+
+Usage: python bench/scale.py [--sizes 2000 5000] [--runtime-images 128] [--worker-images 200]
+                             [--out bench/results/scale.json]
+
+1. Runtime alone: the server's backbone (EMBEDDING_RUNTIME=auto, whatever it picks here) and eager torch fp32 on the
+   same decoded Fashion-MNIST images, in chunks of the indexing chunk size.
+2. Per size n: a fresh Label Studio project of n Fashion-MNIST tasks and a fresh `vlm-al serve` (defaults, jobs on
+   in-process threads). Connecting the backend starts the index; end-to-end indexing speed is n over the time from
+   the connection to the last embedding (from /metrics). Then two rounds of: annotate QUERY labels through Label
+   Studio's API, and time from the last annotation to Label Studio's project following the new model version
+   (the re-ordered queue: the head is pushed and the version moved). /health is polled every 20 ms during the
+   second round; the backend's peak RSS (VmHWM of the gunicorn worker) is read at the end.
+3. Workers: a web process and 1 or 2 `vlm-al worker` processes on one redis-server; two projects of
+   --worker-images tasks each indexed at once (PUSH_PREDICTIONS=false: embedding only), from fresh MODEL_DIRs;
+   images per second over both, from connecting the projects to the queue being idle.
+
+Extrapolations to 100k tasks are least-squares lines through the measured sizes (stated as such). The load
+average is written with the figures: this machine's two cores are shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import secrets
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import requests
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from backend import ls_bootstrap as lsb  # noqa: E402
+from backend.label_config import parse_label_config, recommended_label_config  # noqa: E402
+from model.datasets import fashion_mnist_hierarchy  # noqa: E402
+from model.io import atomic_write_json  # noqa: E402
+
+LABELS_PER_ROUND = 10
+HEALTH_POLL_S = 0.02
+
+
+def load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def metric(base: str, name: str) -> float:
+    text = requests.get(base + "/metrics", timeout=10).text
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith(name + " ") or line.startswith(name + "{"))
+
+
+def gunicorn_worker_pid(arbiter_pid: int) -> int:
+    children = Path(f"/proc/{arbiter_pid}/task/{arbiter_pid}/children").read_text().split()
+    return int(children[0]) if children else arbiter_pid
+
+
+def status_mb(pid: int, field: str) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return round(int(re.search(rf"{field}:\s+(\d+) kB", status).group(1)) / 1024, 1)
+
+
+class RssSampler:
+    """The largest VmRSS of a process seen every 0.2 s from start() to stop(): the peak while it indexes and fits,
+    without its start-up (model loading)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.peak, self._stop = pid, 0.0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            try:
+                self.peak = max(self.peak, status_mb(self.pid, "VmRSS"))
+            except (OSError, AttributeError):
+                return
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+# --- 1. the runtime alone ---------------------------------------------------------------------------------------
+
+
+def runtime_alone(images: list[Any], cache_dir: Path) -> dict[str, Any]:
+    from backend.features import FEATURE_CHUNK
+    from model.embeddings import create_backbone
+
+    out: dict[str, Any] = {}
+    for label, runtime in (("auto", "auto"), ("torch", "torch")):
+        backbone = create_backbone("timm:efficientnet_lite0", runtime=runtime, cache_dir=cache_dir, device="cpu")
+        backbone.embed_and_logits(images[:8])  # warm-up (and the ONNX export, once)
+        started = time.perf_counter()
+        for start in range(0, len(images), FEATURE_CHUNK):
+            backbone.embed_and_logits(images[start : start + FEATURE_CHUNK])
+        seconds = time.perf_counter() - started
+        out[label] = {"images_per_s": round(len(images) / seconds, 1), "name": backbone.name,
+                      "runtime": type(backbone).__name__}
+    return out
+
+
+# --- Label Studio projects ----------------------------------------------------------------------------------------
+
+
+class Project:
+    def __init__(self, client: Any, project_id: int, task_ids: list[int], classes: list[str], labeling: Any) -> None:
+        self.client, self.project_id, self.task_ids, self.classes, self.labeling = (
+            client, project_id, task_ids, classes, labeling)
+        self.annotated: list[int] = []
+
+    def annotate(self, task_id: int) -> None:
+        fine = self.classes[self.task_ids.index(task_id)]
+        coarse = self.labeling.hierarchy.parent_name(fine)
+        image = self.labeling.image_name
+        result = [
+            {"from_name": self.labeling.coarse_control, "to_name": image, "type": "choices",
+             "value": {"choices": [coarse]}},
+            {"from_name": self.labeling.fine_control_by_coarse[coarse], "to_name": image, "type": "choices",
+             "value": {"choices": [fine]}},
+        ]
+        self.client.annotations.create(id=task_id, result=result)
+        self.annotated.append(task_id)
+
+    def model_version(self) -> str | None:
+        return self.client.projects.get(self.project_id).model_version
+
+
+def make_project(client: Any, n: int, document_root: Path, title: str, seed: int) -> Project:
+    config = recommended_label_config(fashion_mnist_hierarchy())
+    images = lsb.write_fashion_mnist_pngs(document_root / f"fmnist-{n}-{seed}", n, split="train", seed=seed)
+    project_id = lsb.create_project(client, title, config)
+    lsb.connect_local_files_storage(client, project_id, images.paths[0].parent, document_root)
+    task_ids: list[int] = []
+    for start in range(0, n, 1000):
+        task_ids += lsb.import_image_tasks(client, project_id, images.paths[start : start + 1000], document_root)
+    return Project(client, project_id, task_ids, images.class_names, parse_label_config(config))
+
+
+def backend_env(ls_url: str, token: str, model_dir: Path, **extra: str) -> dict[str, str]:
+    return {**lsb.clean_environment(Path(sys.executable).parent), "LABEL_STUDIO_URL": ls_url,
+            "LABEL_STUDIO_API_KEY": token, "MODEL_DIR": str(model_dir), "LOG_LEVEL": "INFO", **extra}
+
+
+def wait(predicate, timeout_s: float, what: str, interval_s: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+# --- 2. one size: index, fit loop, health, memory -------------------------------------------------------------
+
+
+def run_size(ls: Any, login: Any, root: Path, n: int, seed: int) -> dict[str, Any]:
+    client = ls.client()
+    project = make_project(client, n, root / "files", f"scale-{n}", seed)
+    port = lsb.ephemeral_port()
+    model_dir = root / f"model-{n}"
+    # the ONNX export made once for the runtime measurement: a server exports once and then reuses it
+    shutil.copytree(root / "runtime-cache", model_dir / "runtime-cache")
+    server = lsb.BackendServer(backend_env(ls.url, login.token, model_dir), root / f"backend-{n}.log",
+                               port=port, cwd=ROOT)
+    server.start()
+    base = server.url
+    out: dict[str, Any] = {"n_tasks": n}
+    worker_pid = gunicorn_worker_pid(server.process.pid)
+    out["rss_after_start_mb"] = status_mb(worker_pid, "VmRSS")
+    sampler = RssSampler(worker_pid).start()
+    try:
+        started = time.monotonic()
+        lsb.connect_ml_backend(client, project.project_id, base)
+        wait(lambda: metric(base, "vlm_al_embeddings_computed_total") >= n, 3600, "indexing", 0.5)
+        out["index_seconds"] = round(time.monotonic() - started, 1)
+        out["index_images_per_s"] = round(n / out["index_seconds"], 1)
+        out["load_after_index"] = load()
+        wait(lambda: project.model_version() == "vlm-al-v0", 600, "the cold-start push")
+        rounds = []
+        for round_number in (1, 2):
+            before = project.model_version()
+            todo = [t for t in project.task_ids if t not in project.annotated][:LABELS_PER_ROUND]
+            health_ms: list[float] = []
+            stop = threading.Event()
+
+            def poll_health() -> None:
+                session = requests.Session()
+                while not stop.is_set():
+                    began = time.perf_counter()
+                    session.get(base + "/health", timeout=5)
+                    health_ms.append((time.perf_counter() - began) * 1000)
+                    time.sleep(HEALTH_POLL_S)
+
+            poller = threading.Thread(target=poll_health, daemon=True)
+            poller.start()
+            for task_id in todo:
+                project.annotate(task_id)
+            last_annotation = time.monotonic()
+            version = wait(lambda: (v := project.model_version()) != before and v, 900, "a new model version")
+            seconds = time.monotonic() - last_annotation
+            stop.set()
+            poller.join()
+            rounds.append({"round": round_number, "version": version, "seconds": round(seconds, 2),
+                           "health_p99_ms": round(float(np.percentile(health_ms, 99)), 1),
+                           "health_max_ms": round(max(health_ms), 1), "health_samples": len(health_ms),
+                           "load": load()})
+            time.sleep(3)  # the background push of the rest of the queue
+        out["rounds"] = rounds
+        out["fit_loop_seconds"] = rounds[-1]["seconds"]
+        out["peak_rss_mb"] = sampler.stop()
+        out["vmhwm_mb_with_startup"] = status_mb(worker_pid, "VmHWM")
+        requests_log = (root / f"backend-{n}.log").read_text(errors="replace")
+        out["fit_lines"] = [line[-160:] for line in requests_log.splitlines() if "fit finished" in line][-2:]
+    finally:
+        server.stop()
+    return out
+
+
+# --- 3. workers on Redis -------------------------------------------------------------------------------------------
+
+
+def run_workers(ls: Any, login: Any, root: Path, n_images: int, counts: tuple[int, ...]) -> dict[str, Any]:
+    client = ls.client()
+    projects = [make_project(client, n_images, root / "files", f"workers-{i}", 100 + i) for i in range(2)]
+    redis_port = lsb.ephemeral_port()
+    redis = subprocess.Popen(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+                              "--appendonly", "no", "--dir", str(root)], stdout=subprocess.DEVNULL)
+    out: dict[str, Any] = {}
+    try:
+        for count in counts:
+            model_dir = root / f"model-workers-{count}"
+            # indexing alone: no cold-start push, whose Label Studio import would be timed too
+            env = backend_env(ls.url, login.token, model_dir, REDIS_URL=f"redis://127.0.0.1:{redis_port}/{count}",
+                              PUSH_PREDICTIONS="false")
+            shutil.copytree(root / "runtime-cache", model_dir / "runtime-cache")
+            port = lsb.ephemeral_port()
+            web = lsb.BackendServer(env, root / f"web-{count}.log", port=port, cwd=ROOT)
+            web.start()
+            workers = [subprocess.Popen([sys.executable, "-m", "backend.cli", "worker", "--name", f"w{count}-{i}"],
+                                        cwd=ROOT, env=env, stdout=open(root / f"worker-{count}-{i}.log", "wb"),
+                                        stderr=subprocess.STDOUT) for i in range(count)]
+            try:
+                from redis import Redis
+
+                from backend.rq_jobs import RQJobRunner
+
+                runner = RQJobRunner(Redis(port=redis_port, db=count), 0.0)
+                wait(lambda: runner._read_state()["workers"] >= count, 600, "the workers")
+                started = time.monotonic()
+                for project in projects:
+                    lsb.connect_ml_backend(client, project.project_id, web.url, title=f"vlm-al-{count}")
+                time.sleep(2)
+                assert runner.wait_idle(3600)
+                seconds = time.monotonic() - started
+                embedded = sum(int(m) for i in range(count) for m in re.findall(
+                    r"(\d+) embeddings computed", (root / f"worker-{count}-{i}.log").read_text(errors="replace")))
+                out[str(count)] = {"images_per_s": round(embedded / seconds, 1), "images": embedded,
+                                   "seconds": round(seconds, 1), "load": load()}
+                for project in projects:  # the next count connects anew
+                    for backend in client.ml.list(project=project.project_id):
+                        client.ml.delete(id=backend.id)
+            finally:
+                for worker in workers:
+                    worker.terminate()
+                    worker.wait(timeout=30)
+                web.stop()
+    finally:
+        redis.terminate()
+    return out
+
+
+def extrapolate(points: dict[str, float], x: int) -> float:
+    sizes = np.asarray([int(k) for k in points], dtype=float)
+    values = np.asarray(list(points.values()), dtype=float)
+    if len(sizes) == 1:
+        return round(float(values[0] * x / sizes[0]), 1)  # proportional: the only honest line through one point
+    slope, intercept = np.polyfit(sizes, values, 1)
+    return round(float(slope * x + intercept), 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[2000, 5000])
+    parser.add_argument("--runtime-images", type=int, default=128)
+    parser.add_argument("--worker-images", type=int, default=200)
+    parser.add_argument("--skip-workers", action="store_true")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "scale.json")
+    args = parser.parse_args(argv)
+    root = Path(tempfile.mkdtemp(prefix="vlm-al-scale-"))
+    result: dict[str, Any] = {"created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                              "cpu_count": os.cpu_count(), "load_at_start": load()}
+    try:
+        from model.datasets import load_fashion_mnist, to_pil
+
+        raw, _ = load_fashion_mnist("train")
+        images = [to_pil(raw[i], invert=True, size=224, pad_fraction=0.15) for i in range(args.runtime_images)]
+        alone = runtime_alone(images, root / "runtime-cache")
+        result["runtime_alone"] = alone
+        print(json.dumps(alone), flush=True)
+
+        login = lsb.LabelStudioLogin("scale@vlm-al.local", secrets.token_urlsafe(12), lsb.new_token())
+        ls = lsb.LabelStudioServer(lsb.ensure_label_studio_venv(), root / "label-studio", root / "files", login,
+                                   port=lsb.ephemeral_port(), log_path=root / "label-studio.log")
+        ls.start()
+        try:
+            sizes = {}
+            for i, n in enumerate(args.sizes):
+                sizes[str(n)] = run_size(ls, login, root, n, seed=i)
+                print(json.dumps(sizes[str(n)]), flush=True)
+            result["sizes"] = sizes
+            workers = {} if args.skip_workers else run_workers(ls, login, root, args.worker_images, (1, 2))
+            result["workers_detail"] = workers
+        finally:
+            ls.stop()
+        first = sizes[str(args.sizes[0])]
+        largest = sizes[str(args.sizes[-1])]
+        result["indexing"] = {
+            "end_to_end_images_per_s": first["index_images_per_s"],
+            "runtime_alone_images_per_s": alone["auto"]["images_per_s"],
+            "eager_torch_images_per_s": alone["torch"]["images_per_s"],
+            "runtime": alone["auto"]["runtime"],
+            "load_average": first["load_after_index"],
+        }
+        result["fit_loop_seconds"] = {n: s["fit_loop_seconds"] for n, s in sizes.items()}
+        result["fit_loop_seconds_extrapolated_100k"] = extrapolate(result["fit_loop_seconds"], 100_000)
+        result["peak_rss_mb"] = {n: s["peak_rss_mb"] for n, s in sizes.items()}
+        result["peak_rss_mb_extrapolated_100k"] = extrapolate(result["peak_rss_mb"], 100_000)
+        result["health_during_fit_ms"] = {"p99": largest["rounds"][-1]["health_p99_ms"],
+                                          "max": largest["rounds"][-1]["health_max_ms"],
+                                          "n_tasks": largest["n_tasks"]}
+        result["workers"] = {k: v["images_per_s"] for k, v in workers.items()}
+        result["extrapolation"] = "least-squares line through the measured sizes (proportional for one size)"
+        result["load_at_end"] = load()
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(args.out, result)
+        print(json.dumps(result, indent=2))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
