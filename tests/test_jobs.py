@@ -196,3 +196,18 @@ def test_project_lock_excludes_a_second_holder(tmp_path):
         thread.join()
     with project_lock(path, timeout=1):
         pass
+
+
+def test_health_and_metrics_show_the_job_state_of_the_backend(fake_ls, make_config, make_backend):
+    from backend.app import create_app
+
+    jobs = ThreadJobRunner(debounce_seconds=5.0)  # the fit stays queued while we look
+    parts = make_backend(make_config(), jobs=jobs)
+    client = create_app(parts.backend.config, parts.backend).test_client()
+    assert client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 7}}).status_code == 200
+    time.sleep(0.05)
+    state = client.get("/health").get_json()["jobs"]
+    assert state["runner"] == "threads" and state["queued"] == 1 and state["running"] == 0
+    assert state["oldest_queued_seconds"] > 0
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert 'vlm_al_jobs{state="queued"} 1.0' in metrics
