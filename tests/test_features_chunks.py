@@ -6,10 +6,11 @@ from __future__ import annotations
 import threading
 import time
 
+from conftest import PROJECT_ID, counter_value
+
 from backend import features as features_module
 from backend.features import LocalInflightClaims
 from backend.ls_client import LabelStudioClient
-from conftest import PROJECT_ID, counter_value
 
 FINES = ["T-shirt", "Shirt", "Sneaker", "Boot"]
 

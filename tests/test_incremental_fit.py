@@ -4,10 +4,10 @@ of the queue is pushed at once and the rest by a background push job (fake Label
 from __future__ import annotations
 
 import numpy as np
+from conftest import PROJECT_ID
 
 from backend.app import create_app
 from backend.state import ProjectState, TaskList
-from conftest import PROJECT_ID
 
 FINES = ["T-shirt", "Shirt", "Sneaker", "Boot"]
 

@@ -10,7 +10,12 @@ from typing import Any
 import pytest
 from filelock import Timeout
 
-from backend.jobs import InlineJobRunner, JobStateCollector, ThreadJobRunner, project_lock
+from backend.jobs import (
+    InlineJobRunner,
+    JobStateCollector,
+    ThreadJobRunner,
+    project_lock,
+)
 from backend.metrics import BackendMetrics
 
 

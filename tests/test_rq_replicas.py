@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from conftest import API_KEY, PROJECT_ID, FakeLabelStudio, label_config
 from redis import Redis
 from rq.job import Job
 from rq.registry import FinishedJobRegistry, StartedJobRegistry
@@ -29,7 +30,6 @@ from werkzeug.serving import make_server
 
 from backend.rq_jobs import KEY_PREFIX, LOCK_TTL_SECONDS, RQJobRunner
 from backend.state import ProjectState
-from conftest import API_KEY, PROJECT_ID, FakeLabelStudio, label_config
 
 pytestmark = [
     pytest.mark.redis,
