@@ -63,6 +63,10 @@ CLAIM_TTL_SECONDS = 120
 """A claim on a task image whose claimer died frees itself after this long."""
 STATE_CACHE_SECONDS = 1.0
 """/health reads the queue at most this often per process."""
+FAILURE_TTL_SECONDS = 7 * 24 * 3600
+"""A failed job stays in RQ's failed registry (and its error readable) for a week."""
+RECENT_FAILED_READ = 10
+"""Failed jobs /health reads the errors of (the newest)."""
 TERMINAL = {JobStatus.FINISHED.value, JobStatus.FAILED.value, JobStatus.STOPPED.value, JobStatus.CANCELED.value}
 
 
@@ -127,7 +131,7 @@ class RQJobRunner:
         self.queue.enqueue(
             perform_job, job.kind, job.project_id, dict(job.params),
             job_id=job_id, job_timeout=JOB_TIMEOUT_SECONDS, retry=Retry(max=1),
-            result_ttl=3600, failure_ttl=7 * 24 * 3600, description=f"{job.key}",
+            result_ttl=3600, failure_ttl=FAILURE_TTL_SECONDS, description=f"{job.key}",
         )
         self.jobs_enqueued += 1
 
@@ -223,13 +227,13 @@ class RQJobRunner:
         running_ids = StartedJobRegistry(queue=self.queue).get_job_ids(cleanup=True)
         failed_registry = FailedJobRegistry(queue=self.queue)
         failed_ids = failed_registry.get_job_ids(cleanup=False)
-        jobs = {j.id: j for j in Job.fetch_many(queued_ids[:1] + running_ids + failed_ids[-50:],
+        jobs = {j.id: j for j in Job.fetch_many(queued_ids[:1] + running_ids + failed_ids[-RECENT_FAILED_READ:],
                                                 connection=self.redis) if j is not None}
         queued_ages = [now - _timestamp(jobs[i].enqueued_at) for i in queued_ids[:1] if i in jobs]
         queued_ages += [0.0] * (len(queued_ids) - len(queued_ages))
         running_ages = [now - _timestamp(jobs[i].started_at) for i in running_ids if i in jobs]
         failures = []
-        for job_id in failed_ids[-50:]:
+        for job_id in failed_ids[-RECENT_FAILED_READ:]:
             job = jobs.get(job_id)
             if job is None or job.ended_at is None or now - _timestamp(job.ended_at) > FAILURE_WINDOW_SECONDS:
                 continue
@@ -242,6 +246,9 @@ class RQJobRunner:
                 "seconds_ago": round(now - _timestamp(job.ended_at), 1),
             })
         summary = job_state_summary("rq", queued_ages, running_ages, failures)
+        # The registry scores a failed job by when it expires: ended + FAILURE_TTL_SECONDS.
+        summary["failed"] = int(self.redis.zcount(failed_registry.key, now + FAILURE_TTL_SECONDS
+                                                  - FAILURE_WINDOW_SECONDS, "+inf"))
         summary["workers"] = len(SimpleWorker.all_keys(queue=self.queue))
         return summary
 
