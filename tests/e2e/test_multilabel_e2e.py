@@ -24,8 +24,8 @@ from .conftest import REPO_ROOT, Stack, _backend_env
 pytestmark = pytest.mark.e2e
 
 LABELS = fashion_mnist_hierarchy().coarse_classes
-N_TASKS = 30
-N_ANNOTATED = 22
+N_TASKS = 48
+N_ANNOTATED = 40
 CONFIG = (
     '<View><Image name="image" value="$image"/>'
     '<Choices name="groups" toName="image" choice="multiple">'
@@ -57,10 +57,10 @@ def write_scenes(directory: Path, seed: int = 0) -> tuple[list[Path], list[froze
 
 @pytest.fixture(scope="module")
 def multilabel_backend(stack: Stack, tmp_path_factory: pytest.TempPathFactory):
-    """This backend with the default semantic annotator and a precision target that 22 label sets can meet."""
+    """This backend with the default semantic annotator and a precision target that 40 label sets can meet."""
     root = tmp_path_factory.mktemp("multilabel")
     env = {**_backend_env(stack.label_studio.url, stack.login.token, root / "model_dir"),
-           "WEAK_ANNOTATOR": "semantic", "SUGGESTION_PRECISION": "0.75", "QUEUE_TAB": "false",
+           "WEAK_ANNOTATOR": "semantic", "SUGGESTION_PRECISION": "0.7", "QUEUE_TAB": "false",
            "QUERY_BATCH_SIZE": "4"}
     port = lsb.ephemeral_port()
     backend = lsb.BackendServer(env, log_path=root / "backend.log", port=port, cwd=REPO_ROOT,
@@ -123,7 +123,7 @@ def test_multilabel_project_pre_annotates_retrains_and_moves_the_queue(stack: St
     for item in ticked:
         assert set(item["value"]["choices"]) <= set(calibrated)
         assert set(item["meta"]["label_scores"]) == set(LABELS)
-    # Pre-ticked labels are mostly right (the target is 75% precision out of fold; 8 tasks are a small check).
+    # Pre-ticked labels are mostly right (the target is 70% precision out of fold; 8 tasks are a small check).
     truth = dict(zip(task_ids, sets))
     hits = [label in truth[task] for task, p in fresh.items() for r in p["result"] if r["type"] == "choices"
             for label in r["value"]["choices"]]
