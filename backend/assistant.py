@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,7 @@ from model.assistant import (
     suggest_stopping,
     summarize_audits,
 )
+from model.assistant.auto_accept import PAUSED_AUDITS_PER_ROUND
 from model.assistant.stopping import InversePowerLaw, human_label_curve, stabilizing_predictions
 from model.hierarchy import MISSING_LABEL
 from model.io import atomic_write_json
@@ -72,9 +74,6 @@ class FitContext:
     """backend.training.CollectedLabels"""
     outcome: Any
     """backend.training.FitOutcome"""
-    embeddings: np.ndarray
-    weak_answers: np.ndarray
-    new_classifier: Callable[[Any], Any]
     model_version: str
     auto_accepted: Mapping[int, str]
     """Task id -> fine class of the auto-accepted annotations taken out of the tasks by ``human_view``."""
@@ -85,8 +84,8 @@ class AssistantPlan:
     accepted: dict[int, tuple[str, float]] = field(default_factory=dict)
     """Task id -> (fine class, confidence) to label automatically."""
     model_version: str = ""
-    context: FitContext | None = None
-    """The fit, for the learning curve computed after the push (it costs extra fits)."""
+    curve_due: bool = False
+    """The human labels grew enough for a new learning curve (``run_curve``, a job of its own)."""
 
 
 def _completed_by(annotation: Mapping[str, Any]) -> int | None:
@@ -187,7 +186,7 @@ class Assistant:
         issues = self._label_issues(ctx, rows, oof) if rows is not None and rows.size >= 10 else []
         stop = self._stop_set(ctx, record, task_ids)
         n_fine = int(np.sum(labels.fine != MISSING_LABEL))
-        plan = AssistantPlan(model_version=ctx.model_version, context=ctx)
+        plan = AssistantPlan(model_version=ctx.model_version, curve_due=self.curve_due(record, n_fine))
         thresholds = []
         unlabeled_rows = np.flatnonzero(~labels.labeled)
         pending = {int(k) for k, a in audits.items() if a.get("human") is None}
@@ -200,9 +199,14 @@ class Assistant:
             rng = np.random.default_rng([ctx.project_id, version_number(ctx.model_version) or 0])
             decision = decide_auto_accept(outcome.fine_probabilities[candidates], thresholds, paused,
                                           self.config.auto_accept_audit_share, rng)
+            waiting = Counter(a["fine"] for a in audits.values() if a.get("human") is None)
             for position in decision.audit:
                 row = int(candidates[position])
-                audits[str(task_ids[row])] = {"fine": fine_names[int(decision.predicted[position])],
+                fine_class = int(decision.predicted[position])
+                if fine_class in paused and waiting[fine_names[fine_class]] >= PAUSED_AUDITS_PER_ROUND:
+                    continue  # a paused class waits for its open audits before it gets more
+                waiting[fine_names[fine_class]] += 1
+                audits[str(task_ids[row])] = {"fine": fine_names[fine_class],
                                               "confidence": round(float(decision.confidence[position]), 4),
                                               "model_version": ctx.model_version, "human": None}
                 pending.add(task_ids[row])
@@ -277,15 +281,11 @@ class Assistant:
         return predictions
 
     def apply(self, state: ProjectState, labeling: ProjectLabeling, sdk: Any, plan: AssistantPlan) -> int:
-        """After the push: create the auto-accepted annotations (completed by the dedicated user), refresh the
-        label-errors tab, and recompute the learning curve when it is due. ``sdk``: label_studio_sdk's client (None:
-        no Label Studio side). Returns how many annotations were created."""
+        """After the push: create the auto-accepted annotations (completed by the dedicated user) and refresh the
+        label-errors tab. ``sdk``: label_studio_sdk's client (None: no Label Studio side). Returns how many
+        annotations were created."""
         record = self.load(state)
         created = 0
-        if plan.context is not None and self._curve(plan.context, record):
-            record["stopping"] = self._stopping(record, int(record["curve"]["n_labels"]),
-                                                (record.get("stopping") or {}).get("stabilizing"))
-            self.save(state, record)
         if sdk is None:
             return 0
         if plan.accepted:
@@ -391,19 +391,35 @@ class Assistant:
                           np.asarray([after["predictions"][k] for k in common])))
         return stabilizing_predictions(pairs)
 
-    def _curve(self, ctx: FitContext, record: dict[str, Any]) -> bool:
-        """Recompute the learning curve if the human labels grew enough since the last; whether it did."""
-        n_fine = int(np.sum(ctx.labels.fine != MISSING_LABEL))
+    @staticmethod
+    def curve_due(record: Mapping[str, Any], n_fine: int) -> bool:
         last = record.get("curve") or {}
-        if n_fine < CURVE_MIN_LABELS or (last and n_fine < CURVE_GROWTH * int(last.get("n_labels", 0))):
+        return n_fine >= CURVE_MIN_LABELS and (not last or n_fine >= CURVE_GROWTH * int(last.get("n_labels", 0)))
+
+    def run_curve(self, state: ProjectState, embeddings: np.ndarray, labels: Any, weak: np.ndarray,
+                  new_classifier: Callable[[Any], Any], lock: Callable[[], Any]) -> bool:
+        """The learning curve of the served version's training setup on the current human labels. The extra fits
+        run outside the fit lock (arrivals and the next fit need it); ``lock()`` guards only the write. Whether a
+        curve was recorded."""
+        from model.finegrained import TrainingConfig
+
+        current = state.current()
+        n_fine = int(np.sum(labels.fine != MISSING_LABEL))
+        if current is None or not self.curve_due(self.load(state), n_fine):
             return False
-        outcome = ctx.outcome
-        transition = None if outcome.transition_estimate is None else outcome.transition_estimate.matrix
-        curve = human_label_curve(ctx.new_classifier, outcome.training_config, ctx.embeddings, ctx.labels.fine,
-                                  ctx.weak_answers, transition, ctx.labels.human_coarse, seed=ctx.project_id)
+        history = state.transition_history()
+        transition = np.asarray(history[-1]["matrix"]) if history and history[-1].get("matrix") else None
+        config = TrainingConfig.from_dict(current.metrics.get("training_config") or {})
+        curve = human_label_curve(new_classifier, config, embeddings, labels.fine, weak, transition,
+                                  labels.human_coarse, seed=state.project_id)
         law = fit_inverse_power_law(curve.sizes, curve.accuracy, curve.standard_error)
-        record["curve"] = {**curve.to_dict(), "n_labels": n_fine, "model_version": ctx.model_version}
-        record["curve_fit"] = None if law is None else law.to_dict()
+        with lock():
+            record = self.load(state)
+            record["curve"] = {**curve.to_dict(), "n_labels": n_fine, "model_version": current.model_version}
+            record["curve_fit"] = None if law is None else law.to_dict()
+            n_now = int((record.get("ledger") or {}).get("human_fine", n_fine))
+            record["stopping"] = self._stopping(record, n_now, (record.get("stopping") or {}).get("stabilizing"))
+            self.save(state, record)
         return True
 
     @staticmethod

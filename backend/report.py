@@ -79,7 +79,7 @@ def savings_against_random(fine_classes: list[str], weak_annotator: str, n_fine:
         except (OSError, ValueError):
             continue
         classes = ((results.get("config") or {}).get("hierarchy_classes") or {}).get("fine_classes")
-        if classes != fine_classes:
+        if not classes or set(classes) != set(fine_classes):  # the same classes, whatever the config's order
             continue
         condition = weak_annotator if weak_annotator in results else "simulated"
         strategies = (results.get(condition) or {}).get("strategies") or {}
@@ -228,6 +228,9 @@ def render_html(report: Mapping[str, Any]) -> str:
 
     suggestion = (report["stopping"].get("suggestion") or {}).get("text") or "no learning curve yet"
     stabilizing = report["stopping"].get("stabilizing") or {}
+    average = stabilizing.get("average")
+    kappa_text = (f"{average:.3f}" if average is not None
+                  else f"not yet ({len(stabilizing.get('kappas') or [])} of {stabilizing.get('window', 3)} pairs)")
     auto = report["auto_accept"]
     if auto["enabled"]:
         precision = auto.get("audited_precision")
@@ -258,8 +261,8 @@ td,th{{border:1px solid #ccc;padding:2px 6px;font-size:90%}}</style></head><body
 Labels: {ledger.get('human_fine', 0)} human fine, {ledger.get('human_coarse', 0)} human coarse,
 {ledger.get('vlm', 0)} VLM, {ledger.get('auto_accepted', 0)} auto-accepted.</p>
 <h2 id="stopping">When to stop</h2><p id="suggestion"><b>{e(suggestion)}</b>.
-Stabilizing predictions (KappaAverage over the last {stabilizing.get('window', 3)} models):
-{e(str(stabilizing.get('average')))} (stop at {stabilizing.get('threshold', 0.99)}).</p>
+Stabilizing predictions (KappaAverage: mean Cohen's kappa of the last {stabilizing.get('window', 3)} pairs of
+consecutive models on the stop set): {kappa_text} (stop at {stabilizing.get('threshold', 0.99)}).</p>
 <section>{image('curve', 'Estimated accuracy against labels')}</section>
 <section>{image('savings', 'Savings against random sampling')}</section>
 <h2>Noise model and balance</h2>

@@ -446,6 +446,7 @@ class MLBackend:
             "webhook-auth": lambda: self.ensure_webhook_auth(project_id, str(params["backend_host"])),
             "queue-tab": lambda: self.ensure_queue_tab(project_id),
             "push": lambda: self.run_push(project_id, str(params["model_version"])),
+            "curve": lambda: self.run_curve(project_id),
         }
         if kind not in jobs:
             raise ValueError(f"unknown job kind {kind!r}; known: {sorted(jobs)}")
@@ -633,8 +634,28 @@ class MLBackend:
                     counts.get("n_tasks", "-"), counts.get("n_fine", "-"), counts.get("n_weak", "-"))
         return new_version
 
+    def run_curve(self, project_id: int) -> bool:
+        """The assistant's learning curve (extra fits) as its own job, outside the fit lock."""
+        state = self.state(project_id)
+        client = self._client(project_id)
+        labeling, _ = self._project_labeling(project_id, client)
+        tasks, _ = self.assistant.human_view(state, labeling, client.fetch_tasks(project_id))
+        features = self.extractor.features(project_id, tasks, labeling, client)
+        usable = features.usable_positions()
+        if not usable:
+            return False
+        hierarchy, embeddings = labeling.hierarchy, features.embedding_matrix(usable)
+        return self.assistant.run_curve(
+            state, embeddings, collect_labels(labeling, tasks, usable, project_id),
+            weak_answers(features.weak_matrix(usable, hierarchy)),
+            lambda config: self.projects.new_classifier(hierarchy, int(embeddings.shape[1]), config),
+            lambda: self.jobs.project_lock(project_id, state.lock_path))
+
     def _fit_locked(self, project_id: int, state: ProjectState) -> str | None:
         client = self._client(project_id)
+        segmentation = self._project_segmentation(project_id, client)
+        if segmentation is not None:
+            return self.segmentation.fit_and_push(project_id, client, segmentation, push=self.config.push_predictions)
         labeling, label_config = self._project_labeling(project_id, client)
         if is_multilabel(labeling):
             return self.multilabel.fit(project_id, state, client, labeling, label_config)
@@ -677,11 +698,8 @@ class MLBackend:
         unlabeled_rows = np.flatnonzero(~labels.labeled)
         scores = {int(tasks[usable[row]]["id"]): float(outcome.row_scores[row]) for row in unlabeled_rows}
         new_version = state.next_version()
-        plan = self.assistant.after_fit(FitContext(
-            project_id, state, labeling, tasks, usable, labels, outcome, embeddings,
-            weak_answers(features.weak_matrix(usable, hierarchy)),
-            lambda training_config: self.projects.new_classifier(hierarchy, dim, training_config), new_version,
-            auto_accepted), scores)
+        plan = self.assistant.after_fit(
+            FitContext(project_id, state, labeling, tasks, usable, labels, outcome, new_version, auto_accepted), scores)
         state.write_priorities(new_version, scores)
         state.commit_version(
             new_version, classifier.save, schema_hash(label_config),
@@ -704,6 +722,8 @@ class MLBackend:
                 self.jobs.submit("push", project_id, {"model_version": new_version})
         self.assistant.apply(state, labeling, getattr(client, "_sdk", None) if self.config.push_predictions else None,
                              plan)
+        if plan.curve_due:
+            self.jobs.submit("curve", project_id)
         state.prune_versions(self.config.keep_model_versions)
         # Deleting a version costs Label Studio about 30 s at 10k tasks and does not change what it serves: old
         # versions (v0 included) are deleted rarely, all in one background job.

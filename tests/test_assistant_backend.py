@@ -6,15 +6,27 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
+from dataclasses import replace
 
 import numpy as np
+import pytest
+from flask import jsonify, request
+from werkzeug.serving import make_server
 
 from backend.app import create_app
 from backend.assistant import AUDIT_SCORE_SPAN, Assistant
 from backend.config import Config
 from backend.label_config import parse_label_config
 from backend.state import ProjectState
-from conftest import PROJECT_ID
+from backend.jobs import InlineJobRunner
+from backend.ls_client import LabelStudioClientFactory
+from backend.metrics import BackendMetrics
+from backend.service import MLBackend
+from conftest import (API_KEY, PROJECT_ID, FakeBackbone, FakeLabelStudio, FakeWeakAnnotator, image_codec,
+                      label_config)
+from model.embedding_store import EmbeddingStore
+from model.images import ImageLimits
 from test_service import FINES, add_pool, annotate_some
 
 AUTO_USER = 77
@@ -156,3 +168,97 @@ def test_auto_accept_is_off_by_default():
     assert Config().auto_accept_precision == 0.0
     assert Config.from_env({}).auto_accept_precision == 0.0
     assert Config.from_env({"AUTO_ACCEPT_PRECISION": "0.95"}).auto_accept_precision == 0.95
+
+
+def _backend_for(fake, config: Config) -> MLBackend:
+    """MLBackend with conftest's fake models, wired to ``fake`` (as conftest's make_backend does for fake_ls)."""
+    config = replace(config, label_studio_url=fake.url, label_studio_api_key=API_KEY)
+    return MLBackend(
+        config, backbone=FakeBackbone(), weak_annotator=FakeWeakAnnotator(),
+        embedding_store=EmbeddingStore(config.model_dir / "embeddings.sqlite"),
+        image_codec=image_codec(ImageLimits(max_bytes=config.max_image_bytes, max_pixels=config.max_image_pixels)),
+        ls_clients=LabelStudioClientFactory(download_root=config.model_dir / "downloads",
+                                            max_image_bytes=config.max_image_bytes, default_url=config.label_studio_url,
+                                            default_api_key=config.label_studio_api_key),
+        jobs=InlineJobRunner(), metrics=BackendMetrics(),
+    )
+
+
+@pytest.fixture
+def fake_ls_with_users():
+    """The fake Label Studio plus the users, annotations and Data Manager views endpoints auto-accept uses."""
+    fake = FakeLabelStudio(label_config=label_config())
+    app = fake.make_app()
+    users = [{"id": 1, "email": "admin@example.com", "username": "admin"}]
+    views: list[dict] = []
+    created: list[dict] = []
+
+    @app.get("/api/users/")
+    def list_users():
+        return jsonify(users)
+
+    @app.post("/api/users/")
+    def create_user():
+        body = request.get_json()
+        users.append({"id": AUTO_USER, "email": body["email"], "username": body["username"]})
+        return jsonify(users[-1]), 201
+
+    @app.post("/api/tasks/<int:task_id>/annotations/")
+    def create_annotation(task_id: int):
+        body = request.get_json()
+        annotation = {"id": 5000 + len(created), "result": body["result"], "completed_by": body["completed_by"],
+                      "was_cancelled": False, "ground_truth": False, "updated_at": "2026-01-02T00:00:00Z",
+                      "task": task_id}
+        created.append(annotation)
+        next(t for t in fake.tasks if t["id"] == task_id)["annotations"].append(annotation)
+        return jsonify(annotation), 201
+
+    @app.get("/api/dm/views/")
+    def list_views():
+        return jsonify(views)
+
+    @app.post("/api/dm/views/")
+    def create_view():
+        views.append({"id": len(views) + 1, **request.get_json()})
+        return jsonify(views[-1]), 201
+
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    fake.url = f"http://127.0.0.1:{server.server_port}"
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    fake.created_annotations = created
+    fake.views = views
+    yield fake
+    server.shutdown()
+    thread.join(timeout=5)
+
+
+def test_auto_accept_through_fits_labels_with_the_dedicated_user_and_audits_the_rest(fake_ls_with_users, make_config):
+    fake = fake_ls_with_users
+    add_pool(fake, 30)  # 120 tasks of 4 easy classes
+    annotate_some(fake, 25)  # 100 human labels: 25 out-of-fold hits per class
+    config = make_config(auto_accept_precision=0.85, auto_accept_audit_share=0.25,
+                         auto_accept_user="auto@example.com")
+    backend = _backend_for(fake, config)
+    fit(backend)
+    state = ProjectState(config.model_dir, PROJECT_ID)
+    record = backend.assistant.load(state)
+    accepted = {int(t): a["fine"] for t, a in record["auto_accepted"].items()}
+    audits = {int(t): a for t, a in record["audits"].items()}
+    assert accepted and audits and not set(accepted) & set(audits)
+    assert record["auto_user_id"] == AUTO_USER
+    assert {a["completed_by"] for a in fake.created_annotations} == {AUTO_USER}
+    assert {a["task"] for a in fake.created_annotations} == set(accepted)
+    truth = {t["id"]: FINES[(t["id"] - 1) % 4] for t in fake.tasks}
+    assert all(fine == truth[t] for t, fine in accepted.items())  # the colours make every class easy
+    _, scores = state.priorities()
+    assert max(scores[t] for t in audits) < min(s for t, s in scores.items() if t not in audits)
+    # The next fit (the annotations' webhooks) sees nothing new: auto-accepted labels are no human labels.
+    version = state.current().model_version
+    fit(backend)
+    assert state.current().model_version == version and state.current().metrics["n_fine"] == 100
+    record = backend.assistant.load(state)
+    assert record["ledger"]["auto_accepted"] == len(accepted)
+    # 100 human labels: the learning curve ran as its own job (3 folds, twice) and the suggestion reads it.
+    assert record["curve"]["n_labels"] == 100 and record["curve"]["n_held_out"] == 200
+    assert record["stopping"]["suggestion"]["n_labels"] == 100 and record["stopping"]["suggestion"]["text"]

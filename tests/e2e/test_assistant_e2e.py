@@ -2,8 +2,8 @@
 prediction of the current model_version, no retrain); auto-accepted annotations are completed by a dedicated user
 and never count as human labels; the label-errors tab filters the flagged annotations; the report renders.
 
-One project for the module (a session fixture, so the browser test, sorted last, reuses it): 16 tasks, 8 human
-labels, one fit, then 4 imported tasks.
+One project for the module (a session fixture, so the browser test, sorted last, reuses it): 40 tasks, 30 human
+labels (enough for the report's learning curve), one fit, then 4 imported tasks.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from model.datasets import fashion_mnist_hierarchy
 
 from .conftest import IMAGE_SIZE, LabeledProject, Stack
 
-N_FIRST, N_ARRIVING, N_LABELED = 16, 4, 8
+N_FIRST, N_ARRIVING, N_LABELED = 40, 4, 30  # 30 human labels: the fewest the learning curve is drawn from
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -129,6 +129,8 @@ def test_report_json_and_html_behind_the_backend(arrival_project):
     assert report["ledger"]["human_fine"] >= N_LABELED and set(report["ledger"]) >= {"human_fine", "human_coarse",
                                                                                       "vlm", "auto_accepted"}
     assert len(report["transition"]["matrix"]) == 4
+    assert report["stopping"]["curve"]["n_labels"] >= N_LABELED and report["stopping"]["suggestion"]["text"]
+    assert report["savings"]["benchmark"] is not None  # Fashion-MNIST's classes: the offline benchmark's curve
     page = requests.get(url, timeout=60)
     assert page.status_code == 200 and page.headers["Content-Type"].startswith("text/html")
     assert requests.get(f"{project.stack.backend.url}/report/99999.json", timeout=10).status_code == 404
@@ -152,7 +154,7 @@ def test_report_renders_in_the_browser(arrival_project, tmp_path: Path):
             page.goto(f"{project.stack.backend.url}/report/{project.project_id}", timeout=90_000)
             page.wait_for_selector("#suggestion")
             widths = page.eval_on_selector_all("img", "images => images.map(i => i.complete ? i.naturalWidth : 0)")
-            assert len(widths) >= 4 and all(w > 100 for w in widths)
+            assert len(widths) >= 6 and all(w > 100 for w in widths)  # the curve and the savings plots too
             assert "labeling report" in page.title() + page.inner_text("h1")
             page.screenshot(path=str(shots / "assistant_report.png"), full_page=True)
         finally:
