@@ -653,9 +653,6 @@ class MLBackend:
 
     def _fit_locked(self, project_id: int, state: ProjectState) -> str | None:
         client = self._client(project_id)
-        segmentation = self._project_segmentation(project_id, client)
-        if segmentation is not None:
-            return self.segmentation.fit_and_push(project_id, client, segmentation, push=self.config.push_predictions)
         labeling, label_config = self._project_labeling(project_id, client)
         if is_multilabel(labeling):
             return self.multilabel.fit(project_id, state, client, labeling, label_config)
