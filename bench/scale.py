@@ -7,9 +7,9 @@ Usage: python bench/scale.py [--sizes 2000 5000] [--runtime-images 128] [--worke
    same decoded Fashion-MNIST images, in chunks of the indexing chunk size.
 2. Per size n: a fresh Label Studio project of n Fashion-MNIST tasks and a fresh `vlm-al serve` (defaults, jobs on
    in-process threads). Connecting the backend starts the index; end-to-end indexing speed is n over the time from
-   the connection to the last embedding (from /metrics). Then two rounds of: annotate QUERY labels through Label
-   Studio's API, and time from the last annotation to Label Studio's project following the new model version
-   (the re-ordered queue: the head is pushed and the version moved). /health is polled every 20 ms during the
+   the connection to the last embedding (from /metrics). Then two rounds of: annotate 10 tasks through Label
+   Studio's API, and time from the last annotation to Label Studio's project following a model version fitted on
+   every label so far (the re-ordered queue: its head pushed and the version moved). /health is polled every 20 ms during the
    second round; the backend's peak RSS (VmHWM of the gunicorn worker) is read at the end.
 3. Workers: a web process and 1 or 2 `vlm-al worker` processes on one redis-server; two projects of
    --worker-images tasks each indexed at once (PUSH_PREDICTIONS=false: embedding only), from fresh MODEL_DIRs;
@@ -152,6 +152,16 @@ def make_project(client: Any, n: int, document_root: Path, title: str, seed: int
     return Project(client, project_id, task_ids, images.class_names, parse_label_config(config))
 
 
+def fitted_on_every_label(project: Project, model_dir: Path) -> str | None:
+    """The version Label Studio's project follows, once it is the backend's current one and saw every label."""
+    from backend.state import ProjectState
+
+    current = ProjectState(model_dir, project.project_id).current()
+    if current is None or current.metrics.get("n_fine") != len(project.annotated):
+        return None
+    return current.model_version if project.model_version() == current.model_version else None
+
+
 def backend_env(ls_url: str, token: str, model_dir: Path, **extra: str) -> dict[str, str]:
     return {**lsb.clean_environment(Path(sys.executable).parent), "LABEL_STUDIO_URL": ls_url,
             "LABEL_STUDIO_API_KEY": token, "MODEL_DIR": str(model_dir), "LOG_LEVEL": "INFO", **extra}
@@ -195,7 +205,6 @@ def run_size(ls: Any, login: Any, root: Path, n: int, seed: int) -> dict[str, An
         wait(lambda: project.model_version() == "vlm-al-v0", 600, "the cold-start push")
         rounds = []
         for round_number in (1, 2):
-            before = project.model_version()
             todo = [t for t in project.task_ids if t not in project.annotated][:LABELS_PER_ROUND]
             health_ms: list[float] = []
             stop = threading.Event()
@@ -213,7 +222,7 @@ def run_size(ls: Any, login: Any, root: Path, n: int, seed: int) -> dict[str, An
             for task_id in todo:
                 project.annotate(task_id)
             last_annotation = time.monotonic()
-            version = wait(lambda: (v := project.model_version()) != before and v, 900, "a new model version")
+            version = wait(lambda: fitted_on_every_label(project, model_dir), 900, "a version fitted on every label")
             seconds = time.monotonic() - last_annotation
             stop.set()
             poller.join()
