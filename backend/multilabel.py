@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -130,11 +131,13 @@ def build_multilabel_prediction(labeling: ProjectLabeling, label_probabilities: 
 # ---- the service part -------------------------------------------------------------------------------------------
 
 
-class SpatialMapCache:
-    """float16 (h, w, d) maps by image content key, one .npy per image (written atomically)."""
+class ArrayCache:
+    """One array per image content key, one .npy each (written atomically), of a fixed rank and dtype."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, ndim: int, dtype: Any) -> None:
         self.directory = Path(directory)
+        self.ndim = ndim
+        self.dtype = dtype
 
     def _path(self, key: str) -> Path:
         return self.directory / f"{key}.npy"
@@ -144,11 +147,11 @@ class SpatialMapCache:
             array = np.load(self._path(key), allow_pickle=False)
         except (OSError, ValueError):
             return None
-        return array if array.ndim == 3 else None
+        return array if array.ndim == self.ndim else None
 
     def put(self, key: str, array: np.ndarray) -> None:
         buffer = io.BytesIO()
-        np.save(buffer, np.asarray(array, dtype=np.float16), allow_pickle=False)
+        np.save(buffer, np.asarray(array, dtype=self.dtype), allow_pickle=False)
         atomic_write_bytes(self._path(key), buffer.getvalue())
 
 
@@ -163,7 +166,8 @@ class MultiLabelProjects:
         self.extractor = extractor
         self.decode = decode
         self.metrics = metrics
-        self.maps = SpatialMapCache(Path(config.model_dir) / "spatial-maps")
+        self.maps = ArrayCache(Path(config.model_dir) / "spatial-maps", 3, np.float16)
+        """float16 (h, w, d) spatial maps by image content."""
         self._spatial_maps = spatial_maps or _packaged_spatial_maps
         self._text_embeddings = text_embeddings or _packaged_text_embeddings
         self._served: dict[int, tuple[str, Any]] = {}
@@ -174,18 +178,36 @@ class MultiLabelProjects:
     def _label_text(self, labeling: ProjectLabeling) -> np.ndarray:
         return np.asarray(self._text_embeddings(labeling.hierarchy.coarse_classes), dtype=np.float32)
 
+    def _list_scorer(self, labeling: ProjectLabeling) -> tuple[Any, ArrayCache] | None:
+        """The project's weak annotator when it must be asked per image for its per-label scores (the API VLM's
+        list question), with the cache of its answers. An annotator that reads the shared forward pass (semantic,
+        open_clip) already stored its per-label scores as its answers: None."""
+        from backend.features import weak_namespace
+
+        annotator = self.extractor.weak_annotators.for_hierarchy(labeling.hierarchy)
+        if annotator is None or not hasattr(annotator, "score_labels"):
+            return None
+        if hasattr(annotator, "annotate_logits") or hasattr(annotator, "annotate_embeddings"):
+            return None
+        folder = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{weak_namespace(annotator)}-labels")
+        return annotator, ArrayCache(Path(self.config.model_dir) / "label-scores" / folder, 1, np.float32)
+
     def spatial_maps(self, labeling: ProjectLabeling, tasks: Sequence[Mapping[str, Any]], features: TaskFeatures,
                      positions: Sequence[int], client: LabelStudioAPI | None) -> dict[int, np.ndarray]:
         """Maps of the tasks at ``positions`` (cache first; the missing images are downloaded and embedded when a
-        client is given). Positions whose image cannot be had are left out."""
+        client is given, and asked to a list-scoring annotator in the same pass). Positions whose image cannot be
+        had are left out."""
+        scorer = self._list_scorer(labeling)
         found: dict[int, np.ndarray] = {}
         missing: list[int] = []
         for position in positions:
             key = features.keys[position]
-            cached = self.maps.get(key) if key else None
+            if not key:
+                continue
+            cached = self.maps.get(key)
             if cached is not None:
                 found[position] = cached
-            elif key:
+            if cached is None or (scorer is not None and scorer[1].get(key) is None):
                 missing.append(position)
         if not missing or client is None:
             return found
@@ -198,11 +220,31 @@ class MultiLabelProjects:
                     images.append(image)
             if not images:
                 continue
-            computed = np.asarray(self._spatial_maps(images), dtype=np.float16)
-            for row, position in enumerate(chunk):
-                self.maps.put(features.keys[position], computed[row])  # type: ignore[arg-type]
-                found[position] = computed[row]
+            need_maps = [row for row, position in enumerate(chunk) if position not in found]
+            if need_maps:
+                computed = np.asarray(self._spatial_maps([images[row] for row in need_maps]), dtype=np.float16)
+                for index, row in enumerate(need_maps):
+                    self.maps.put(features.keys[chunk[row]], computed[index])  # type: ignore[arg-type]
+                    found[chunk[row]] = computed[index]
+            if scorer is not None:
+                answers = np.asarray(scorer[0].score_labels(images), dtype=np.float32)
+                for row, position in enumerate(chunk):
+                    scorer[1].put(features.keys[position], answers[row])  # type: ignore[arg-type]
         return found
+
+    def weak_scores(self, labeling: ProjectLabeling, features: TaskFeatures, positions: Sequence[int]) -> np.ndarray:
+        """float64 (n, L): the weak annotator's per-label scores in the project's label order, NaN rows where it
+        gave no answer (a list answer of "none" is a row of zeros, an answer like any other)."""
+        n_labels = labeling.hierarchy.n_coarse
+        scorer = self._list_scorer(labeling)
+        if scorer is not None:
+            rows = [scorer[1].get(features.keys[p]) for p in positions]  # type: ignore[arg-type]
+            order = [list(scorer[0].coarse_classes).index(name) for name in labeling.hierarchy.coarse_classes]
+            return np.array([np.asarray(r, dtype=np.float64)[order] if r is not None else np.full(n_labels, np.nan)
+                             for r in rows]).reshape(len(positions), n_labels)
+        weak = features.weak_matrix(list(positions), labeling.hierarchy).astype(np.float64)
+        weak[weak.sum(axis=1) <= 0] = np.nan  # an all-zero row is the extractor's "no answer"
+        return weak
 
     def _image(self, client: LabelStudioAPI, task: Mapping[str, Any], image_value_key: str) -> Any:
         """The task's decoded image (the feature extractor has already checked its URL), or None."""
@@ -263,7 +305,7 @@ class MultiLabelProjects:
         else:
             # Before the first model: the weak annotator's per-label scores, shown but never pre-ticked.
             ready = usable
-            probabilities = features.weak_matrix(ready, labeling.hierarchy)
+            probabilities = np.nan_to_num(self.weak_scores(labeling, features, ready), nan=0.0)
         pretick = self._pretick(metrics, n_labels) if classifier is not None else [None] * n_labels
         out: list[dict[str, Any]] = [{"result": [], "model_version": version} for _ in tasks]
         for row, position in enumerate(ready):
@@ -308,8 +350,8 @@ class MultiLabelProjects:
             return
         queue_scores = None
         if version == COLD_START_VERSION and state.priorities()[0] != COLD_START_VERSION:
-            scores = cold_start_queue(features.embedding_matrix(unlabeled),
-                                      features.weak_matrix(unlabeled, labeling.hierarchy), labeling.hierarchy,
+            weak = np.nan_to_num(self.weak_scores(labeling, features, unlabeled), nan=0.0)
+            scores = cold_start_queue(features.embedding_matrix(unlabeled), weak, labeling.hierarchy,
                                       self.config.query_batch_size)
             queue_scores = {int(tasks[i]["id"]): float(s) for i, s in zip(unlabeled, scores)}
             state.write_priorities(COLD_START_VERSION, queue_scores)
@@ -335,8 +377,8 @@ class MultiLabelProjects:
             return None
         names = labeling.hierarchy.coarse_classes
         human_sets = np.array([[s is not None and name in s for name in names] for s in sets], dtype=bool)
-        weak = features.weak_matrix(usable, labeling.hierarchy)
-        answered = weak.sum(axis=1) > 0
+        weak = self.weak_scores(labeling, features, usable)
+        answered = np.all(np.isfinite(weak), axis=1)
         settings = MultiLabelSettings(strategy="multilabel-ours", strategy_options={"human_share": 1.0})
         learner = MultiLabelLearner(names, self._label_text(labeling), np.stack([maps[p] for p in usable]), settings)
         labels = MultiLabelRoundLabels(human_sets, labelled, weak if answered.any() else None, answered)

@@ -81,3 +81,53 @@ def test_predictions_pre_tick_only_labels_past_their_calibrated_threshold_and_ca
     assert "sports car 30%" in nothing["result"][0]["value"]["text"][0]
     with pytest.raises(ValueError):
         build_multilabel_prediction(labeling, np.array([0.1, 0.2]), [None] * 3, 0.5, "v3")
+
+
+def test_an_api_vlm_is_asked_for_the_list_of_labels_once_per_image_and_its_answers_are_cached(labeling, tmp_path):
+    import io
+    from types import SimpleNamespace
+
+    from PIL import Image
+    from vlm_stub_server import VLMStubServer
+
+    from backend.features import TaskFeatures, WeakAnnotators
+    from backend.multilabel import MultiLabelProjects
+    from model.weak.openai_compatible import OpenAICompatibleVLM
+
+    colours = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
+
+    def png(colour):
+        buffer = io.BytesIO()
+        Image.new("RGB", (24, 24), colours[colour]).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    class Client:
+        downloads = 0
+
+        def download_image(self, url, task_id=None):
+            Client.downloads += 1
+            return png(url.rsplit("/", 1)[-1])
+
+    tasks = [{"id": i, "data": {"photo": f"/data/{c}"}} for i, c in enumerate(colours)]
+    features = TaskFeatures(keys=list(colours), errors={}, embeddings={}, weak_probabilities={}, weak_classes=None)
+    maps_computed = []
+
+    def fake_maps(images):
+        maps_computed.append(len(images))
+        return np.zeros((len(images), 2, 2, 3), dtype=np.float16)
+
+    answers = {colours["red"]: "cat; sports car", colours["green"]: "none", colours["blue"]: "no idea"}
+    with VLMStubServer(answers, api_key="k") as server:
+        vlm = OpenAICompatibleVLM(server.base_url, "k", "stub-vlm", ("dog", "cat", "sports car"), max_retries=0)
+        extractor = SimpleNamespace(weak_annotators=WeakAnnotators(vlm))
+        service = MultiLabelProjects(SimpleNamespace(model_dir=tmp_path), None, extractor, lambda b: Image.open(
+            io.BytesIO(b)).convert("RGB"), None, spatial_maps=fake_maps)
+        maps = service.spatial_maps(labeling, tasks, features, [0, 1, 2], Client())
+        asked = len(server.requests)
+        # A second pass finds maps and answers cached: no download, no question.
+        service.spatial_maps(labeling, tasks, features, [0, 1, 2], Client())
+    assert sorted(maps) == [0, 1, 2] and maps_computed == [3] and asked == 3 and Client.downloads == 3
+    scores = service.weak_scores(labeling, features, [0, 1, 2])
+    # In the project's label order (cat, dog, sports car), whatever the annotator's order.
+    np.testing.assert_array_equal(scores[:2], [[1, 0, 1], [0, 0, 0]])
+    assert np.isnan(scores[2]).all()  # "no idea" is no answer; "none" (row 1) is one
