@@ -3,7 +3,8 @@
 Each task shows one or two Fashion-MNIST items side by side (or none); its labels are the groups present. The
 project gets per-label pre-annotations at once (every label's score, nothing ticked before a model), label sets
 (an empty one included) retrain it, the retrained model pre-ticks labels whose measured precision reaches
-SUGGESTION_PRECISION, and the queue moves to the new version's picks.
+SUGGESTION_PRECISION, and the queue moves to the new version's picks. In headless Chromium, the pre-ticked labels
+show ticked on the labeling page (marker browser).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from backend.state import COLD_START_VERSION, ProjectState
 from model.datasets import fashion_mnist_hierarchy, load_fashion_mnist, to_pil
 
 from .conftest import REPO_ROOT, Stack, _backend_env
+from .test_browser import choice, page  # noqa: F401 (page is a fixture)
 
 pytestmark = pytest.mark.e2e
 
@@ -73,7 +75,9 @@ def multilabel_backend(stack: Stack, tmp_path_factory: pytest.TempPathFactory):
         backend.stop()
 
 
-def test_multilabel_project_pre_annotates_retrains_and_moves_the_queue(stack: Stack, multilabel_backend) -> None:
+@pytest.fixture(scope="module")
+def fitted(stack: Stack, multilabel_backend) -> dict:
+    """The project after its cold-start predictions and a fit on 40 label sets, with what the test checks."""
     backend, model_dir = multilabel_backend
     client = stack.client()
     project_id = lsb.create_project(client, "multi-label scenes", CONFIG)
@@ -90,10 +94,6 @@ def test_multilabel_project_pre_annotates_retrains_and_moves_the_queue(stack: St
     # Cold start: every task gets the VLM's per-label scores, and nothing is ticked before a model exists.
     cold = lsb.wait_until(lambda: predictions_of(COLD_START_VERSION, set(task_ids)) if
                           client.projects.get(project_id).model_version else None, 300, "cold-start predictions")
-    for prediction in cold.values():
-        texts = [r["value"]["text"][0] for r in prediction["result"] if r["type"] == "textarea"]
-        assert len(texts) == 1 and all(label in texts[0] for label in LABELS)
-        assert not [r for r in prediction["result"] if r["type"] == "choices"]
 
     # Label sets, the empty one ("none of these") included; each creation is a webhook that queues a fit.
     annotated = task_ids[:N_ANNOTATED]
@@ -112,10 +112,19 @@ def test_multilabel_project_pre_annotates_retrains_and_moves_the_queue(stack: St
             else None
 
     version = lsb.wait_until(fitted, 420, f"a multi-label model fitted on {N_ANNOTATED} label sets", interval_s=2)
-    metrics = state.current().metrics
-    assert metrics["task"] == "multilabel" and metrics["labels"] == list(LABELS)
     unlabeled = set(task_ids[N_ANNOTATED:])
     fresh = lsb.wait_until(lambda: predictions_of(version, unlabeled), 120, f"predictions of {version}")
+    return {"project_id": project_id, "task_ids": task_ids, "sets": sets, "cold": cold, "fresh": fresh,
+            "metrics": state.current().metrics, "unlabeled": unlabeled}
+
+
+def test_multilabel_project_pre_annotates_retrains_and_moves_the_queue(stack: Stack, fitted: dict) -> None:
+    for prediction in fitted["cold"].values():
+        texts = [r["value"]["text"][0] for r in prediction["result"] if r["type"] == "textarea"]
+        assert len(texts) == 1 and all(label in texts[0] for label in LABELS)
+        assert not [r for r in prediction["result"] if r["type"] == "choices"]
+    metrics, fresh, unlabeled = fitted["metrics"], fitted["fresh"], fitted["unlabeled"]
+    assert metrics["task"] == "multilabel" and metrics["labels"] == list(LABELS)
     ticked = [r for p in fresh.values() for r in p["result"] if r["type"] == "choices"]
     calibrated = [label for label, t in zip(LABELS, metrics["pretick_thresholds"]) if t is not None]
     assert calibrated, f"no label reached the precision target: {metrics['pretick']}"
@@ -124,12 +133,26 @@ def test_multilabel_project_pre_annotates_retrains_and_moves_the_queue(stack: St
         assert set(item["value"]["choices"]) <= set(calibrated)
         assert set(item["meta"]["label_scores"]) == set(LABELS)
     # Pre-ticked labels are mostly right (the target is 70% precision out of fold; 8 tasks are a small check).
-    truth = dict(zip(task_ids, sets))
+    truth = dict(zip(fitted["task_ids"], fitted["sets"]))
     hits = [label in truth[task] for task, p in fresh.items() for r in p["result"] if r["type"] == "choices"
             for label in r["value"]["choices"]]
     assert np.mean(hits) >= 0.6
 
     # The queue moved: Label Studio now serves the new version's first pick, not an annotated or cold-start one.
-    next_task = lsb.next_task(stack.label_studio.url, stack.login.token, project_id)
+    next_task = lsb.next_task(stack.label_studio.url, stack.login.token, fitted["project_id"])
     first_pick = min(fresh.values(), key=lambda p: p["score"])["task"]
     assert next_task["id"] == first_pick and next_task["id"] in unlabeled
+
+
+@pytest.mark.browser
+def test_pre_ticked_labels_show_ticked_on_the_labeling_page(stack: Stack, fitted: dict, page) -> None:  # noqa: F811
+    task_id, prediction = next((t, p) for t, p in sorted(fitted["fresh"].items())
+                               if any(r["type"] == "choices" for r in p["result"]))
+    ticked = set(next(r for r in prediction["result"] if r["type"] == "choices")["value"]["choices"])
+    page.goto(f"{stack.label_studio.url}/projects/{fitted['project_id']}/data?task={task_id}")
+    page.wait_for_selector(".lsf-main-view")
+    choice(page, LABELS[0]).wait_for()
+    for label in LABELS:
+        assert choice(page, label).locator("input").is_checked() == (label in ticked), label
+    # Every label's score is on the page too, in the read-only confidence text.
+    assert page.locator(".lsf-main-view").get_by_text("Model:", exact=False).first.is_visible()
