@@ -420,6 +420,8 @@ class Assistant:
             n_now = int((record.get("ledger") or {}).get("human_fine", n_fine))
             record["stopping"] = self._stopping(record, n_now, (record.get("stopping") or {}).get("stabilizing"))
             self.save(state, record)
+        logger.info("project %s: learning curve on %d human labels: %s", state.project_id, n_fine,
+                    record["stopping"]["suggestion"]["text"])
         return True
 
     @staticmethod

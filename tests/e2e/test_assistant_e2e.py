@@ -124,7 +124,12 @@ def test_label_errors_tab_filters_exactly_the_flagged_annotations(arrival_projec
 def test_report_json_and_html_behind_the_backend(arrival_project):
     project, _, _ = arrival_project
     url = f"{project.stack.backend.url}/report/{project.project_id}"
-    report = requests.get(url + ".json", timeout=30).json()
+
+    def with_curve() -> dict | None:  # the learning curve is a job of its own, after the fit
+        report = requests.get(url + ".json", timeout=30).json()
+        return report if report["stopping"].get("curve") else None
+
+    report = lsb.wait_until(with_curve, 180, "the report's learning curve", interval_s=1.0)
     assert report["model_version"] == project.model_version()
     assert report["ledger"]["human_fine"] >= N_LABELED and set(report["ledger"]) >= {"human_fine", "human_coarse",
                                                                                       "vlm", "auto_accepted"}
