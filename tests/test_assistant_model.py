@@ -83,6 +83,8 @@ def test_a_paused_class_is_audited_and_never_accepted():
     assert not set(running.audit) & set(running.accepted)
     paused = decide_auto_accept(probabilities, thresholds, {0}, audit_share=0.1, rng=rng)
     assert paused.accepted.size == 0 and paused.audit.size == 5
+    unaudited = decide_auto_accept(probabilities, thresholds, (), audit_share=0.0, rng=rng)
+    assert unaudited.audit.size == 0 and unaudited.accepted.size == 40
 
 
 def test_audits_pause_a_class_whose_audited_precision_is_below_target():

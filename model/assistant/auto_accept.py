@@ -116,7 +116,8 @@ def choose_audit(candidates: np.ndarray, share: float, rng: np.random.Generator,
 def decide_auto_accept(probabilities: np.ndarray, thresholds: Sequence[ClassThreshold], paused: Iterable[int],
                        audit_share: float, rng: np.random.Generator) -> AutoAcceptDecision:
     """Which pool rows to accept: those whose fine prediction reaches its class's threshold. Of each class, a
-    random ``audit_share`` (at least one) goes to audit instead; a paused class is all audit, none accepted."""
+    random ``audit_share`` (at least one; none at share 0) goes to audit instead; a paused class is audit only
+    (``PAUSED_AUDITS_PER_ROUND`` at least), none of it accepted."""
     probabilities = np.asarray(probabilities, dtype=np.float64)
     if probabilities.ndim != 2 or probabilities.shape[1] != len(thresholds):
         raise ModelInputError(f"need (n, {len(thresholds)}) probabilities, got {probabilities.shape}")
@@ -131,7 +132,7 @@ def decide_auto_accept(probabilities: np.ndarray, thresholds: Sequence[ClassThre
         if entry.fine_class in paused:
             audit.append(choose_audit(qualifying, audit_share, rng, minimum=PAUSED_AUDITS_PER_ROUND))
             continue
-        sample = choose_audit(qualifying, audit_share, rng)
+        sample = choose_audit(qualifying, audit_share, rng, minimum=1 if audit_share > 0 else 0)
         audit.append(sample)
         accepted.append(np.setdiff1d(qualifying, sample))
     empty = np.zeros(0, dtype=np.int64)
