@@ -60,6 +60,9 @@ class LabelLayout(enum.Enum):
     """A coarse <Choices> and a fine <Choices>; the hierarchy comes from a parent map."""
     FLAT_CHOICES = "flat_choices"
     """One <Choices> of fine classes; the coarse classes come from a parent map."""
+    BRUSH_SEGMENTATION = "brush_segmentation"
+    """A <BrushLabels> over the image (optionally with an image-level <Choices>): masks, read and written by
+    ``backend.segmentation``, not a class hierarchy."""
     MULTI_LABEL = "multi_label"
     """One <Choices choice="multiple"> over the image: a set of labels per image (backend.multilabel), an empty
     set meaning "none of these". The hierarchy is flat: every label its own coarse class."""

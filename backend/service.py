@@ -30,13 +30,14 @@ from backend.features import (
     WeakAnnotators,
 )
 from backend.jobs import JobRunner, JobStateCollector, build_job_runner
-from backend.label_config import ProjectLabeling, task_labels
+from backend.label_config import LabelConfigError, ProjectLabeling, task_labels
 from backend.ls_client import LabelStudioAPI, LabelStudioClientFactory, LabelStudioError
 from backend.metrics import BackendMetrics
 from backend.multilabel import MultiLabelProjects, is_multilabel
 from backend.predictions import build_predictions
 from backend.projects import LabelConfigs, Projects, schema_hash
 from backend.protocol import InvalidInput, parse_project_id
+from backend.segmentation import SegmentationLabeling, SegmentationProjects, parse_segmentation_config
 from backend.state import COLD_START_VERSION, ImageKeyIndex, ProjectState, version_number
 from backend.training import cold_start_queue, collect_labels, fit_and_rank, server_learner_settings, weak_answers
 from model.hierarchy import MISSING_LABEL, LabelHierarchy
@@ -113,6 +114,8 @@ class MLBackend:
         self._queue_tabs: set[int] = set()
         """Projects whose Data Manager queue tab (QUEUE_TAB=true) was ensured or is being ensured."""
         self.assistant = Assistant(config)
+        self.segmentation = SegmentationProjects(image_codec.decode, image_codec.content_key)
+        """<BrushLabels> projects (backend.segmentation): their own models, fits and predictions."""
 
     # --- construction from the environment --------------------------------------------------------------------
 
@@ -206,7 +209,8 @@ class MLBackend:
         webhook to that host is given the credentials (once per project and process)."""
         if access_token and self.redactor is not None:
             self.redactor.add_secrets([access_token])
-        labeling = self.labeling(schema) if schema is not None else None
+        segmentation = self._segmentation_labeling(schema)
+        labeling = self.labeling(schema) if schema is not None and segmentation is None else None
         ctx = self.projects.context(project_id)
         with ctx.lock:
             if hostname and ctx.hostname and not _same_host(hostname, ctx.hostname) and not access_token:
@@ -236,7 +240,7 @@ class MLBackend:
         if self.config.queue_tab and project_id not in self._queue_tabs and self._can_reach_label_studio(project_id):
             self._queue_tabs.add(project_id)
             self.jobs.submit("queue-tab", project_id)
-        return model_version
+        return self.segmentation.project(project_id).version if segmentation is not None else model_version
 
     def ensure_queue_tab(self, project_id: int) -> int | None:
         """QUEUE_TAB=true: a first Data Manager tab ordered by ascending prediction score (the queue order), so
@@ -313,6 +317,14 @@ class MLBackend:
         config_xml = label_config if label_config is not None else (ctx.label_config if ctx is not None else None)
         if config_xml is None:
             raise InvalidInput("missing 'label_config' and no /setup was received for this project")
+        segmentation = self._segmentation_labeling(config_xml)
+        if segmentation is not None:
+            if ctx is not None and label_config:
+                ctx.label_config = label_config
+            client = self._client(project_id) if project_id is not None else None
+            predictions = self.segmentation.predictions(project_id, client, tasks, segmentation) if client else []
+            return ModelResponse(predictions or [{"result": []} for _ in tasks],
+                                 self.segmentation.project(project_id or 0).version)
         labeling = self.labeling(config_xml)
         if ctx is not None and label_config:
             ctx.label_config = label_config
@@ -504,6 +516,21 @@ class MLBackend:
         self.projects.context(project_id).label_config = label_config
         return self.labeling(label_config), label_config
 
+    def _segmentation_labeling(self, label_config: str | None) -> SegmentationLabeling | None:
+        """The config's segmentation tags, None for the other layouts; a broken <BrushLabels> is a 422."""
+        try:
+            return parse_segmentation_config(label_config) if label_config else None
+        except LabelConfigError as exc:
+            raise InvalidInput(f"unsupported label config: {exc}", status=422, kind="unsupported_label_config") from exc
+
+    def _project_segmentation(self, project_id: int, client: LabelStudioAPI) -> SegmentationLabeling | None:
+        """From the config /setup or /predict brought; Label Studio is asked only when none came (a worker)."""
+        label_config = self.projects.context(project_id).label_config
+        if not label_config:
+            project = client.get_project(project_id)
+            label_config = project.get("label_config") if isinstance(project, Mapping) else None
+        return self._segmentation_labeling(label_config)
+
     def run_index(self, project_id: int) -> None:
         """Embed every task and get its weak label; at cold start, push VLM pre-annotations ranked for diversity."""
         # Same lock as fit: an index push must never interleave with a fit's push and PATCH.
@@ -515,6 +542,8 @@ class MLBackend:
 
     def _index_locked(self, project_id: int) -> None:
         client = self._client(project_id)
+        if self._project_segmentation(project_id, client) is not None:
+            return  # a segmentation project's pre-annotations come from its fits (nothing to draw before one)
         labeling, label_config = self._project_labeling(project_id, client)
         if is_multilabel(labeling):
             return self.multilabel.index(project_id, client, labeling, label_config)
@@ -653,6 +682,9 @@ class MLBackend:
 
     def _fit_locked(self, project_id: int, state: ProjectState) -> str | None:
         client = self._client(project_id)
+        segmentation = self._project_segmentation(project_id, client)
+        if segmentation is not None:
+            return self.segmentation.fit_and_push(project_id, client, segmentation, push=self.config.push_predictions)
         labeling, label_config = self._project_labeling(project_id, client)
         if is_multilabel(labeling):
             return self.multilabel.fit(project_id, state, client, labeling, label_config)

@@ -27,6 +27,33 @@ STRATEGY_NAMES = (
 DEFAULT_CACHE_DIR = "~/.cache/vlm-al"
 DEFAULT_OUT_DIR = "bench/results/simulate"
 
+TASK_RUNNERS: dict[str, str] = {
+    "classification": "model.simulate.runner:run_classification",
+    "segmentation": "model.simulate.segmentation:main",
+    "multilabel": "model.simulate.multilabel:main",
+}
+"""``vlm-al simulate --task NAME``: the ``module:function`` that runs the task's benchmark on the other arguments
+(imported when chosen, returns an exit code). A new task is one more entry here."""
+DEFAULT_TASK = "classification"
+
+
+def split_task(argv: Sequence[str]) -> tuple[str, list[str]]:
+    """``--task NAME`` (or ``--task=NAME``) taken out of ``argv``: the task and the arguments left for its runner."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--task", default=DEFAULT_TASK)
+    known, rest = parser.parse_known_args(list(argv))
+    if known.task not in TASK_RUNNERS:
+        raise ModelInputError(f"unknown --task {known.task!r}; choose from {list(TASK_RUNNERS)}")
+    return known.task, rest
+
+
+def task_runner(task: str):
+    """The function that runs ``task``'s benchmark (see ``TASK_RUNNERS``)."""
+    import importlib
+
+    module_name, _, function = TASK_RUNNERS[task].partition(":")
+    return getattr(importlib.import_module(module_name), function)
+
 
 # --------------------------------------------------------------------------------------------------- options
 
@@ -77,9 +104,9 @@ class SimulationOptions:
             raise ModelInputError(f"--rounds must be >= 0, got {self.rounds}")
         if not self.budget > 0:
             raise ModelInputError(f"--budget must be > 0, got {self.budget}")
-        for name, value in (("cost-weak", self.cost_weak), ("cost-human-coarse", self.cost_human_coarse)):
-            if not 0 < value <= 1:
-                raise ModelInputError(f"--{name} must be in (0, 1], got {value}")
+        for name, cost in (("cost-weak", self.cost_weak), ("cost-human-coarse", self.cost_human_coarse)):
+            if not 0 < cost <= 1:
+                raise ModelInputError(f"--{name} must be in (0, 1], got {cost}")
         if self.weak_pad is not None and not 0 <= self.weak_pad <= 1:
             raise ModelInputError(f"--weak-pad must be in [0, 1], got {self.weak_pad}")
         unknown_conditions = [c for c in self.weak_annotators if c not in CONDITIONS]
@@ -104,6 +131,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
         prog="vlm-al simulate",
         description="Offline active-learning benchmark with a simulated oracle and a weak coarse annotator.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--task", default=DEFAULT_TASK, choices=list(TASK_RUNNERS),
+        help="which benchmark; the options below are classification's (see vlm-al simulate --task NAME --help)",
     )
     parser.add_argument(
         "--dataset", default=defaults.dataset, help="fashion-mnist, openclipart or imagefolder:DIR (DIR/<coarse>/<fine>/)"

@@ -26,7 +26,7 @@ from model.simulate.datasets import (
     weak_annotator_logits,
     weak_classifier_input,
 )
-from model.simulate.options import STRATEGY_NAMES, SimulationOptions, parse_options
+from model.simulate.options import STRATEGY_NAMES, SimulationOptions, parse_options, split_task, task_runner
 from model.simulate.oracle import (
     LabelledPool,
     SimulatedOracle,
@@ -199,12 +199,19 @@ def run_jobs(jobs: Sequence[RunJob], data: BenchmarkData, answers_by_condition: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``vlm-al simulate``: returns 0, or 2 with a message on stderr for bad options or missing data."""
+    """``vlm-al simulate [--task NAME]``: returns 0, or 2 with a message on stderr for bad options or missing data.
+    The task (``TASK_RUNNERS``; classification by default) gets the other arguments."""
     try:
-        return _simulate(parse_options(argv))
+        task, rest = split_task(sys.argv[1:] if argv is None else argv)
+        return int(task_runner(task)(rest) or 0)
     except ModelInputError as exc:
         print(f"vlm-al simulate: {exc}", file=sys.stderr)
         return 2
+
+
+def run_classification(argv: list[str]) -> int:
+    """The classification benchmark: strategies compared on fine test accuracy at equal label cost."""
+    return _simulate(parse_options(argv))
 
 
 def _simulate(options: SimulationOptions) -> int:
@@ -241,8 +248,8 @@ def _simulate(options: SimulationOptions) -> int:
     conditions: dict[str, dict] = {}
     for condition in options.weak_annotators:
         real = condition in REAL_ANNOTATORS
-        answers = answers_by_condition[condition][:1] if real else answers_by_condition[condition]
-        weak = weak_annotator_report(data.pool_coarse, answers, hierarchy)
+        condition_answers = answers_by_condition[condition][:1] if real else answers_by_condition[condition]
+        weak = weak_annotator_report(data.pool_coarse, condition_answers, hierarchy)
         if real:
             model_name, size, pad = weak_classifier_input(condition, options)
             weak["classifier"] = f"timm:{model_name}:imagenet-package:{size}px, pad {pad:g}"

@@ -1,0 +1,369 @@
+"""Segmentation projects: a <BrushLabels> over an <Image>, optionally next to an image-level <Choices>.
+
+This module only translates Label Studio into ``model.segmentation`` calls: it reads the config with
+label-studio-sdk's ``LabelInterface``, reads brush annotations into label masks and writes predicted masks back
+with the SDK's brush converters (``label_studio_sdk.converter.brush.decode_rle`` / ``mask2rle``: Label Studio's
+own RLE, never re-implemented here), downloads task images with the project's Label Studio client, and keeps
+one fitted ``SegmentationModel`` per project.
+
+A fit (from the webhooks, like every project) reads every task's mask and image-level labels, trains the model
+on the human masks plus the reliability-weighted pseudo-masks of the other tasks, and pushes brush
+pre-annotations for the unlabelled tasks: the head's mask restricted to the image's labels (human ones where the
+<Choices> was answered, else predicted), one region per label with its mean probability as the region's score,
+and a prediction score that orders Label Studio's queue (ascending: the least reliable mask first).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import xml.etree.ElementTree as ElementTree
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from defusedxml import DefusedXmlException
+from defusedxml.ElementTree import fromstring as _xml_fromstring
+from label_studio_sdk.converter.brush import decode_rle, mask2rle
+from label_studio_sdk.label_interface import LabelInterface
+from PIL import Image
+
+from backend.label_config import LabelConfigError, LabelLayout
+from model.errors import ModelInputError
+
+logger = logging.getLogger(__name__)
+
+MIN_REGION_SHARE = 0.002
+"""Predicted regions below this share of the image are not sent (specks a person would have to erase)."""
+PREDICTION_SIDE = 112
+"""The head predicts at this square resolution; masks are then resized to each image's own size."""
+
+
+@dataclass(frozen=True)
+class SegmentationLabeling:
+    """The tags of a segmentation project: the brush control and its labels, and an optional image-level
+    <Choices> whose values that match brush labels count as the image's labels."""
+
+    image_name: str
+    image_value_key: str
+    brush_control: str
+    labels: tuple[str, ...]
+    choices_control: str | None = None
+    choice_values: tuple[str, ...] = ()
+    layout: LabelLayout = LabelLayout.BRUSH_SEGMENTATION
+
+
+def parse_segmentation_config(xml: str) -> SegmentationLabeling | None:
+    """The segmentation tags of a label config, or None when it has no <BrushLabels> (another layout's)."""
+    if not isinstance(xml, str) or "brushlabels" not in xml.lower():
+        return None
+    try:
+        _xml_fromstring(xml)  # hostile XML (entity expansion, external entities) is refused before the SDK reads it
+    except (ElementTree.ParseError, DefusedXmlException) as exc:
+        raise LabelConfigError(f"the label config is not valid XML: {exc}") from exc
+    try:
+        interface = LabelInterface(xml)
+    except Exception as exc:  # the SDK raises plain Exception subclasses
+        raise LabelConfigError(f"label-studio-sdk cannot read the label config: {exc}") from exc
+    images = {o.name: o for o in (interface.objects or ()) if o.tag.lower() == "image"}
+    brushes = [c for c in (interface.controls or ()) if c.tag.lower() == "brushlabels"]
+    if not brushes:
+        return None
+    on_image = [c for c in brushes if any(name in images for name in c.to_name)]
+    if not on_image:
+        raise LabelConfigError(f'<BrushLabels name="{brushes[0].name}"> must point at an <Image> '
+                               f"(images: {', '.join(images) or 'none'})")
+    if len(on_image) > 1:
+        raise LabelConfigError(f"several <BrushLabels> ({', '.join(c.name for c in on_image)}); use one")
+    brush = on_image[0]
+    labels = tuple(brush.labels)
+    if not labels:
+        raise LabelConfigError(f'<BrushLabels name="{brush.name}"> has no <Label> values')
+    if len(set(labels)) != len(labels):
+        raise LabelConfigError(f'<BrushLabels name="{brush.name}"> repeats a <Label> value')
+    image_name = next(name for name in brush.to_name if name in images)
+    value = str(images[image_name].value or "")
+    if not value.startswith("$") or len(value) < 2:
+        raise LabelConfigError(f'<Image name="{image_name}"> needs value="$<task data key>", got "{value}"')
+    choices = [c for c in (interface.controls or ())
+               if c.tag.lower() == "choices" and image_name in c.to_name and set(c.labels) & set(labels)]
+    choice = choices[0] if choices else None
+    return SegmentationLabeling(
+        image_name=image_name, image_value_key=value[1:], brush_control=brush.name, labels=labels,
+        choices_control=choice.name if choice else None,
+        choice_values=tuple(v for v in choice.labels if v in labels) if choice else (),
+    )
+
+
+# --- annotations and predictions --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TaskAnnotation:
+    """What a person gave one task: its mask (uint8 (H, W), 0 = background, k + 1 = label k) if any region was
+    drawn, and its image-level labels (from the <Choices> and from the labels drawn)."""
+
+    mask: np.ndarray | None
+    labels: frozenset[str]
+
+
+def decode_brush_region(value: Mapping[str, Any], width: int, height: int) -> np.ndarray:
+    """bool (height, width): one brush region's pixels, decoded with the SDK's ``decode_rle``."""
+    rle = value.get("rle")
+    if not isinstance(rle, list) or not rle:
+        raise ModelInputError("a brush region without 'rle' (only Label Studio's RLE brush format is read)")
+    flat = np.asarray(decode_rle(rle), dtype=np.uint8)
+    if flat.size != width * height * 4:
+        raise ModelInputError(f"a brush region decodes to {flat.size} values, not {width}x{height}x4")
+    return flat.reshape(height, width, 4)[:, :, 3] > 0
+
+
+def read_annotation(labeling: SegmentationLabeling, annotation: Mapping[str, Any]) -> TaskAnnotation | None:
+    """One annotation's mask and labels; None for a cancelled (skipped) annotation. Regions are painted in
+    order, so a later region covers an earlier one where they overlap."""
+    if annotation.get("was_cancelled"):
+        return None
+    mask: np.ndarray | None = None
+    labels: set[str] = set()
+    for result in annotation.get("result") or ():
+        if not isinstance(result, Mapping):
+            continue
+        value = result.get("value") or {}
+        if result.get("from_name") == labeling.brush_control and result.get("type") == "brushlabels":
+            names = [n for n in value.get("brushlabels") or () if n in labeling.labels]
+            width, height = int(result.get("original_width") or 0), int(result.get("original_height") or 0)
+            if not names or width <= 0 or height <= 0:
+                continue
+            region = decode_brush_region(value, width, height)
+            if mask is None:
+                mask = np.zeros((height, width), dtype=np.uint8)
+            if mask.shape != region.shape:
+                raise ModelInputError(f"brush regions of one annotation disagree on the image size "
+                                      f"({mask.shape} vs {region.shape})")
+            mask[region] = labeling.labels.index(names[0]) + 1
+            labels.add(names[0])
+        elif labeling.choices_control and result.get("from_name") == labeling.choices_control:
+            labels.update(c for c in value.get("choices") or () if c in labeling.labels)
+    return TaskAnnotation(mask, frozenset(labels))
+
+
+def latest_annotation(labeling: SegmentationLabeling, task: Mapping[str, Any]) -> TaskAnnotation | None:
+    """The newest usable annotation of a task (by update time, then id), or None."""
+    annotations = [a for a in task.get("annotations") or () if isinstance(a, Mapping) and not a.get("was_cancelled")]
+    annotations.sort(key=lambda a: (str(a.get("updated_at") or a.get("created_at") or ""), a.get("id") or 0))
+    for annotation in reversed(annotations):
+        read = read_annotation(labeling, annotation)
+        if read is not None and (read.mask is not None or read.labels):
+            return read
+    return None
+
+
+def mask_results(labeling: SegmentationLabeling, mask: np.ndarray, probabilities: np.ndarray,
+                 label_probabilities: np.ndarray | None = None) -> list[dict[str, Any]]:
+    """Label Studio results for a predicted mask (uint8 (H, W)): one ``brushlabels`` region per label in the SDK's
+    RLE (``mask2rle``), scored by the label's mean probability over the region (``probabilities`` float
+    (L + 1, H, W)); plus the image-level <Choices> if the config has one (labels whose probability reaches 0.5)."""
+    height, width = mask.shape
+    results: list[dict[str, Any]] = []
+    for k, name in enumerate(labeling.labels):
+        region = mask == k + 1
+        if region.mean() < MIN_REGION_SHARE:
+            continue
+        results.append({
+            "from_name": labeling.brush_control, "to_name": labeling.image_name, "type": "brushlabels",
+            "original_width": width, "original_height": height, "image_rotation": 0,
+            "value": {"format": "rle", "rle": mask2rle(region.astype(np.uint8) * 255), "brushlabels": [name]},
+            "score": round(float(probabilities[k + 1][region].mean()), 4),
+        })
+    if labeling.choices_control and label_probabilities is not None:
+        chosen = [name for k, name in enumerate(labeling.labels)
+                  if name in labeling.choice_values and label_probabilities[k] >= 0.5]
+        if chosen:
+            results.append({"from_name": labeling.choices_control, "to_name": labeling.image_name, "type": "choices",
+                            "value": {"choices": chosen},
+                            "score": round(float(min(label_probabilities[labeling.labels.index(c)] for c in chosen)), 4)})
+    return results
+
+
+def resize_label_mask(mask: np.ndarray, side: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(mask).resize((side, side), Image.Resampling.NEAREST))
+
+
+def resize_probabilities(probabilities: np.ndarray, width: int, height: int) -> np.ndarray:
+    """float32 (c, height, width): bilinear resize of per-class probability maps."""
+    return np.stack([np.asarray(Image.fromarray(p).resize((width, height), Image.Resampling.BILINEAR))
+                     for p in probabilities.astype(np.float32)])
+
+
+# --- per-project models ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ProjectSegmentation:
+    model: Any = None
+    version: str = "seg-v0"
+    priorities: dict[int, float] = field(default_factory=dict)
+    fits: int = 0
+
+
+class SegmentationProjects:
+    """Fits and serves one ``SegmentationModel`` per project. Feature maps are kept by image content key, so a
+    refit downloads and embeds only new images. ``extractor`` maps PIL images to feature maps (n, h, w, d)."""
+
+    def __init__(self, decode: Callable[[bytes], Image.Image], content_key: Callable[[bytes], str],
+                 extractor: Callable[[Sequence[Image.Image]], np.ndarray] | None = None) -> None:
+        self._decode = decode
+        self._content_key = content_key
+        self._extractor = extractor
+        self._maps: dict[str, np.ndarray] = {}
+        self._keys_by_url: dict[str, tuple[str, int, int]] = {}
+        self._projects: dict[int, ProjectSegmentation] = {}
+        self._lock = threading.Lock()
+
+    def project(self, project_id: int) -> ProjectSegmentation:
+        with self._lock:
+            return self._projects.setdefault(project_id, ProjectSegmentation())
+
+    def _extract(self, images: Sequence[Image.Image]) -> np.ndarray:
+        if self._extractor is None:
+            from model.spatial_features import spatial_extractor
+
+            self._extractor = spatial_extractor()
+        return np.asarray(self._extractor(images), dtype=np.float16)
+
+    def task_maps(self, client: Any, tasks: Sequence[Mapping[str, Any]], labeling: SegmentationLabeling
+                  ) -> tuple[list[int], np.ndarray, list[tuple[int, int]]]:
+        """Positions of the tasks whose image could be used, their feature maps, and each image's (W, H)."""
+        positions: list[int] = []
+        keys: list[str] = []
+        sizes: list[tuple[int, int]] = []
+        new_images: dict[str, Image.Image] = {}
+        for position, task in enumerate(tasks):
+            url = (task.get("data") or {}).get(labeling.image_value_key)
+            if not isinstance(url, str) or not url:
+                continue
+            known = self._keys_by_url.get(url)
+            if known is None or known[0] not in self._maps:
+                try:
+                    data = client.download_image(url, task.get("id"))
+                    image = self._decode(data)
+                except Exception as exc:  # noqa: BLE001 - one bad image must not fail the project
+                    logger.warning("segmentation: task %s image unusable: %s", task.get("id"), str(exc)[:200])
+                    continue
+                known = (self._content_key(data), image.width, image.height)
+                self._keys_by_url[url] = known
+                if known[0] not in self._maps:
+                    new_images[known[0]] = image
+            positions.append(position)
+            keys.append(known[0])
+            sizes.append((known[1], known[2]))
+        if new_images:
+            computed = self._extract(list(new_images.values()))
+            for key, maps in zip(new_images, computed):
+                self._maps[key] = maps
+        maps = np.stack([self._maps[k] for k in keys]) if keys else np.zeros((0, 1, 1, 1), np.float16)
+        return positions, maps, sizes
+
+    def fit(self, project_id: int, client: Any, tasks: Sequence[Mapping[str, Any]],
+            labeling: SegmentationLabeling) -> dict[str, Any] | None:
+        """Train on every task's annotation; returns a summary, or None when nothing can be learned yet."""
+        from model.segmentation import SegmentationModel, SegmentationSettings, mask_priority, mask_scores
+
+        annotations = [latest_annotation(labeling, t) for t in tasks]
+        if not any(a is not None for a in annotations):
+            return None
+        positions, maps, _ = self.task_maps(client, tasks, labeling)
+        if not positions:
+            return None
+        settings = SegmentationSettings()
+        n_labels = len(labeling.labels)
+        label_sets = np.zeros((len(positions), n_labels), dtype=bool)
+        known = np.zeros(len(positions), dtype=bool)
+        human: list[int] = []
+        human_masks: list[np.ndarray] = []
+        for row, position in enumerate(positions):
+            annotation = annotations[position]
+            if annotation is None:
+                continue
+            known[row] = True
+            for name in annotation.labels:
+                label_sets[row, labeling.labels.index(name)] = True
+            if annotation.mask is not None:
+                human.append(row)
+                human_masks.append(resize_label_mask(annotation.mask, settings.side))
+        masks = np.stack(human_masks) if human_masks else np.zeros((0, settings.side, settings.side), np.uint8)
+        model = SegmentationModel(labeling.labels, settings).fit(maps.astype(np.float32), label_sets, known,
+                                                                 np.asarray(human, dtype=np.int64), masks)
+        unlabelled = np.flatnonzero(~known)
+        priorities: dict[int, float] = {}
+        if unlabelled.size:
+            scores = mask_scores(model, maps.astype(np.float32), unlabelled)
+            queue = mask_priority(scores, scores.indices, len(positions), known)
+            priorities = {int(tasks[positions[row]]["id"]): float(queue[row]) for row in unlabelled}
+        state = self.project(project_id)
+        with self._lock:
+            state.fits += 1
+            state.model = model
+            state.version = f"seg-v{state.fits}"
+            state.priorities = priorities
+        return {"model_version": state.version, "n_masks": len(human), "n_image_labels": int(known.sum()),
+                "n_tasks": len(positions), "unlabelled_task_ids": [int(tasks[positions[r]]["id"]) for r in unlabelled]}
+
+    def predictions(self, project_id: int, client: Any, tasks: Sequence[Mapping[str, Any]],
+                    labeling: SegmentationLabeling) -> list[dict[str, Any]]:
+        """One prediction per task, in order: brush regions and a queue score once the project has a model;
+        an empty result before its first fit (there is nothing to draw a mask from yet)."""
+        state = self.project(project_id)
+        predictions: list[dict[str, Any]] = [{"result": [], "model_version": state.version} for _ in tasks]
+        if state.model is None or not tasks:
+            return predictions
+        positions, maps, sizes = self.task_maps(client, tasks, labeling)
+        if not positions:
+            return predictions
+        model = state.model
+        features = maps.astype(np.float32)
+        probabilities = model.predict_proba(features, PREDICTION_SIDE)
+        label_probabilities = model.label_probabilities(features)
+        for row, position in enumerate(positions):
+            task = tasks[position]
+            annotation = latest_annotation(labeling, task)
+            present = (np.isin(labeling.labels, sorted(annotation.labels)) if annotation and annotation.labels
+                       else label_probabilities[row] >= model.settings.min_label_probability)
+            present = np.asarray(present, dtype=bool)
+            if not present.any():
+                present[int(label_probabilities[row].argmax())] = True
+            allowed = np.concatenate([[True], present])
+            width, height = sizes[row]
+            restricted = np.where(allowed[:, None, None], probabilities[row], 0.0)
+            restricted /= np.maximum(restricted.sum(axis=0, keepdims=True), 1e-6)
+            full = resize_probabilities(restricted, width, height)
+            mask = full.argmax(axis=0).astype(np.uint8)
+            results = mask_results(labeling, mask, full, label_probabilities[row])
+            score = state.priorities.get(int(task.get("id") or -1))
+            if score is None:
+                region_scores = [r["score"] for r in results if r["type"] == "brushlabels"]
+                score = float(np.mean(region_scores)) if region_scores else 0.0
+            predictions[position] = {"result": results, "score": round(float(score), 6),
+                                     "model_version": state.version}
+        return predictions
+
+    def fit_and_push(self, project_id: int, client: Any, labeling: SegmentationLabeling, *, push: bool) -> str | None:
+        """A fit from the webhooks: train on the project's annotations, then (``push``) send brush
+        pre-annotations of the unlabelled tasks to Label Studio under the new model version."""
+        tasks = client.fetch_tasks(project_id)
+        summary = self.fit(project_id, client, tasks, labeling)
+        if summary is None:
+            logger.info("project %s: no masks or image labels yet; nothing to fit", project_id)
+            return None
+        version = str(summary["model_version"])
+        logger.info("project %s: segmentation %s from %d masks and %d labelled images of %d tasks", project_id,
+                    version, summary["n_masks"], summary["n_image_labels"], summary["n_tasks"])
+        if push:
+            wanted = set(summary["unlabelled_task_ids"])
+            todo = [t for t in tasks if int(t["id"]) in wanted]
+            payload = [{"task": int(t["id"]), **p} for t, p in zip(todo, self.predictions(project_id, client, todo,
+                                                                                          labeling)) if p["result"]]
+            if payload and client.import_predictions(project_id, payload) > 0:
+                client.set_model_version(project_id, version)  # Label Studio refuses a version no prediction has
+        return version

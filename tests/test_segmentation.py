@@ -1,0 +1,193 @@
+"""model.segmentation on synthetic feature maps whose cells say which class covers them."""
+
+import numpy as np
+import pytest
+
+from model.errors import ModelInputError
+from model.segmentation import (
+    SEGMENTATION_STRATEGIES,
+    CamClassifier,
+    CamMasks,
+    HeadSettings,
+    ReliabilityModel,
+    SegmentationModel,
+    SegmentationSettings,
+    cam_masks,
+    clean_mask,
+    create_segmentation_strategy,
+    mask_priority,
+    mask_scores,
+    mean_iou,
+    self_learned_targets,
+)
+from model.segmentation.cam import choose_threshold
+from model.segmentation.query import MaskScores, UncertainMasks
+
+N_LABELS, DIM, GRID, SIDE = 3, 24, 7, 28
+
+
+def synthetic(n: int, seed: int = 0):
+    """Feature maps (n, 7, 7, DIM) with 1-2 rectangles of cells per image, each of one class: a cell's features
+    are its class's direction plus noise. Returns maps, label sets and the true masks at SIDE pixels."""
+    rng = np.random.default_rng(seed)
+    directions = rng.normal(size=(N_LABELS + 1, DIM)) * 2.0
+    maps = np.zeros((n, GRID, GRID, DIM), dtype=np.float32)
+    cells = np.zeros((n, GRID, GRID), dtype=np.uint8)
+    for i in range(n):
+        for label in rng.choice(N_LABELS, size=int(rng.integers(1, 3)), replace=False):
+            top, left = rng.integers(0, GRID - 2, size=2)
+            height, width = rng.integers(2, 4, size=2)
+            cells[i, top : top + height, left : left + width] = label + 1
+        maps[i] = directions[cells[i]] + rng.normal(scale=0.7, size=(GRID, GRID, DIM))
+    label_sets = np.stack([[np.any(c == k + 1) for k in range(N_LABELS)] for c in cells])
+    masks = np.repeat(np.repeat(cells, SIDE // GRID, axis=1), SIDE // GRID, axis=2)
+    return maps, label_sets, masks
+
+
+@pytest.fixture(scope="module")
+def both():
+    return synthetic(150)
+
+
+@pytest.fixture(scope="module")
+def data(both):
+    maps, label_sets, masks = both
+    return maps[:110], label_sets[:110], masks[:110]
+
+
+def test_cam_shapes_range_and_location(data):
+    maps, label_sets, masks = data
+    classifier = CamClassifier(N_LABELS).fit(maps, label_sets)
+    cams = classifier.activation_maps(maps)
+    assert cams.shape == (110, N_LABELS, GRID, GRID) and cams.dtype == np.float32
+    assert cams.min() >= 0.0 and cams.max() <= 1.0
+    cells = masks[:, :: SIDE // GRID, :: SIDE // GRID]
+    inside, outside = [], []
+    for i in range(110):
+        for k in np.flatnonzero(label_sets[i]):
+            inside.append(cams[i, k][cells[i] == k + 1].mean())
+            outside.append(cams[i, k][cells[i] != k + 1].mean())
+    assert np.mean(inside) > np.mean(outside) + 0.4  # a class's map lights up where the class is
+    probabilities = classifier.predict_proba(maps)
+    assert probabilities.shape == (110, N_LABELS) and ((probabilities > 0.5) == label_sets).mean() > 0.9
+    with pytest.raises(ModelInputError):
+        CamClassifier(N_LABELS).activation_maps(maps)
+    with pytest.raises(ModelInputError):
+        CamClassifier(N_LABELS).fit(maps, label_sets[:, :2])
+
+
+def test_cam_threshold_controls_the_foreground(data):
+    maps, label_sets, masks = data
+    cams = CamClassifier(N_LABELS).fit(maps, label_sets).activation_maps(maps)
+    shares = [(cam_masks(cams, label_sets, SIDE, t).masks > 0).mean() for t in (0.2, 0.4, 0.6, 0.8)]
+    assert all(a >= b for a, b in zip(shares, shares[1:])) and shares[0] > shares[-1]
+    pseudo = cam_masks(cams, label_sets, SIDE, 0.5)
+    assert pseudo.masks.shape == (110, SIDE, SIDE) and pseudo.masks.dtype == np.uint8
+    assert pseudo.margin.min() >= 0 and pseudo.margin.max() <= 1
+    # only the image's labels are painted
+    for i in range(110):
+        painted = set(np.unique(pseudo.masks[i]).tolist()) - {0}
+        assert painted <= {k + 1 for k in np.flatnonzero(label_sets[i])}
+    assert mean_iou(pseudo.masks, masks, N_LABELS + 1) > 0.5
+    chosen = choose_threshold(cams[:40], label_sets[:40], masks[:40])
+    assert mean_iou(cam_masks(cams, label_sets, SIDE, chosen).masks, masks, N_LABELS + 1) >= \
+        mean_iou(cam_masks(cams, label_sets, SIDE, 0.2).masks, masks, N_LABELS + 1) - 1e-9
+    for bad in (0.0, 1.0, 1.5):
+        with pytest.raises(ModelInputError):
+            cam_masks(cams, label_sets, SIDE, bad)
+
+
+def test_cleaning_drops_specks_and_fills_holes():
+    mask = np.zeros((56, 56), dtype=np.uint8)  # cleaning works at any size
+    mask[10:30, 10:30] = 1
+    mask[18:21, 18:21] = 0  # a hole
+    mask[45, 45] = 2  # a speck
+    cleaned = clean_mask(mask, 2)
+    assert (cleaned[10:30, 10:30] == 1).all()
+    assert not (cleaned == 2).any()
+
+
+def test_reliability_weights_follow_measured_accuracy():
+    masks = np.zeros((1, 8, 8), dtype=np.uint8)
+    masks[0, :, :4] = 1
+    margin = np.zeros((1, 8, 8), dtype=np.float32)
+    margin[0, :4] = 0.95  # confident rows
+    margin[0, 4:] = 0.05  # rows near the threshold
+    truth = masks.copy()
+    truth[0, 4:] = np.where(masks[0, 4:] == 1, 0, 1)  # the unsure rows are all wrong
+    pseudo = CamMasks(masks, margin)
+    weights = ReliabilityModel.fit(pseudo, truth).weights(pseudo)
+    assert weights[0, :4].min() > 0.7 and weights[0, 4:].max() == 0.0
+    prior = ReliabilityModel.fit(pseudo, truth[:0], prior_weight=0.3).weights(pseudo)
+    assert np.allclose(prior, 0.3)
+
+
+def test_self_learning_keeps_agreement_and_weighs_disagreement():
+    probabilities = np.zeros((1, 3, 1, 3), dtype=np.float32)
+    probabilities[0, :, 0, 0] = [0.05, 0.9, 0.05]  # head sure of label 1, CAM agrees
+    probabilities[0, :, 0, 1] = [0.05, 0.9, 0.05]  # head sure of label 1, CAM said background
+    probabilities[0, :, 0, 2] = [0.1, 0.1, 0.8]  # head says label 2, which the image does not hold: a tie left
+    present = np.array([[True, False]])
+    cam_targets = np.array([[[1, 0, 0]]], dtype=np.uint8)
+    cam_weights = np.array([[[0.5, 0.2, 0.6]]], dtype=np.float32)
+    targets, weights = self_learned_targets(probabilities, present, cam_targets, cam_weights)
+    assert targets[0, 0].tolist() == [1, 1, 0]  # label 2 is not allowed; background vs label 1 tie: CAM's stays
+    assert weights[0, 0, 0] > 0.5  # agreement: the larger confidence
+    assert weights[0, 0, 2] == pytest.approx(0.6)
+    assert 0 < weights[0, 0, 1] < 1  # the head overrules a weak CAM pixel, with the difference as weight
+    assert targets.dtype == np.uint8
+
+
+def test_head_learns_masks_and_pseudo_masks_help_with_few(both):
+    all_maps, all_label_sets, all_masks = both
+    maps, label_sets, masks = all_maps[:110], all_label_sets[:110], all_masks[:110]
+    test_maps, test_masks = all_maps[110:], all_masks[110:]
+    known = np.ones(len(maps), dtype=bool)
+    human = np.arange(3)
+    settings = dict(head=HeadSettings(components=16, steps=40))
+    scores = {}
+    for use_pseudo in (False, True):
+        model = SegmentationModel(("a", "b", "c"), SegmentationSettings(use_pseudo=use_pseudo, **settings))
+        model.fit(maps, label_sets, known, human, masks[human])
+        predicted = model.predict(test_maps, SIDE)
+        assert predicted.shape == (40, SIDE, SIDE)
+        scores[use_pseudo] = mean_iou(predicted, test_masks, N_LABELS + 1)
+    assert scores[True] > 0.5 and scores[True] > scores[False]
+    probabilities = model.predict_proba(test_maps[:2], 28)
+    assert probabilities.shape == (2, N_LABELS + 1, 28, 28)
+    assert np.allclose(probabilities.sum(axis=1), 1, atol=1e-4)
+    with pytest.raises(ModelInputError):
+        SegmentationModel(("a", "b", "c")).fit(maps, label_sets, known, human, masks[human][:, :28, :28])
+
+
+def test_strategies_registry_and_selection(data):
+    maps, label_sets, masks = data
+    model = SegmentationModel(("a", "b", "c"), SegmentationSettings(head=HeadSettings(components=16, steps=20)))
+    model.fit(maps, label_sets, np.ones(110, dtype=bool), np.arange(4), masks[:4])
+    scores = mask_scores(model, maps, np.arange(4, 110))
+    for values in (scores.cam_entropy, scores.disagreement, scores.boundary):
+        assert values.shape == (106,) and values.min() >= 0 and values.max() <= 1
+    assert {"random", "mask-uncertainty", "cam-entropy", "head-cam-disagreement",
+            "boundary-uncertainty"} <= set(SEGMENTATION_STRATEGIES)
+    rng = np.random.default_rng(0)
+    for name in SEGMENTATION_STRATEGIES:
+        picked = create_segmentation_strategy(name).select(scores, 8, rng)
+        assert len(set(picked.tolist())) == 8 and set(picked.tolist()) <= set(range(4, 110))
+    with pytest.raises(ModelInputError):
+        create_segmentation_strategy("nope")
+    # the most uncertain image comes first; a duplicate of it is not picked next to it (diversity)
+    embeddings = np.eye(6, dtype=np.float32)
+    embeddings[1] = embeddings[0]
+    toy = MaskScores(np.arange(6), np.zeros(6), np.array([0.9, 0.89, 0.5, 0.4, 0.3, 0.1]), np.zeros(6), embeddings)
+    picked = UncertainMasks("disagreement", shortlist_factor=3).select(toy, 2, np.random.default_rng(0))
+    assert picked[0] == 0 and 1 not in picked.tolist()
+    priority = mask_priority(toy, np.array([3]), 8, np.array([False] * 6 + [True, True]))
+    assert priority[3] == 0.0 and (priority[6:] == 1.0).all() and (priority[:6] < 1).all()
+
+
+def test_mean_iou_known_values():
+    truth = np.array([[0, 0, 1, 1]])
+    assert mean_iou(truth, truth, 2) == 1.0
+    predicted = np.array([[0, 1, 1, 1]])
+    # background: 1/2, class 1: 2/3
+    assert mean_iou(predicted, truth, 2) == pytest.approx((0.5 + 2 / 3) / 2)
