@@ -286,6 +286,9 @@ class FeatureExtractor:
         self._client_for = client_for
         self._downloads = ProjectDownloadPools(DOWNLOAD_THREADS, DOWNLOAD_POOLS)
         self.claims = claims or LocalInflightClaims()
+        self._compute_slot = threading.Semaphore(1)
+        """The backbone runs one chunk at a time in this process: it already uses every core it is given, and a
+        second concurrent run would only double its working memory."""
 
     def features(
         self,
@@ -298,7 +301,8 @@ class FeatureExtractor:
         """Embeddings and weak answers of the tasks' images: cache first, download and compute what is missing.
 
         ``fetch=False`` answers from the caches only; the other tasks are listed in ``pending``. Missing work is
-        done in chunks of FEATURE_CHUNK images, two chunks in flight (one downloads while the other computes),
+        done in chunks of FEATURE_CHUNK images, two chunks in flight (one downloads while the other computes, one
+        computation at a time in the process),
         each chunk's image bytes freed when it is done. Each chunk's image URLs are claimed first (``claims``:
         this process, or every replica through Redis): a URL another caller is working on is waited for and
         read from the cache, never downloaded or embedded twice."""
@@ -417,8 +421,9 @@ class FeatureExtractor:
             redownload = [i for i in missing_positions.values() if i not in downloaded]
             if redownload:
                 self._download(project_id, tasks, urls, redownload, client, downloaded, errors)
-            n_embedded = self._compute(weak_annotator, namespace, missing_positions, downloaded, embeddings, weak,
-                                       errors)
+            with self._compute_slot:  # one chunk computes at a time; the other chunk in flight downloads
+                n_embedded = self._compute(weak_annotator, namespace, missing_positions, downloaded, embeddings,
+                                           weak, errors)
         for i, key in enumerate(keys):
             if key is not None and key not in embeddings and i not in errors and i not in pending:
                 failed = next((errors[j] for j, k in enumerate(keys) if k == key and j in errors), "no embedding")
