@@ -62,7 +62,7 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            state = load_file(str(path), device="cpu")
+            state: Any = load_file(str(path), device="cpu")
         else:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch and safetensors raise many types for a bad file
@@ -201,7 +201,8 @@ class TimmBackbone:
         else:
             model = self._create_pretrained(model_name, weights)
             weights_id = weights
-        self.model = model.eval().to(self.device)
+        # Any: timm models expose architecture attributes (num_features, forward_head) torch's stubs cannot type.
+        self.model: Any = model.eval().to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.weights_id = weights_id
@@ -311,6 +312,7 @@ class OpenClipImageBackbone:
         random_seed: int = 0,
         model_overrides: Mapping[str, Any] | None = None,
     ) -> None:
+        self.model: Any
         self.model, self._transform, self.weights_id = create_open_clip_model(
             model_name, pretrained, device=device, random_seed=random_seed, model_overrides=model_overrides
         )

@@ -360,17 +360,22 @@ class FineGrainedClassifier:
 
     # ---- prediction -----------------------------------------------------------------------------------------
 
-    def _features(self, embeddings: np.ndarray) -> torch.Tensor:
+    def _fitted_parameters(self) -> dict[str, torch.Tensor]:
         if self._parameters is None:
             raise ModelInputError("the classifier is not fitted yet: call fit() or load() first")
+        return self._parameters
+
+    def _features(self, embeddings: np.ndarray) -> torch.Tensor:
+        parameters = self._fitted_parameters()
         array = _validated_embeddings(embeddings, self.embedding_dim)
-        return _l2_normalise(torch.from_numpy(array)) - self._parameters["feature_mean"]
+        return _l2_normalise(torch.from_numpy(array)) - parameters["feature_mean"]
 
     def predict_fine_proba(self, embeddings: np.ndarray) -> np.ndarray:
         """float32 (n, n_fine), rows summing to 1."""
         with _torch_threads(self.config.num_threads), torch.inference_mode():
             features = self._features(embeddings)
-            logits = F.linear(features, self._parameters["fine_head.weight"], self._parameters["fine_head.bias"])
+            parameters = self._fitted_parameters()
+            logits = F.linear(features, parameters["fine_head.weight"], parameters["fine_head.bias"])
             return F.softmax(logits, dim=1).numpy().astype(np.float32)
 
     def predict_coarse_proba(self, embeddings: np.ndarray) -> np.ndarray:
@@ -380,7 +385,8 @@ class FineGrainedClassifier:
             return (fine @ self.hierarchy.fine_to_coarse_matrix).astype(np.float32)
         with _torch_threads(self.config.num_threads), torch.inference_mode():
             features = self._features(embeddings)
-            weight, bias = self._parameters["coarse_head.weight"], self._parameters["coarse_head.bias"]
+            parameters = self._fitted_parameters()
+            weight, bias = parameters["coarse_head.weight"], parameters["coarse_head.bias"]
             return F.softmax(F.linear(features, weight, bias), dim=1).numpy().astype(np.float32)
 
     # ---- checkpoints ----------------------------------------------------------------------------------------
@@ -548,7 +554,7 @@ def cross_validated_accuracy(
         # A held-out sample keeps no label of any kind in training, so its coarse labels cannot leak either.
         classifier = FineGrainedClassifier(hierarchy, embeddings.shape[1], config).fit(
             embeddings,
-            _without(fine_labels, held_out),
+            np.where(held_out, MISSING_LABEL, fine_labels),
             _without(weak_coarse_labels, held_out),
             coarse_transition_matrix,
             _without(human_coarse_labels, held_out),

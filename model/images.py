@@ -63,8 +63,7 @@ def decode_image(data: bytes, limits: ImageLimits | None = None) -> Image.Image:
                     f"image is {width}x{height} = {width * height} pixels; the limit is {limits.max_pixels}"
                 )
             image.load()
-            image = ImageOps.exif_transpose(image)
-            return to_rgb_on_white(image)
+            return to_rgb_on_white(ImageOps.exif_transpose(image))
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

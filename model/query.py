@@ -121,6 +121,14 @@ class PoolState:
         return np.asarray(self.fine_probabilities, dtype=np.float64) @ self.hierarchy.fine_to_coarse_matrix
 
 
+def _coarse_probabilities(pool: PoolState) -> np.ndarray:
+    """``pool.coarse_probabilities_or_summed()`` for strategies that need a trained model's."""
+    coarse = pool.coarse_probabilities_or_summed()
+    if coarse is None:
+        raise ModelInputError("this strategy needs probabilities from a trained model")
+    return coarse
+
+
 def _check_probabilities(name: str, probabilities: np.ndarray | None, n: int, n_classes: int) -> None:
     if probabilities is None:
         return
@@ -503,7 +511,7 @@ class IsoValueToCostQuery:
             raise ModelInputError("ISO needs fine_probabilities from a trained model; use a cold-start strategy first")
         measure = UNCERTAINTY_MEASURES[self.uncertainty]
         fine_percentile = percentile_rank(measure(np.asarray(pool.fine_probabilities)))
-        coarse_percentile = percentile_rank(measure(pool.coarse_probabilities_or_summed()))
+        coarse_percentile = percentile_rank(measure(_coarse_probabilities(pool)))
         annotation = pool.annotation_type
         full_samples = np.flatnonzero(annotation != FULL)
         weak_samples = np.flatnonzero(annotation == UNLABELED)
@@ -703,7 +711,7 @@ class WeakAndGroupMarginQuery:
             if self.weak_selection == "random":
                 weak = rng.choice(weak_candidates, size=n_weak, replace=False)
             else:
-                coarse = pool.coarse_probabilities_or_summed()
+                coarse = _coarse_probabilities(pool)
                 order = np.argsort(-margin_uncertainty(coarse[weak_candidates]), kind="stable")
                 weak = weak_candidates[order[:n_weak]]
             selections += [Selection(int(i), pool.weak_kind) for i in weak]

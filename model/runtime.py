@@ -234,7 +234,7 @@ class _PooledAndLogits(torch.nn.Module):
 
     def __init__(self, model: torch.nn.Module, with_logits: bool) -> None:
         super().__init__()
-        self.model = model
+        self.model: Any = model  # a timm model: forward_head and get_classifier are beyond torch's stubs
         self.with_logits = with_logits
 
     def forward(self, pixels: torch.Tensor) -> Any:
@@ -286,7 +286,8 @@ def export_onnx(eager: Any) -> bytes:
         with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
             torch.onnx.export(
-                wrapper, (example,), buffer, input_names=["pixels"], output_names=names,
+                wrapper, (example,), buffer,  # type: ignore[arg-type]  # a file object works; the stub says path
+                input_names=["pixels"], output_names=names,
                 dynamic_axes={name: {0: "batch"} for name in ["pixels", *names]},
                 opset_version=ONNX_OPSET, dynamo=False,
             )

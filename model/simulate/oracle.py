@@ -99,8 +99,10 @@ class LabelledPool:
 
     @classmethod
     def empty(cls, n: int) -> LabelledPool:
-        missing = [np.full(n, MISSING_LABEL, dtype=np.int64) for _ in range(3)]
-        return cls(*missing, weak_asked=np.zeros(n, dtype=bool))
+        def missing() -> np.ndarray:
+            return np.full(n, MISSING_LABEL, dtype=np.int64)
+
+        return cls(fine=missing(), weak_coarse=missing(), human_coarse=missing(), weak_asked=np.zeros(n, dtype=bool))
 
     def trusted(self) -> np.ndarray:
         """Samples with a human fine label and a weak answer: the pairs that estimate the noise model."""

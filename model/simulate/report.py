@@ -97,7 +97,7 @@ def targets(condition_results: dict) -> dict:
         out["ours_beats_random_by_5_points"] = bool(gap >= 0.05)
     others = {n: s["accuracy_mean"][-1] for n, s in strategies.items() if n != "ours"}
     if others:
-        best_other = max(others, key=others.get)
+        best_other = max(others, key=lambda name: others[name])
         out["best_other_at_final_budget"] = best_other
         out["ours_minus_best_other_at_final_budget"] = round(ours["accuracy_mean"][-1] - others[best_other], 5)
         out["ours_best_at_final_budget"] = bool(ours["accuracy_mean"][-1] > others[best_other])
@@ -183,7 +183,7 @@ def render_markdown(results: dict) -> str:
 
 def weak_annotator_report(true_coarse: np.ndarray, answers: Sequence[np.ndarray], hierarchy: LabelHierarchy) -> dict:
     """Coarse accuracy and confusion of the weak answers on the pool (summed over seeds when they differ)."""
-    counts = sum(coarse_confusion_counts(true_coarse, a, hierarchy.n_coarse) for a in answers)
+    counts = np.sum([coarse_confusion_counts(true_coarse, a, hierarchy.n_coarse) for a in answers], axis=0)
     answered = counts[:, : hierarchy.n_coarse].sum()
     return {
         "coarse_accuracy": round(float(np.trace(counts[:, : hierarchy.n_coarse]) / counts.sum()), 5),

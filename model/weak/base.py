@@ -80,6 +80,18 @@ class WeakLabels:
         return self.coarse_index != MISSING_LABEL
 
 
+class ImageNetClassifier(Protocol):
+    """An image model with a 1000-way ImageNet head (TimmBackbone with ImageNet weights) whose logits a weak
+    annotator maps onto coarse classes."""
+
+    name: str
+
+    @property
+    def num_classes(self) -> int: ...
+
+    def classify_logits(self, images: Sequence[Image.Image]) -> np.ndarray: ...
+
+
 @runtime_checkable
 class WeakAnnotator(Protocol):
     """Gives coarse labels for images. ``name`` is stable and changes whenever the answers could."""

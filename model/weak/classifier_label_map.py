@@ -6,17 +6,13 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
 from model.errors import HierarchyError, ModelInputError, UnknownClassError
 from model.hierarchy import MISSING_LABEL
-from model.weak.base import WeakLabels
-
-if TYPE_CHECKING:
-    from model.embeddings import TimmBackbone
+from model.weak.base import ImageNetClassifier, WeakLabels
 
 N_IMAGENET_CLASSES = 1000
 
@@ -99,7 +95,7 @@ class ClassifierLabelMap:
 
     def __init__(
         self,
-        backbone: TimmBackbone,
+        backbone: ImageNetClassifier,
         imagenet_to_coarse: Mapping[int, str],
         coarse_classes: Sequence[str],
         cost_per_label: float = 0.0,

@@ -24,7 +24,6 @@ import json
 import unicodedata
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 from PIL import Image
@@ -32,7 +31,7 @@ from PIL import Image
 from model.errors import HierarchyError, ModelInputError
 from model.hierarchy import LabelHierarchy
 from model.io import atomic_write_bytes
-from model.weak.base import WeakLabels
+from model.weak.base import ImageNetClassifier, WeakLabels
 from model.weak.text_encoder import TextEncoder
 
 COMBINE_MODES = ("label-map", "conse")
@@ -40,15 +39,6 @@ PROMPT_TEMPLATES: tuple[str, ...] = ("a photo of a {}.", "a drawing of a {}.", "
 """Templates every class and ImageNet name goes through; their embeddings are averaged (a prompt ensemble)."""
 IMAGENET_SYNONYMS = 3
 """ImageNet names are comma-separated synonym lists ("tabby, tabby cat"); the first few are averaged."""
-
-
-class ImageNetClassifier(Protocol):
-    """An image model with a 1000-way ImageNet head (TimmBackbone with ImageNet weights)."""
-
-    name: str
-    num_classes: int
-
-    def classify_logits(self, images: Sequence[Image.Image]) -> np.ndarray: ...
 
 
 def readable(name: str) -> str:
