@@ -668,7 +668,7 @@ class MLBackend:
         state = self.state(project_id)
         client = self._client(project_id)
         labeling, _ = self._project_labeling(project_id, client)
-        tasks, _ = self.assistant.human_view(state, labeling, client.fetch_tasks(project_id))
+        tasks, _ = self.assistant.human_view(state, labeling, self._tasks_for_fit(project_id, client))
         features = self.extractor.features(project_id, tasks, labeling, client)
         usable = features.usable_positions()
         if not usable:
