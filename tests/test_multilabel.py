@@ -28,7 +28,6 @@ from model.multilabel.strategies import label_set_uncertainty
 from model.noise import identity_prior
 from model.query import STRATEGIES, LabelCosts, LabelKind, Selection, create_strategy
 
-
 # ---- per-label noise --------------------------------------------------------------------------------------------
 
 

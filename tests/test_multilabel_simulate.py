@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_multilabel import synthetic_maps
 
 from model.errors import ModelInputError
 from model.simulate.multilabel import (
@@ -15,7 +16,6 @@ from model.simulate.multilabel import (
     strategy_settings,
     summarise,
 )
-from test_multilabel import synthetic_maps
 
 
 def test_each_ablation_removes_exactly_one_idea_from_ours():

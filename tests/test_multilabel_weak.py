@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from PIL import Image
+from test_weak_annotators import TINY_OPEN_CLIP
 from vlm_stub_server import VLMStubServer  # tests/ is on sys.path (no package)
 
 from model.multilabel.labels import flat_label_hierarchy
 from model.weak.base import LabelScorer, WeakAnnotator
 from model.weak.openai_compatible import OpenAICompatibleVLM, match_answer_list
-from test_weak_annotators import TINY_OPEN_CLIP
 
 LABELS = ("cat", "dog", "car", "t-shirt")
 RED, GREEN, BLUE, GREY = (255, 0, 0), (0, 255, 0), (0, 0, 255), (128, 128, 128)
@@ -51,9 +51,10 @@ def test_open_clip_scores_every_label_from_the_same_features_as_its_coarse_answe
 
 
 def test_semantic_zero_shot_scores_both_objects_of_a_two_object_image(tmp_path):
+    from test_semantic_zeroshot import LogitsOnly
+
     from model.weak.semantic_zeroshot import SemanticZeroShot, imagenet_label_embeddings
     from model.weak.text_encoder import packaged_minilm
-    from test_semantic_zeroshot import LogitsOnly
 
     encoder = packaged_minilm(tmp_path)
     labels = ("cat", "sports car", "coffee", "guitar")

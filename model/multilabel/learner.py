@@ -171,8 +171,8 @@ class MultiLabelLearner:
         )
 
     def query(self, pool: MultiLabelPool, budget: float, costs: LabelCosts, rng: np.random.Generator) -> list[Selection]:
-        return create_strategy(self.settings.strategy, **dict(self.settings.strategy_options)).query(
-            pool, budget, costs, rng)
+        strategy = create_strategy(self.settings.strategy, **dict(self.settings.strategy_options))
+        return strategy.query(pool, budget, costs, rng)  # type: ignore[arg-type]  # a multilabel-* strategy
 
     def rank(self, pool: MultiLabelPool, selections: Sequence[Selection]) -> np.ndarray:
         return multilabel_priority_scores(pool, selections)

@@ -209,4 +209,5 @@ MULTILABEL_STRATEGIES = {
     "multilabel-ours": MultiLabelDiverseUncertaintyQuery,
 }
 """Registered in the one strategy registry, ``model.query.STRATEGIES``, when this module is imported."""
-STRATEGIES.update(MULTILABEL_STRATEGIES)
+# The registry's type names single-label pools; these strategies refuse any pool but a MultiLabelPool (_checked).
+STRATEGIES.update(MULTILABEL_STRATEGIES)  # type: ignore[arg-type]

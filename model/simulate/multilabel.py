@@ -30,10 +30,10 @@ from model.errors import ModelInputError
 from model.io import atomic_write_json
 from model.multilabel import (
     MultiLabelLearner,
-    calibrate_label_thresholds,
     MultiLabelRoundLabels,
     MultiLabelSettings,
     MultiLabelTrainingConfig,
+    calibrate_label_thresholds,
     mean_average_precision,
     micro_f1,
 )
@@ -159,10 +159,10 @@ def semantic_label_scores(maps: np.ndarray, label_names: Sequence[str], cache_di
 
 
 def load_data(options: MultiLabelOptions) -> MultiLabelData:
-    from model.datasets import create_dataset
+    from model.datasets.composite import CompositeSceneDataset
     from model.spatial_features import cached_spatial_features
 
-    dataset = create_dataset("openclipart-scenes")
+    dataset = CompositeSceneDataset()  # what create_dataset("openclipart-scenes") builds, with its own type
     train, test = dataset.split("train"), dataset.split("test")
     if options.pool_size > len(train) or options.test_size > len(test):
         raise ModelInputError(f"the scenes hold {len(train)} train and {len(test)} test images")
