@@ -27,7 +27,6 @@ import io
 import json
 import logging
 import os
-import secrets
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -57,6 +56,33 @@ IMAGE_PAD: dict[str, float] = {"fashion-mnist": 0.15}
 IMAGE_SIZE = 112
 """The backbone's input size, as in ``vlm-al simulate``."""
 POLL_S = 0.5
+ATTEMPTS = 5
+"""Label Studio calls are tried this often: on 2 shared cores a loaded Label Studio sometimes answers a request
+after the client's timeout, and one such hiccup must not end an hour-long replay."""
+RUNS_FILE = "runs.jsonl"
+"""Finished runs, one JSON line each, in the work directory: a replay started again on it skips them."""
+
+
+def transient_errors() -> tuple[type[BaseException], ...]:
+    import httpx
+    import requests
+    from label_studio_sdk.core.api_error import ApiError
+
+    return (requests.RequestException, httpx.HTTPError, ApiError, lsb.LabelStudioError)
+
+
+def retried(call: Any, what: str, attempts: int = ATTEMPTS) -> Any:
+    """``call()``, tried again after a transient Label Studio error (timeouts, 5xx), with a growing pause."""
+    errors = transient_errors()
+    for attempt in range(1, attempts + 1):
+        try:
+            return call()
+        except errors as exc:
+            if attempt == attempts:
+                raise
+            logger.warning("%s failed (%s); trying again (%d/%d)", what, exc, attempt, attempts - 1)
+            time.sleep(2.0 * attempt)
+    raise AssertionError("unreachable")
 
 
 @dataclass(frozen=True)
@@ -237,6 +263,46 @@ class RunRecord:
     served_coarse_only: int = 0
 
 
+def load_finished_runs(work_dir: Path) -> dict[tuple[str, str, int], RunRecord]:
+    """The runs a previous replay on ``work_dir`` finished (see ``RUNS_FILE``)."""
+    path = work_dir / RUNS_FILE
+    finished: dict[tuple[str, str, int], RunRecord] = {}
+    if not path.exists():
+        return finished
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        raw = json.loads(line)
+        record = RunRecord(**{**raw, "checkpoints": [Checkpoint(**c) for c in raw["checkpoints"]]})
+        finished[(record.annotator, record.strategy, record.seed)] = record
+    return finished
+
+
+def check_same_options(work_dir: Path, options: ReplayOptions) -> None:
+    """A work directory belongs to one set of options: its finished runs are only reused by the same replay."""
+    from model.io import atomic_write_json
+
+    path = work_dir / "replay-options.json"
+    wanted = {k: v for k, v in asdict(options).items() if k not in ("out", "work_dir", "label_studio_venv",
+                                                                    "fit_timeout_s")}
+    wanted = json.loads(json.dumps(wanted))  # tuples as lists, as they read back
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved != wanted:
+            changed = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+            raise ModelInputError(f"{work_dir} holds a replay with other options ({', '.join(changed)}); "
+                                  f"use another --work-dir")
+        return
+    atomic_write_json(path, wanted)
+
+
+def append_finished_run(work_dir: Path, record: RunRecord) -> None:
+    with open(work_dir / RUNS_FILE, "a") as runs:
+        runs.write(json.dumps(asdict(record)) + "\n")
+        runs.flush()
+        os.fsync(runs.fileno())
+
+
 class ReplayProject:
     """One Label Studio project under one sampling, its truth kept aside, and the simulated annotator on it."""
 
@@ -270,18 +336,18 @@ class ReplayProject:
         return lsb.wait_until(ready, timeout_s, f"project {self.project_id}'s first predictions", interval_s=1.0)
 
     def model_version(self) -> str | None:
-        return self.client.projects.get(self.project_id).model_version
+        return retried(lambda: self.client.projects.get(self.project_id).model_version, "reading model_version")
 
     def serve(self) -> dict[str, Any]:
-        return lsb.next_task(self.ls.url, self.ls.login.token, self.project_id)
+        return retried(lambda: lsb.next_task(self.ls.url, self.ls.login.token, self.project_id), "GET next task")
 
     def shown_fine_suggestion(self, task: Mapping[str, Any]) -> str | None:
         """The fine label pre-ticked on the labeling page: the current version's prediction of this task."""
         version = self.model_version()
         predictions = task.get("predictions")
         if predictions is None:
-            predictions = lsb.api_get(self.ls.url, self.ls.login.token, f"/api/tasks/{task['id']}/").get(
-                "predictions", [])
+            predictions = retried(lambda: lsb.api_get(self.ls.url, self.ls.login.token, f"/api/tasks/{task['id']}/"),
+                                  "reading a task").get("predictions", [])
         fine_controls = set(self.labeling.fine_control_by_coarse.values())
         if self.labeling.fine_control:
             fine_controls.add(self.labeling.fine_control)
@@ -303,7 +369,13 @@ class ReplayProject:
         if not coarse_only:
             result.append({"from_name": self.labeling.fine_control_by_coarse[coarse], "to_name": image,
                            "type": "choices", "value": {"choices": [fine]}})
-        self.client.annotations.create(id=task_id, result=result)
+        def submit() -> None:
+            # A submission that timed out may still have been saved: never annotate a task twice.
+            if self.client.tasks.get(task_id).total_annotations:
+                return
+            self.client.annotations.create(id=task_id, result=result)
+
+        retried(submit, f"annotating task {task_id}")
 
     def wait_for_fit_on(self, n_fine: int, n_coarse: int, timeout_s: float) -> str:
         """A model that saw exactly these labels is current in the backend and Label Studio's queue follows it."""
@@ -497,7 +569,9 @@ def backend_environment(annotator: str, label_studio: lsb.LabelStudioServer, mod
 @contextmanager
 def label_studio_server(work_dir: Path, venv: Path | None) -> Iterator[lsb.LabelStudioServer]:
     venv_dir = lsb.ensure_label_studio_venv(venv, log=logger.info)
-    login = lsb.LabelStudioLogin(REPLAY_USERNAME, secrets.token_urlsafe(12), lsb.new_token())
+    # Kept in the work directory: Label Studio creates the user only with a fresh database, so a replay resumed
+    # on the same directory must log in as before.
+    login = lsb.load_or_create_login(work_dir / "label-studio-login.json", REPLAY_USERNAME)
     server = lsb.LabelStudioServer(venv_dir, work_dir / "label-studio", work_dir / "files", login,
                                    port=lsb.ephemeral_port(), log_path=work_dir / "logs" / "label-studio.log")
     server.start()
@@ -518,6 +592,9 @@ def replay(options: ReplayOptions, label_studio: lsb.LabelStudioServer, work_dir
     test_fine_names = [data.hierarchy.fine_classes[int(i)] for i in data.test_fine]
     results: dict[str, Any] = {"dataset": options.dataset, "seeds": options.seeds, "annotators": {}}
     records: list[RunRecord] = []
+    work_dir.mkdir(parents=True, exist_ok=True)
+    check_same_options(work_dir, options)
+    finished = load_finished_runs(work_dir)
     for annotator in options.annotators:
         model_dir = work_dir / f"model-dir-{annotator}"
         table = work_dir / "simulated-weak-answers.json" if annotator == "simulated" else None
@@ -543,6 +620,11 @@ def replay(options: ReplayOptions, label_studio: lsb.LabelStudioServer, work_dir
             for strategy in options.strategies:
                 runs = []
                 for seed in range(options.seeds):
+                    if (annotator, strategy, seed) in finished:
+                        logger.info("%s/%s seed %d: finished by an earlier replay on %s", annotator, strategy, seed,
+                                    work_dir)
+                        runs.append(finished[(annotator, strategy, seed)])
+                        continue
                     project = ReplayProject(label_studio, backend.url, model_dir, labeling, label_config,
                                             f"replay {annotator} {strategy} seed {seed}", SAMPLINGS[strategy])
                     # By name: the project's class order is its label config's, not the data set's.
@@ -552,6 +634,7 @@ def replay(options: ReplayOptions, label_studio: lsb.LabelStudioServer, work_dir
                     record = RunRecord(annotator, strategy, seed, project.project_id)
                     rng = np.random.default_rng([seed, 7])
                     runs.append(replay_run(project, options, record, test_embeddings, test_fine_names, rng))
+                    append_finished_run(work_dir, record)
                 block[strategy] = summarise(runs, options)
                 records.extend(runs)
         finally:
@@ -617,7 +700,9 @@ def parse_options(argv: Sequence[str]) -> ReplayOptions:
                         help="the annotator submits only the coarse choice with this probability")
     parser.add_argument("--simulated-accuracy", type=float, default=defaults.simulated_accuracy)
     parser.add_argument("--out", type=Path, default=defaults.out)
-    parser.add_argument("--work-dir", type=Path, default=None)
+    parser.add_argument("--work-dir", type=Path, default=None,
+                        help="images, Label Studio's database, model dirs and logs (default: a temporary directory); "
+                             "a replay started again on the same directory skips the runs it finished")
     parser.add_argument("--label-studio-venv", type=Path, default=None)
     parser.add_argument("--fit-timeout", type=float, default=defaults.fit_timeout_s)
     args = parser.parse_args(list(argv))
