@@ -27,6 +27,7 @@ import os
 import re
 import secrets
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -295,13 +296,57 @@ def run_workers(ls: Any, login: Any, root: Path, n_images: int, counts: tuple[in
     return out
 
 
-def extrapolate(points: dict[str, float], x: int) -> float:
+def extrapolate(points: dict[str, float], x: int) -> tuple[float, float]:
+    """(value at x, slope per task) of the least-squares line through the points; a negative slope (noise larger
+    than the growth) is clamped at zero, so the value is then the mean of the points."""
     sizes = np.asarray([int(k) for k in points], dtype=float)
     values = np.asarray(list(points.values()), dtype=float)
     if len(sizes) == 1:
-        return round(float(values[0] * x / sizes[0]), 1)  # proportional: the only honest line through one point
-    slope, intercept = np.polyfit(sizes, values, 1)
-    return round(float(slope * x + intercept), 1)
+        return round(float(values[0] * x / sizes[0]), 1), float(values[0] / sizes[0])  # proportional
+    slope, _ = np.polyfit(sizes, values, 1)
+    slope = max(float(slope), 0.0)
+    intercept = float(np.mean(values) - slope * np.mean(sizes))
+    return round(slope * x + intercept, 1), slope
+
+
+def single_step_rounds(size: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rounds whose labels made exactly one new version: a round during which a partial fit started (the
+    annotations came slower than the debounce) also times the end of that fit, so it is left out of the figure."""
+    rounds, previous = [], 0
+    for r in size["rounds"]:
+        number = int(r["version"].rsplit("v", 1)[1])
+        if number == previous + 1:
+            rounds.append(r)
+        previous = number
+    return rounds or size["rounds"]
+
+
+def summarise(result: dict[str, Any], sizes_run: list[int]) -> None:
+    """The keys the issue names, from the measured detail (``--summarise`` recomputes them from a stored run)."""
+    sizes, alone, workers = result["sizes"], result["runtime_alone"], result.get("workers_detail", {})
+    first, largest = sizes[str(sizes_run[0])], sizes[str(sizes_run[-1])]  # load: the first index's
+    indexed = sum(s["n_tasks"] for s in sizes.values()) / sum(s["index_seconds"] for s in sizes.values())
+    result["indexing"] = {
+        "end_to_end_images_per_s": round(indexed, 1),  # every size's images over every size's indexing time
+        "runtime_alone_images_per_s": alone["auto"]["images_per_s"],
+        "eager_torch_images_per_s": alone["torch"]["images_per_s"],
+        "runtime": alone["auto"]["runtime"],
+        "load_average": first["load_after_index"],
+    }
+    result["fit_loop_seconds"] = {
+        n: round(statistics.median(r["seconds"] for r in single_step_rounds(s)), 2) for n, s in sizes.items()}
+    result["fit_loop_seconds_extrapolated_100k"], fit_slope = extrapolate(result["fit_loop_seconds"], 100_000)
+    result["peak_rss_mb"] = {n: s["peak_rss_mb"] for n, s in sizes.items()}
+    result["peak_rss_mb_extrapolated_100k"], rss_slope = extrapolate(result["peak_rss_mb"], 100_000)
+    last = single_step_rounds(largest)[-1]
+    result["health_during_fit_ms"] = {"p99": last["health_p99_ms"], "max": last["health_max_ms"],
+                                      "n_tasks": largest["n_tasks"]}
+    result["workers"] = {k: v["images_per_s"] for k, v in workers.items()}
+    result["extrapolation"] = {
+        "method": "least-squares line through the measured sizes, slope clamped at >= 0",
+        "fit_loop_seconds_per_task": fit_slope, "peak_rss_mb_per_task": rss_slope,
+        "fit_loop_rounds": "median of the rounds whose labels made exactly one new version",
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -311,7 +356,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker-images", type=int, default=200)
     parser.add_argument("--skip-workers", action="store_true")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "scale.json")
+    parser.add_argument("--summarise", action="store_true",
+                        help="recompute the summary keys of --out from its measured detail, measure nothing")
     args = parser.parse_args(argv)
+    if args.summarise:
+        result = json.loads(args.out.read_text())
+        summarise(result, sorted(int(n) for n in result["sizes"]))
+        atomic_write_json(args.out, result)
+        print(json.dumps({k: v for k, v in result.items() if k not in ("sizes", "runtime_alone")}, indent=2))
+        return 0
     root = Path(tempfile.mkdtemp(prefix="vlm-al-scale-"))
     result: dict[str, Any] = {"created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                               "cpu_count": os.cpu_count(), "load_at_start": load()}
@@ -338,24 +391,7 @@ def main(argv: list[str] | None = None) -> int:
             result["workers_detail"] = workers
         finally:
             ls.stop()
-        first = sizes[str(args.sizes[0])]
-        largest = sizes[str(args.sizes[-1])]
-        result["indexing"] = {
-            "end_to_end_images_per_s": first["index_images_per_s"],
-            "runtime_alone_images_per_s": alone["auto"]["images_per_s"],
-            "eager_torch_images_per_s": alone["torch"]["images_per_s"],
-            "runtime": alone["auto"]["runtime"],
-            "load_average": first["load_after_index"],
-        }
-        result["fit_loop_seconds"] = {n: s["fit_loop_seconds"] for n, s in sizes.items()}
-        result["fit_loop_seconds_extrapolated_100k"] = extrapolate(result["fit_loop_seconds"], 100_000)
-        result["peak_rss_mb"] = {n: s["peak_rss_mb"] for n, s in sizes.items()}
-        result["peak_rss_mb_extrapolated_100k"] = extrapolate(result["peak_rss_mb"], 100_000)
-        result["health_during_fit_ms"] = {"p99": largest["rounds"][-1]["health_p99_ms"],
-                                          "max": largest["rounds"][-1]["health_max_ms"],
-                                          "n_tasks": largest["n_tasks"]}
-        result["workers"] = {k: v["images_per_s"] for k, v in workers.items()}
-        result["extrapolation"] = "least-squares line through the measured sizes (proportional for one size)"
+        summarise(result, args.sizes)
         result["load_at_end"] = load()
         args.out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(args.out, result)
