@@ -57,7 +57,8 @@ def write_scenes(directory: Path, seed: int = 0) -> tuple[list[Path], list[froze
     return paths, sets
 
 
-@pytest.fixture(scope="module")
+# Session scope: the conftest runs browser tests last, so a module-scoped project would be built twice.
+@pytest.fixture(scope="session")
 def multilabel_backend(stack: Stack, tmp_path_factory: pytest.TempPathFactory):
     """This backend with the default semantic annotator and a precision target that 40 label sets can meet."""
     root = tmp_path_factory.mktemp("multilabel")
@@ -75,7 +76,7 @@ def multilabel_backend(stack: Stack, tmp_path_factory: pytest.TempPathFactory):
         backend.stop()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def fitted(stack: Stack, multilabel_backend) -> dict:
     """The project after its cold-start predictions and a fit on 40 label sets, with what the test checks."""
     backend, model_dir = multilabel_backend
