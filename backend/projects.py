@@ -143,6 +143,8 @@ class Projects:
 
     def _load_classifier(self, project_id: int, model_version: str) -> Any:
         directory = self.state(project_id).version_dir(model_version)
+        if _checkpoint_kind(directory) is not None:
+            return None  # another layout's model (multi-label, segmentation): its own module loads it
         try:
             if self._classifier_loader is not None:
                 return self._classifier_loader(directory, None)
@@ -182,6 +184,16 @@ class Projects:
                 if path.name.isdigit():
                     found.update(self.state(int(path.name)).list_versions())
         return sorted(found, key=lambda v: (version_number(v) or 0, v))
+
+
+def _checkpoint_kind(directory: Path) -> str | None:
+    """The ``kind`` a checkpoint's metadata names; None for the fine-grained classifier's, which names none."""
+    try:
+        metadata = json.loads((directory / "metadata.json").read_text())
+    except (OSError, ValueError):
+        return None
+    kind = metadata.get("kind") if isinstance(metadata, dict) else None
+    return kind if isinstance(kind, str) else None
 
 
 def _read_parent_map(path: Path | None) -> dict[str, str] | None:

@@ -131,3 +131,23 @@ def test_an_api_vlm_is_asked_for_the_list_of_labels_once_per_image_and_its_answe
     # In the project's label order (cat, dog, sports car), whatever the annotator's order.
     np.testing.assert_array_equal(scores[:2], [[1, 0, 1], [0, 0, 0]])
     assert np.isnan(scores[2]).all()  # "no idea" is no answer; "none" (row 1) is one
+
+
+def test_a_multi_label_checkpoint_is_not_read_as_a_fine_classifier(tmp_path, caplog):
+    """The fine-grained loader leaves other layouts' checkpoints alone instead of logging a traceback."""
+    import json
+    import logging
+
+    from backend.projects import Projects
+
+    projects = Projects(tmp_path)
+    state = projects.state(3)
+    version = state.next_version()
+    state.commit_version(
+        version, lambda directory: (directory / "metadata.json").write_text(json.dumps({"kind": "vlm-al-multilabel"})),
+        "schema", {},
+    )
+    with caplog.at_level(logging.ERROR):
+        model, served = projects.served_model(3, None)
+    assert model is None and served == version
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
