@@ -64,9 +64,16 @@ def _worker(args: argparse.Namespace) -> int:
         print("vlm-al worker: REDIS_URL is not set (without it, `vlm-al serve` runs jobs in-process)",
               file=sys.stderr)
         return 2
-    from backend.rq_jobs import run_worker
+    import logging
 
-    return run_worker(config, burst=args.burst, name=args.name)
+    from backend.config import configure_logging
+    from backend.rq_jobs import run_worker
+    from backend.service import MLBackend
+
+    redactor = configure_logging(config)
+    if config.log_level != "DEBUG":
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Label Studio call otherwise
+    return run_worker(MLBackend.from_config(config, redactor=redactor), config, burst=args.burst, name=args.name)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -77,15 +77,6 @@ class JobRunner(Protocol):
         """Stop accepting work and wait for running jobs."""
 
 
-def build_job_runner(redis_url: str | None, debounce_seconds: float) -> JobRunner:
-    """RQ over Redis when REDIS_URL is set (backend/rq_jobs.py), else the in-process threads."""
-    if redis_url:
-        from backend.rq_jobs import RQJobRunner
-
-        return RQJobRunner.from_url(redis_url, debounce_seconds)
-    return ThreadJobRunner(debounce_seconds)
-
-
 def project_lock(lock_path: Path, timeout: float = -1) -> FileLock:
     """A lock file shared by every process on this machine: two gunicorn workers never fit one project at once."""
     lock_path.parent.mkdir(parents=True, exist_ok=True)

@@ -366,18 +366,11 @@ class HeartbeatWorker(SimpleWorker):
         return HEARTBEAT_TTL_SECONDS
 
 
-def run_worker(config: Any, burst: bool = False, name: str | None = None) -> int:
-    """`vlm-al worker`: load the models once, then run jobs from the queue until stopped (or empty, ``burst``)."""
+def run_worker(backend: Any, config: Any, burst: bool = False, name: str | None = None) -> int:
+    """`vlm-al worker`: with the backend's models loaded once (``backend``, an MLBackend built by the caller, so
+    this module never imports the service), run jobs from the queue until stopped (or empty, ``burst``)."""
     global _WORKER_RUNNER
-    from backend.config import configure_logging
-    from backend.service import MLBackend
 
-    if not config.redis_url:
-        raise ValueError("vlm-al worker needs REDIS_URL")
-    redactor = configure_logging(config)
-    if config.log_level != "DEBUG":
-        logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Label Studio call otherwise
-    backend = MLBackend.from_config(config, redactor=redactor)
     if not isinstance(backend.jobs, RQJobRunner):
         raise ValueError("vlm-al worker needs the RQ job runner (REDIS_URL)")
     _WORKER_RUNNER = backend.jobs

@@ -29,7 +29,7 @@ from backend.features import (
     WeakAnnotatorFactory,
     WeakAnnotators,
 )
-from backend.jobs import JobRunner, JobStateCollector, build_job_runner
+from backend.jobs import JobRunner, JobStateCollector, ThreadJobRunner
 from backend.label_config import LabelConfigError, ProjectLabeling, task_labels
 from backend.ls_client import LabelStudioAPI, LabelStudioClientFactory, LabelStudioError
 from backend.metrics import BackendMetrics
@@ -59,6 +59,15 @@ class ModelResponse:
     predictions: list[dict[str, Any]]
     model_version: str
 
+
+
+def build_job_runner(redis_url: str | None, debounce_seconds: float) -> JobRunner:
+    """RQ over Redis when REDIS_URL is set (backend/rq_jobs.py), else the in-process threads."""
+    if redis_url:
+        from backend.rq_jobs import RQJobRunner
+
+        return RQJobRunner.from_url(redis_url, debounce_seconds)
+    return ThreadJobRunner(debounce_seconds)
 
 class MLBackend:
     """Active-learning backend for Label Studio projects. Thread-safe; heavy work runs on ``jobs``."""

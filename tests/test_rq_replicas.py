@@ -211,7 +211,9 @@ def test_setup_on_both_replicas_indexes_once_and_embeds_each_image_once(stack: S
     by_worker = {p.name: _logged_embeddings(p) for p in stack.workers}
     assert sum(by_web.values()) + sum(by_worker.values()) == N_TASKS, (by_web, by_worker)
     assert len(stack.fake.downloads) == N_TASKS  # each image downloaded once, by one process
-    assert len(_finished_jobs(stack, "index")) == 1  # two /setup calls on two replicas: one index job
+    # Two /setup calls on two replicas coalesce into one index job, unless the second arrives after the first job
+    # has started (seconds apart on a loaded machine): then one more runs and finds every image done (above).
+    assert 1 <= len(_finished_jobs(stack, "index")) <= 2
     health = requests.get(stack.webs[0].url + "/health", timeout=2).json()
     assert health["jobs"]["runner"] == "rq" and health["jobs"]["workers"] == 2
     assert health["jobs"]["failed"] == 0
