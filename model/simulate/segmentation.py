@@ -37,17 +37,18 @@ ACTIVE_STRATEGY = "mask-uncertainty"
 
 @dataclass(frozen=True)
 class SegmentationOptions:
-    pool_size: int = 400
+    pool_size: int = 600
     test_size: int = 200
     seeds: int = 5
     initial_masks: int = 4
     masks_per_round: int = 4
-    rounds: int = 5
+    rounds: int = 4
     strategies: tuple[str, ...] = STRATEGIES
     cache_dir: str = "~/.cache/vlm-al"
     out: str = "bench/results/simulate/segmentation"
     data_root: str | None = None
-    threads: int = 2
+    threads: int = 1
+    """Torch threads. One: the head's small convolutions ran 13x slower with two threads on 2 busy cores."""
     progress: bool = True
 
     def validate(self) -> None:
