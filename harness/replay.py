@@ -59,6 +59,7 @@ POLL_S = 0.5
 ATTEMPTS = 5
 """Label Studio calls are tried this often: on 2 shared cores a loaded Label Studio sometimes answers a request
 after the client's timeout, and one such hiccup must not end an hour-long replay."""
+CLIENT_TIMEOUT_S = 300.0
 RUNS_FILE = "runs.jsonl"
 """Finished runs, one JSON line each, in the work directory: a replay started again on it skips them."""
 
@@ -261,6 +262,8 @@ class RunRecord:
     pretick_wrong: int = 0
     served_fine_labels: int = 0
     served_coarse_only: int = 0
+    code_commit: str | None = None
+    """The commit the backend ran (a resumed replay may finish its runs on a later one)."""
 
 
 def load_finished_runs(work_dir: Path) -> dict[tuple[str, str, int], RunRecord]:
@@ -308,8 +311,11 @@ class ReplayProject:
 
     def __init__(self, ls: lsb.LabelStudioServer, backend_url: str, model_dir: Path, labeling: ProjectLabeling,
                  label_config: str, title: str, sampling: str) -> None:
+        from label_studio_sdk import LabelStudio
+
         self.ls = ls
-        self.client = ls.client()
+        # A longer timeout than the SDK's: a loaded Label Studio on 2 shared cores takes minutes for an import.
+        self.client = LabelStudio(base_url=ls.url, api_key=ls.login.token, timeout=CLIENT_TIMEOUT_S)
         self.labeling = labeling
         self.model_dir = model_dir
         self.project_id = lsb.create_project(self.client, title, label_config, sampling=sampling)
@@ -319,8 +325,26 @@ class ReplayProject:
     def import_pool(self, paths: Sequence[Path], fine_names: Sequence[str]) -> None:
         directory = paths[0].parent
         lsb.connect_local_files_storage(self.client, self.project_id, directory, self.ls.document_root)
-        task_ids = lsb.import_image_tasks(self.client, self.project_id, list(paths), self.ls.document_root)
+        try:
+            task_ids = lsb.import_image_tasks(self.client, self.project_id, list(paths), self.ls.document_root)
+        except transient_errors() as exc:
+            # The import may have landed after the client gave up: read the tasks back rather than import twice.
+            logger.warning("project %d: the task import failed (%s); reading back what Label Studio holds",
+                           self.project_id, exc)
+            task_ids = lsb.wait_until(lambda: self._imported_task_ids(paths), CLIENT_TIMEOUT_S,
+                                      f"project {self.project_id}'s {len(paths)} imported tasks", interval_s=5.0)
         self.truth = dict(zip(task_ids, fine_names, strict=True))
+
+    def _imported_task_ids(self, paths: Sequence[Path]) -> list[int] | None:
+        """The task id of each path, in order, once every one is in the project (None before)."""
+        by_name: dict[str, int] = {}
+        for task in self.client.tasks.list(project=self.project_id):
+            url = str((task.data or {}).get("image", ""))
+            by_name[url.rsplit("/", 1)[-1]] = int(task.id)
+        if len(by_name) > len(paths):
+            raise lsb.LabelStudioError(f"project {self.project_id} holds more tasks than were imported")
+        ids = [by_name.get(Path(p).name) for p in paths]
+        return None if any(i is None for i in ids) else [int(i) for i in ids]  # type: ignore[arg-type]
 
     def connect_and_wait_for_first_predictions(self, timeout_s: float) -> str:
         lsb.connect_ml_backend(self.client, self.project_id, self.backend_url)
@@ -631,7 +655,7 @@ def replay(options: ReplayOptions, label_studio: lsb.LabelStudioServer, work_dir
                     project.import_pool(data.pool_paths[seed],
                                         [data.hierarchy.fine_classes[int(i)] for i in data.pool_fine[seed]])
                     project.connect_and_wait_for_first_predictions(options.fit_timeout_s)
-                    record = RunRecord(annotator, strategy, seed, project.project_id)
+                    record = RunRecord(annotator, strategy, seed, project.project_id, code_commit=code_commit())
                     rng = np.random.default_rng([seed, 7])
                     runs.append(replay_run(project, options, record, test_embeddings, test_fine_names, rng))
                     append_finished_run(work_dir, record)
@@ -657,7 +681,7 @@ def replay(options: ReplayOptions, label_studio: lsb.LabelStudioServer, work_dir
     results["machine"] = machine_description()
     results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     results["runs"] = [{"annotator": r.annotator, "strategy": r.strategy, "seed": r.seed, "project": r.project_id,
-                        "checkpoints": [asdict(c) for c in r.checkpoints]} for r in records]
+                        "checkpoints": [asdict(c) for c in r.checkpoints], "code_commit": r.code_commit} for r in records]
     results["wall_seconds"] = round(time.monotonic() - started, 1)
     return results
 
