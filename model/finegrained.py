@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from model.errors import ModelInputError
 from model.hierarchy import MISSING_LABEL, LabelHierarchy, validated_label_array
 from model.io import atomic_write_json
+from model.optim import Adam
 
 VARIANTS = ("fine-only", "reference", "hierarchical")
 CHECKPOINT_FORMAT_VERSION = 1
@@ -131,6 +132,11 @@ def _log_softmax(logits: torch.Tensor) -> torch.Tensor:
 
 def _l2_normalise(embeddings: torch.Tensor) -> torch.Tensor:
     return embeddings / embeddings.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def _l2_normalise_(embeddings: torch.Tensor) -> torch.Tensor:
+    """``_l2_normalise`` in place (the same values): one (n, d) copy fewer while a large pool trains."""
+    return embeddings.div_(embeddings.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
 
 def _validated_embeddings(embeddings: np.ndarray, embedding_dim: int) -> np.ndarray:
@@ -272,10 +278,11 @@ class FineGrainedClassifier:
             "weak": rng.permutation(weak_rows),
         }
         targets = {"full": fine, "human_coarse": human_coarse, "weak": weak}
-        normalised = {name: _l2_normalise(torch.from_numpy(array[index])) for name, index in rows.items()}
+        # array[index] is a fresh copy: normalised and centred in place, so the (n, d) rows exist once
+        normalised = {name: _l2_normalise_(torch.from_numpy(array[index])) for name, index in rows.items()}
         feature_mean = torch.cat(list(normalised.values())).mean(dim=0)
         groups = {
-            name: _LabelGroup(normalised[name] - feature_mean, torch.from_numpy(targets[name][index]))
+            name: _LabelGroup(normalised[name].sub_(feature_mean), torch.from_numpy(targets[name][index]))
             for name, index in rows.items()
         }
         return groups, feature_mean
@@ -306,9 +313,9 @@ class FineGrainedClassifier:
         self, groups: dict[str, _LabelGroup], feature_mean: torch.Tensor, transition: torch.Tensor | None
     ) -> dict[str, torch.Tensor]:
         parameters = {name: tensor.requires_grad_() for name, tensor in self._initial_parameters().items()}
-        optimiser = torch.optim.Adam(parameters.values(), lr=self.config.learning_rate)
+        optimiser = Adam(parameters.values(), lr=self.config.learning_rate)  # torch.optim's, without torch._dynamo
         for batch in _batches(groups, self.config.batch_size, self.config.epochs):
-            optimiser.zero_grad(set_to_none=True)
+            optimiser.zero_grad()
             self._loss(parameters, batch, transition).backward()
             optimiser.step()
         fitted = {name: tensor.detach().clone() for name, tensor in parameters.items()}
@@ -368,7 +375,7 @@ class FineGrainedClassifier:
     def _features(self, embeddings: np.ndarray) -> torch.Tensor:
         parameters = self._fitted_parameters()
         array = _validated_embeddings(embeddings, self.embedding_dim)
-        return _l2_normalise(torch.from_numpy(array)) - parameters["feature_mean"]
+        return _l2_normalise(torch.from_numpy(array)).sub_(parameters["feature_mean"])
 
     def predict_fine_proba(self, embeddings: np.ndarray) -> np.ndarray:
         """float32 (n, n_fine), rows summing to 1."""

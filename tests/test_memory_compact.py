@@ -1,0 +1,92 @@
+"""What the backend keeps per task stays compact: after indexing N tasks through the fake Label Studio (real HTTP),
+the features of every task (embedding, weak answer, content key) and the task list cost a few KB per task, measured
+with tracemalloc, not one Python object per vector."""
+
+from __future__ import annotations
+
+import gc
+import io
+import tracemalloc
+
+import numpy as np
+from conftest import PROJECT_ID, FakeBackbone
+from PIL import Image
+
+from backend.features import PackedVectors
+from backend.state import ProjectState
+
+N_TASKS = 400
+DIM = 1280  # efficientnet_lite0's embedding
+FINES = ["T-shirt", "Shirt", "Sneaker", "Boot"]
+
+
+class WideBackbone(FakeBackbone):
+    """The fake colour embedding spread over 1,280 dimensions, the size of the real backbone's."""
+
+    name = "fake-wide-backbone"
+    dim = DIM
+
+    def embed(self, images):
+        colour = super().embed(images)
+        return np.repeat(colour, DIM // colour.shape[1] + 1, axis=1)[:, :DIM]
+
+
+def unique_png(seed: int) -> bytes:
+    pixels = (np.random.default_rng(seed).random((8, 8, 3)) * 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def held_bytes(build):
+    """(result, bytes still allocated after ``build()`` returned, the result kept alive)."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        result = build()
+        gc.collect()
+        return result, tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+
+
+def test_features_and_task_list_cost_a_few_kb_per_task(fake_ls, make_config, make_backend):
+    for task_id in range(1, N_TASKS + 1):
+        fake_ls.add_task(task_id, FINES[task_id % 4], image=unique_png(task_id))
+    parts = make_backend(make_config(push_predictions=False))
+    parts.backend.extractor.backbone = WideBackbone()
+    parts.backend.run_index(PROJECT_ID)
+
+    state = ProjectState(parts.backend.config.model_dir, PROJECT_ID)
+    task_list, task_list_bytes = held_bytes(state.task_list)
+    assert task_list.ids.tolist() == list(range(1, N_TASKS + 1))
+    tasks = task_list.tasks_with(())
+    labeling = parts.backend.labeling(fake_ls.label_config)
+    features, feature_bytes = held_bytes(
+        lambda: parts.backend.extractor.features(PROJECT_ID, tasks, labeling, fetch=False))
+
+    assert not features.pending and len(features.usable_positions()) == N_TASKS
+    assert isinstance(features.embeddings, PackedVectors)
+    float16_row = DIM * 2
+    # one float16 row, the content key and two dict entries per task: about 2.9 KB; a float32 array per task in a
+    # dict (what the extractor used to keep) would be 5.2 KB on its own
+    assert feature_bytes / N_TASKS < 1.3 * float16_row, feature_bytes / N_TASKS
+    assert task_list_bytes / N_TASKS < 200, task_list_bytes / N_TASKS
+    # the packed rows read back as the store's float32 values
+    stored = parts.store.get_many(WideBackbone.name, [features.keys[0]])
+    assert np.array_equal(features.embedding_matrix([0])[0], stored[features.keys[0]])
+
+
+def test_packed_vectors_grow_replace_and_read_back_float16_values():
+    packed = PackedVectors(capacity=1)
+    rng = np.random.default_rng(0)
+    vectors = {f"k{i}": rng.standard_normal(5).astype(np.float32) for i in range(9)}
+    packed.update(vectors)
+    packed.update({"k3": np.ones(5, dtype=np.float32)})
+    assert len(packed) == 9 and "k3" in packed and "missing" not in packed
+    assert np.array_equal(packed["k0"], vectors["k0"].astype(np.float16).astype(np.float32))
+    assert np.array_equal(packed["k3"], np.ones(5, dtype=np.float32))
+    rows = packed.rows(["k8", "k3", "k0"])
+    assert rows.dtype == np.float32 and rows.shape == (3, 5)
+    assert np.array_equal(rows[0], vectors["k8"].astype(np.float16).astype(np.float32))
