@@ -1,5 +1,7 @@
 """End to end against a real Label Studio: a BrushLabels project gets brush pre-annotations, and a human mask
-retrains the segmentation head (a new model version with refreshed predictions)."""
+retrains the segmentation head (a new model version with refreshed predictions); then headless Chromium shows a
+pre-annotated mask over the image on the labeling page (screenshot: bench/results/browser/segmentation_prediction.png
+when $VLM_AL_SCREENSHOTS points there, as scripts/refresh_screenshots.sh does)."""
 
 from __future__ import annotations
 
@@ -11,8 +13,7 @@ from PIL import Image
 from backend import ls_bootstrap as lsb
 
 from .conftest import FIT_TIMEOUT_S, Stack
-
-pytestmark = pytest.mark.e2e
+from .test_browser import page, screenshots  # noqa: F401 - the logged-in Chromium page and the screenshot folder
 
 CONFIG = """<View>
   <Image name="image" value="$image"/>
@@ -50,6 +51,11 @@ def annotation(mask: np.ndarray) -> list[dict]:
                        "value": {"choices": present}}]
 
 
+RETRAINED: dict[str, object] = {}
+"""What the API test leaves for the browser test (the project and its unlabelled tasks)."""
+
+
+@pytest.mark.e2e
 def test_brush_project_gets_mask_predictions_and_a_mask_retrains(stack: Stack) -> None:
     client = stack.client()
     project_id = lsb.create_project(client, "e2e segmentation", CONFIG)
@@ -99,3 +105,21 @@ def test_brush_project_gets_mask_predictions_and_a_mask_retrains(stack: Stack) -
     client.annotations.create(id=task_ids[2], result=annotation(scenes[2][1]))
     new_version, refreshed = lsb.wait_until(lambda: predictions_for(task_ids[3:]), FIT_TIMEOUT_S, "a retrained head")
     assert new_version != version and len(refreshed) == N_TASKS - 3
+    RETRAINED.update(project_id=project_id, predictions=refreshed)
+
+
+@pytest.mark.browser
+def test_the_predicted_mask_shows_over_the_image(stack: Stack, page, screenshots) -> None:  # noqa: F811
+    if not RETRAINED:
+        pytest.skip("needs the API test's project (run the whole module)")
+    painted = [p for p in RETRAINED["predictions"] if any(r["type"] == "brushlabels" for r in p["result"])]
+    task_id = painted[0]["task"]
+    page.goto(f"{stack.label_studio.url}/projects/{RETRAINED['project_id']}/data?task={task_id}")
+    page.wait_for_selector(".lsf-main-view")
+    labels = {r["value"]["brushlabels"][0] for r in painted[0]["result"] if r["type"] == "brushlabels"}
+    # The prediction's regions are listed with their label, and the brush layer is drawn on the image's stage.
+    for label in labels:
+        page.get_by_text(label).first.wait_for(state="visible")
+    page.locator(".konvajs-content canvas").first.wait_for(state="visible")
+    page.wait_for_timeout(1500)  # the brush layer is decoded and painted after the stage appears
+    page.screenshot(path=str(screenshots / "segmentation_prediction.png"))
