@@ -32,6 +32,7 @@ from backend.features import (
 from backend.jobs import JobRunner, JobStateCollector, ThreadJobRunner
 from backend.label_config import LabelConfigError, ProjectLabeling, task_labels
 from backend.ls_client import LabelStudioAPI, LabelStudioClientFactory, LabelStudioError
+from backend.memory import bound_heap_growth, release_free_heap
 from backend.metrics import BackendMetrics
 from backend.multilabel import MultiLabelProjects, is_multilabel
 from backend.predictions import build_predictions
@@ -131,6 +132,7 @@ class MLBackend:
     @classmethod
     def from_config(cls, config: Config, redactor: SecretRedactingFilter | None = None) -> MLBackend:
         """Load the backbone and the weak annotator now (server start-up), never inside a request."""
+        bound_heap_growth()  # before the models load: a long-lived process's heap must not grow with the project
         components = build_components(config)
         backend = cls(
             config,
@@ -548,6 +550,7 @@ class MLBackend:
         # What indexing left in memory stays: full collections stop scanning it, so they no longer stall every
         # thread (and /health, which Label Studio gives 1 s) for a time that grows with the project.
         gc.freeze()
+        release_free_heap()
 
     def _index_locked(self, project_id: int) -> None:
         client = self._client(project_id)
@@ -665,6 +668,7 @@ class MLBackend:
                 self.metrics.fits.labels(outcome="failed").inc()
                 raise
         self.metrics.fits.labels(outcome="trained" if new_version else "skipped").inc()
+        release_free_heap()  # the fit's transient (n_tasks, dim) copies
         current = state.current()
         counts = current.metrics if (current is not None and new_version) else {}
         logger.info("project %s: fit finished in %.1f s -> %s (%s tasks, %s fine labels, %s weak labels)",

@@ -1,7 +1,10 @@
 """Scale: indexing speed, the fit loop, memory and /health during a fit with a real Label Studio; RQ workers.
 
 Usage: python bench/scale.py [--sizes 2000 5000] [--runtime-images 128] [--worker-images 200]
-                             [--out bench/results/scale.json]
+                             [--skip-runtime] [--skip-workers] [--out bench/results/scale.json]
+
+``--skip-runtime --skip-workers`` re-measures only the sizes (fit loop, memory, /health during a fit) and merges
+them into --out: the indexing and workers figures of the earlier run are kept as they were measured.
 
 1. Runtime alone: the server's backbone (EMBEDDING_RUNTIME=auto, whatever it picks here) and eager torch fp32 on the
    same decoded Fashion-MNIST images, in chunks of the indexing chunk size.
@@ -187,7 +190,8 @@ def run_size(ls: Any, login: Any, root: Path, n: int, seed: int) -> dict[str, An
     port = lsb.ephemeral_port()
     model_dir = root / f"model-{n}"
     # the ONNX export made once for the runtime measurement: a server exports once and then reuses it
-    shutil.copytree(root / "runtime-cache", model_dir / "runtime-cache")
+    if (root / "runtime-cache").is_dir():
+        shutil.copytree(root / "runtime-cache", model_dir / "runtime-cache")
     server = lsb.BackendServer(backend_env(ls.url, login.token, model_dir), root / f"backend-{n}.log",
                                port=port, cwd=ROOT)
     server.start()
@@ -326,13 +330,14 @@ def summarise(result: dict[str, Any], sizes_run: list[int]) -> None:
     sizes, alone, workers = result["sizes"], result["runtime_alone"], result.get("workers_detail", {})
     first, largest = sizes[str(sizes_run[0])], sizes[str(sizes_run[-1])]  # load: the first index's
     indexed = sum(s["n_tasks"] for s in sizes.values()) / sum(s["index_seconds"] for s in sizes.values())
-    result["indexing"] = {
-        "end_to_end_images_per_s": round(indexed, 1),  # every size's images over every size's indexing time
-        "runtime_alone_images_per_s": alone["auto"]["images_per_s"],
-        "eager_torch_images_per_s": alone["torch"]["images_per_s"],
-        "runtime": alone["auto"]["runtime"],
-        "load_average": first["load_after_index"],
-    }
+    if not result.get("sizes_merged_without_runtime"):  # else the ratio would mix two runs at two loads
+        result["indexing"] = {
+            "end_to_end_images_per_s": round(indexed, 1),  # every size's images over every size's indexing time
+            "runtime_alone_images_per_s": alone["auto"]["images_per_s"],
+            "eager_torch_images_per_s": alone["torch"]["images_per_s"],
+            "runtime": alone["auto"]["runtime"],
+            "load_average": first["load_after_index"],
+        }
     result["fit_loop_seconds"] = {
         n: round(statistics.median(r["seconds"] for r in single_step_rounds(s)), 2) for n, s in sizes.items()}
     result["fit_loop_seconds_extrapolated_100k"], fit_slope = extrapolate(result["fit_loop_seconds"], 100_000)
@@ -354,7 +359,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[2000, 5000])
     parser.add_argument("--runtime-images", type=int, default=128)
     parser.add_argument("--worker-images", type=int, default=200)
-    parser.add_argument("--skip-workers", action="store_true")
+    parser.add_argument("--skip-workers", action="store_true",
+                        help="keep the workers figures of --out instead of measuring them")
+    parser.add_argument("--skip-runtime", action="store_true",
+                        help="keep the runtime-alone and indexing figures of --out instead of measuring them")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "scale.json")
     parser.add_argument("--summarise", action="store_true",
                         help="recompute the summary keys of --out from its measured detail, measure nothing")
@@ -366,16 +374,28 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({k: v for k, v in result.items() if k not in ("sizes", "runtime_alone")}, indent=2))
         return 0
     root = Path(tempfile.mkdtemp(prefix="vlm-al-scale-"))
-    result: dict[str, Any] = {"created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                              "cpu_count": os.cpu_count(), "load_at_start": load()}
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    earlier = json.loads(args.out.read_text()) if (args.skip_runtime or args.skip_workers) and args.out.exists() \
+        else {}
+    result: dict[str, Any] = {**earlier, "created_at": earlier.get("created_at", now), "cpu_count": os.cpu_count(),
+                              "load_at_start": load()}
+    if args.skip_runtime and earlier:
+        result["sizes_merged_without_runtime"] = {"sizes_measured_at": now, "indexing_and_runtime_from": earlier.get(
+            "created_at")}
     try:
-        from model.datasets import load_fashion_mnist, to_pil
+        if not (args.skip_runtime and "runtime_alone" in earlier):
+            from model.datasets import load_fashion_mnist, to_pil
 
-        raw, _ = load_fashion_mnist("train")
-        images = [to_pil(raw[i], invert=True, size=224, pad_fraction=0.15) for i in range(args.runtime_images)]
-        alone = runtime_alone(images, root / "runtime-cache")
-        result["runtime_alone"] = alone
-        print(json.dumps(alone), flush=True)
+            raw, _ = load_fashion_mnist("train")
+            images = [to_pil(raw[i], invert=True, size=224, pad_fraction=0.15) for i in range(args.runtime_images)]
+            alone = runtime_alone(images, root / "runtime-cache")
+            result["runtime_alone"] = alone
+            result.pop("sizes_merged_without_runtime", None)
+            print(json.dumps(alone), flush=True)
+        else:  # the ONNX export alone, made once here like a server's first start (not timed)
+            from model.embeddings import create_backbone
+
+            create_backbone("timm:efficientnet_lite0", runtime="auto", cache_dir=root / "runtime-cache", device="cpu")
 
         login = lsb.LabelStudioLogin("scale@vlm-al.local", secrets.token_urlsafe(12), lsb.new_token())
         ls = lsb.LabelStudioServer(lsb.ensure_label_studio_venv(), root / "label-studio", root / "files", login,
@@ -387,8 +407,8 @@ def main(argv: list[str] | None = None) -> int:
                 sizes[str(n)] = run_size(ls, login, root, n, seed=i)
                 print(json.dumps(sizes[str(n)]), flush=True)
             result["sizes"] = sizes
-            workers = {} if args.skip_workers else run_workers(ls, login, root, args.worker_images, (1, 2))
-            result["workers_detail"] = workers
+            if not args.skip_workers:
+                result["workers_detail"] = run_workers(ls, login, root, args.worker_images, (1, 2))
         finally:
             ls.stop()
         summarise(result, args.sizes)
