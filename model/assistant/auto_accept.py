@@ -19,7 +19,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.stats import beta
 
 from model.errors import ModelInputError
 
@@ -29,6 +28,8 @@ PAUSED_AUDITS_PER_ROUND = 5
 
 def clopper_pearson_lower(successes: np.ndarray, trials: np.ndarray, confidence: float = 0.95) -> np.ndarray:
     """Exact one-sided lower confidence bound of a binomial proportion (0 where there are no trials)."""
+    from scipy.stats import beta  # scipy.stats costs ~60 MB: imported by fits, not by every web process
+
     if not 0.0 < confidence < 1.0:
         raise ModelInputError(f"confidence must be in (0, 1), got {confidence}")
     k = np.asarray(successes, dtype=np.float64)
