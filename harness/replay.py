@@ -23,7 +23,6 @@ benchmark's good VLM, handed to the server as WEAK_ANNOTATOR=simulated; replay o
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import os
@@ -537,33 +536,23 @@ def plot(path: Path, results: Mapping[str, Any]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from model.io import atomic_write_bytes
+    from model.simulate.report import finish_axes, plot_mean_band, save_png
 
     annotators = list(results["annotators"])
     figure, axes = plt.subplots(1, len(annotators), figsize=(6.5 * len(annotators), 4.8), squeeze=False)
-    styles = {"offline_ours": {"color": "black", "linestyle": "--"}, "uncertainty": {"color": "tab:red"},
-              "uniform": {"color": "tab:blue"}}
+    curves = {"offline_ours": ("offline ours (vlm-al simulate)", {"color": "black", "linestyle": "--"}),
+              "uncertainty": ("product: Uncertainty sampling", {"color": "tab:red"}),
+              "uniform": ("product: Uniform sampling", {"color": "tab:blue"})}
     for axis, annotator in zip(axes[0], annotators):
-        for name, curve in results["annotators"][annotator].items():
-            if name not in styles:
-                continue
-            labels, mean = np.asarray(curve["labels"]), np.asarray(curve["accuracy_mean"]) * 100
-            label = {"offline_ours": "offline ours (vlm-al simulate)", "uncertainty":
-                     "product: Uncertainty sampling", "uniform": "product: Uniform sampling"}[name]
-            axis.plot(labels, mean, marker="o", markersize=3, label=label, **styles[name])
-            if "accuracy_std" in curve:
-                std = np.asarray(curve["accuracy_std"]) * 100
-                axis.fill_between(labels, mean - std, mean + std, alpha=0.12, color=styles[name]["color"])
-        axis.set_title(f"{results['dataset']}, weak annotator: {annotator}")
-        axis.set_xlabel("human labels submitted through Label Studio")
-        axis.set_ylabel("fine test accuracy of the backend's model (%)")
-        axis.grid(alpha=0.3)
-        axis.legend(loc="lower right", fontsize=8)
-    buffer = io.BytesIO()
-    figure.tight_layout()
-    figure.savefig(buffer, format="png", dpi=110)
-    plt.close(figure)
-    atomic_write_bytes(path, buffer.getvalue())
+        for name, (label, style) in curves.items():
+            curve = results["annotators"][annotator].get(name)
+            if curve:
+                plot_mean_band(axis, curve["labels"], curve["accuracy_mean"], curve.get("accuracy_std"), label,
+                               **style)
+        finish_axes(axis, "human labels submitted through Label Studio",
+                    "fine test accuracy of the backend's model (%)",
+                    f"{results['dataset']}, weak annotator: {annotator}")
+    save_png(figure, path)
 
 
 # ------------------------------------------------------------------------------------------------ the servers

@@ -66,17 +66,34 @@ def plot_learning_curves(path: Path, title: str, strategies: dict[str, dict]) ->
 
     figure, axes = plt.subplots(figsize=(8, 5.5))
     for name, summary in strategies.items():
-        cost = np.asarray(summary["cost"])
-        mean = np.asarray(summary["accuracy_mean"]) * 100
-        std = np.asarray(summary["accuracy_std"]) * 100
         style = {"linewidth": 2.6, "color": "black"} if name == "ours" else {"linewidth": 1.4}
-        (line,) = axes.plot(cost, mean, marker="o", markersize=3, label=name, **style)
-        axes.fill_between(cost, mean - std, mean + std, alpha=0.12, color=line.get_color())
-    axes.set_xlabel("cumulative label cost (human fine label = 1)")
-    axes.set_ylabel("fine test accuracy (%)")
+        plot_mean_band(axes, summary["cost"], summary["accuracy_mean"], summary["accuracy_std"], name, **style)
+    finish_axes(axes, "cumulative label cost (human fine label = 1)", "fine test accuracy (%)", title)
+    save_png(figure, path)
+
+
+def plot_mean_band(axes, x, mean, std, label: str, **style) -> None:
+    """One learning curve in percent: the mean over seeds as a line, ± one std as a light band."""
+    mean_percent = np.asarray(mean, dtype=np.float64) * 100
+    (line,) = axes.plot(np.asarray(x), mean_percent, marker="o", markersize=3, label=label, **style)
+    if std is not None:
+        band = np.asarray(std, dtype=np.float64) * 100
+        axes.fill_between(np.asarray(x), mean_percent - band, mean_percent + band, alpha=0.12,
+                          color=line.get_color())
+
+
+def finish_axes(axes, xlabel: str, ylabel: str, title: str) -> None:
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
     axes.set_title(title)
     axes.grid(alpha=0.3)
     axes.legend(loc="lower right", fontsize=8)
+
+
+def save_png(figure, path: Path) -> None:
+    """Write a matplotlib figure as a PNG atomically and close it."""
+    import matplotlib.pyplot as plt
+
     buffer = io.BytesIO()
     figure.tight_layout()
     figure.savefig(buffer, format="png", dpi=110)
