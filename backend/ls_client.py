@@ -29,6 +29,8 @@ from backend.fetch import (
 logger = logging.getLogger(__name__)
 
 TASK_PAGE_SIZE = 500
+TASK_FIELDS_READ = ("id", "data", "annotations")
+"""What the backend reads of a listed task; the other fields are dropped page by page."""
 # One import/predictions request per project is the fast way (section 5 of the protocol notes); give it time.
 PUSH_TIMEOUT_SECONDS = 600.0
 DEFAULT_DOWNLOAD_TIMEOUT_SECONDS = 30.0
@@ -144,7 +146,7 @@ class LabelStudioClient:
         return self._sdk._client_wrapper._tokens_client.api_key
 
     def fetch_tasks(self, project_id: int) -> list[dict[str, Any]]:
-        """All tasks of the project with their annotations, page by page."""
+        """All tasks of the project with their annotations, page by page (only ``TASK_FIELDS_READ`` of each)."""
         tasks: list[dict[str, Any]] = []
         page = 1
         while True:
@@ -158,7 +160,10 @@ class LabelStudioClient:
             _raise_for_status(response, f"GET /api/tasks?project={project_id}&page={page}")
             body = response.json()
             batch = body.get("tasks", []) if isinstance(body, dict) else body
-            tasks.extend(batch)
+            # Label Studio sends ~30 fields per task (drafts, predictions, timestamps, …); the backend reads these
+            # three, and a listing of a large project is held while it is indexed.
+            tasks.extend({k: task[k] for k in TASK_FIELDS_READ if k in task} if isinstance(task, dict) else task
+                         for task in batch)
             total = body.get("total") if isinstance(body, dict) else None
             if not batch or (total is not None and len(tasks) >= int(total)) or len(batch) < TASK_PAGE_SIZE:
                 break

@@ -90,3 +90,13 @@ def test_packed_vectors_grow_replace_and_read_back_float16_values():
     rows = packed.rows(["k8", "k3", "k0"])
     assert rows.dtype == np.float32 and rows.shape == (3, 5)
     assert np.array_equal(rows[0], vectors["k8"].astype(np.float16).astype(np.float32))
+
+
+def test_a_task_listing_keeps_only_the_fields_the_backend_reads(fake_ls, make_config, make_backend):
+    fake_ls.add_task(1, "Shirt")
+    fake_ls.annotate(1, "Shirt")
+    assert {"predictions", "project"} <= set(fake_ls.tasks[0])  # what Label Studio sends besides
+    parts = make_backend(make_config())
+    tasks = parts.backend._client(PROJECT_ID).fetch_tasks(PROJECT_ID)
+    assert set(tasks[0]) == {"id", "data", "annotations"}
+    assert tasks[0]["annotations"][0]["result"] == fake_ls.tasks[0]["annotations"][0]["result"]
