@@ -44,7 +44,7 @@ class FeatureProjection:
 
     @staticmethod
     def fit(features: np.ndarray, n_components: int, *, max_cells: int = 8000, seed: int = 0) -> FeatureProjection:
-        cells = np.asarray(features, dtype=np.float32).reshape(-1, features.shape[-1])
+        cells: np.ndarray = np.asarray(features, dtype=np.float32).reshape(-1, features.shape[-1])
         if cells.shape[0] > max_cells:
             cells = cells[np.random.default_rng(seed).choice(cells.shape[0], max_cells, replace=False)]
         mean = cells.mean(axis=0)
@@ -101,14 +101,16 @@ class SegmentationHead:
         human = np.asarray(human, dtype=np.int64)
         x = torch.from_numpy(maps)
         human_y = torch.from_numpy(np.asarray(human_masks, dtype=np.int64))
-        has_pseudo = pseudo is not None and len(pseudo) > 0
+        pseudo_rows = np.asarray(pseudo if pseudo is not None else [], dtype=np.int64)
+        has_pseudo = pseudo_rows.size > 0
         if not has_pseudo and human.size == 0:
             raise ModelInputError("the segmentation head needs human masks or pseudo-masks to learn from")
         if has_pseudo:
-            pseudo = np.asarray(pseudo, dtype=np.int64)
+            if pseudo_masks is None or pseudo_weights is None:
+                raise ModelInputError("pseudo-masked rows need their pseudo_masks and pseudo_weights")
             pseudo_y = torch.from_numpy(np.asarray(pseudo_masks, dtype=np.int64))
             pseudo_w = torch.from_numpy(np.asarray(pseudo_weights, dtype=np.float32))
-        side = int(human_masks.shape[-1] if human.size else pseudo_masks.shape[-1])
+        side = int(human_masks.shape[-1] if human.size or pseudo_masks is None else pseudo_masks.shape[-1])
         optimiser = torch.optim.Adam(self.net.parameters(), lr=settings.learning_rate,
                                      weight_decay=settings.weight_decay)
         generator = np.random.default_rng(settings.seed)
@@ -122,8 +124,9 @@ class SegmentationHead:
                     logits = self._logits(x[human], side)
                     loss = loss + F.cross_entropy(logits, human_y)
                 if has_pseudo:
-                    batch = generator.choice(len(pseudo), min(settings.pseudo_batch, len(pseudo)), replace=False)
-                    logits = self._logits(x[pseudo[batch]], side)
+                    batch = generator.choice(pseudo_rows.size, min(settings.pseudo_batch, pseudo_rows.size),
+                                             replace=False)
+                    logits = self._logits(x[pseudo_rows[batch]], side)
                     per_pixel = F.cross_entropy(logits, pseudo_y[batch], reduction="none")
                     weights = pseudo_w[batch]
                     loss = loss + settings.pseudo_loss_weight * (per_pixel * weights).sum() / weights.sum().clamp_min(1.0)

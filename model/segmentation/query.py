@@ -161,11 +161,11 @@ def mask_priority(scores: MaskScores, selected: np.ndarray, n: int, labelled: np
     the selected images in selection order, then the other unlabelled ones by descending combined uncertainty,
     labelled images last with 1.0."""
     priority = np.ones(n)
-    selected = [int(i) for i in dict.fromkeys(np.asarray(selected, dtype=np.int64).tolist()) if not labelled[i]]
+    chosen = [int(i) for i in dict.fromkeys(np.asarray(selected, dtype=np.int64).tolist()) if not labelled[i]]
     position = {int(index): row for row, index in enumerate(scores.indices)}
     combined = UncertainMasks("combined").uncertainty(scores)
-    rest = [int(i) for i in scores.indices[np.argsort(-combined, kind="stable")] if int(i) not in set(selected)]
-    order = [i for i in selected + rest if i in position]
+    rest = [int(i) for i in scores.indices[np.argsort(-combined, kind="stable")] if int(i) not in set(chosen)]
+    order = [i for i in chosen + rest if i in position]
     if order:
         priority[order] = np.arange(len(order)) / len(order)
     return priority
