@@ -104,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from harness.replay import main as replay_main
 
             return int(replay_main(rest) or 0)
-        from backend.demo import main as demo_main
+        from harness.demo import main as demo_main
 
         return int(demo_main(rest) or 0)
     args = parser.parse_args(argv)

@@ -218,7 +218,7 @@ def measure_arrival(n_first: int = 16, n_labeled: int = 8, batches: int = 3, per
     import secrets
     import tempfile
 
-    from backend import ls_bootstrap as lsb
+    from harness import ls_bootstrap as lsb
     from backend.label_config import parse_label_config, recommended_label_config
     from backend.state import ProjectState
     from model.datasets import fashion_mnist_hierarchy

@@ -45,7 +45,7 @@ import requests
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from backend import ls_bootstrap as lsb  # noqa: E402
+from harness import ls_bootstrap as lsb  # noqa: E402
 from backend.label_config import parse_label_config, recommended_label_config  # noqa: E402
 from model.datasets import fashion_mnist_hierarchy  # noqa: E402
 from model.io import atomic_write_json  # noqa: E402

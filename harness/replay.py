@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from backend import ls_bootstrap as lsb
+from harness import ls_bootstrap as lsb
 from backend.label_config import ProjectLabeling, parse_label_config, recommended_label_config
 from backend.state import ProjectState
 from model.errors import ModelInputError

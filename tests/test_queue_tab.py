@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from backend import ls_bootstrap as lsb
+from harness import ls_bootstrap as lsb
 from backend import queue_tab
 from backend.app import create_app
 from backend.config import Config

@@ -21,7 +21,7 @@ import pytest
 import requests
 from label_studio_sdk import LabelStudio
 
-from backend import ls_bootstrap as lsb
+from harness import ls_bootstrap as lsb
 from backend.label_config import ProjectLabeling, parse_label_config, recommended_label_config
 from backend.state import ProjectState
 from model.datasets import fashion_mnist_hierarchy

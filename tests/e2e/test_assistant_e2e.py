@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from backend import ls_bootstrap as lsb
+from harness import ls_bootstrap as lsb
 from backend.assistant import LABEL_ERRORS_TAB_TITLE, Assistant, AssistantPlan
 from backend.config import Config
 from backend.label_config import parse_label_config, recommended_label_config

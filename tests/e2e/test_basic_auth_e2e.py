@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 import requests
 
-from backend import ls_bootstrap as lsb
+from harness import ls_bootstrap as lsb
 from backend.state import ProjectState
 
 from .conftest import FIT_TIMEOUT_S, REPO_ROOT, Stack, _backend_env, make_project

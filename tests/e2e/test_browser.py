@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from backend import ls_bootstrap as lsb
+from harness import ls_bootstrap as lsb
 from backend.label_config import RECOMMENDED_CONFIDENCE_NAME
 from backend.queue_tab import QUEUE_ORDERING, QUEUE_TAB_TITLE, ensure_queue_tab
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from label_studio_sdk import LabelStudio
 
-from backend import ls_bootstrap as lsb
+from harness import ls_bootstrap as lsb
 from backend.queue_tab import QUEUE_ORDERING, QUEUE_TAB_TITLE
 
 from .conftest import FIT_TIMEOUT_S, REPO_ROOT, LabeledProject, Stack, backend_get, make_project

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backend import ls_bootstrap as lsb
+from harness import ls_bootstrap as lsb
 from backend.state import COLD_START_VERSION, ProjectState
 from model.datasets import fashion_mnist_hierarchy, load_fashion_mnist, to_pil
 

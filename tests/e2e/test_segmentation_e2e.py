@@ -10,7 +10,7 @@ import pytest
 from label_studio_sdk.converter.brush import decode_rle, mask2rle
 from PIL import Image
 
-from backend import ls_bootstrap as lsb
+from harness import ls_bootstrap as lsb
 
 from .conftest import FIT_TIMEOUT_S, Stack
 from .test_browser import page, screenshots  # noqa: F401 - the logged-in Chromium page and the screenshot folder

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from label_studio_sdk import LabelStudio
 
-from backend import ls_bootstrap as lsb
+from harness import ls_bootstrap as lsb
 from backend.config import Config, ConfigError
 from backend.queue_tab import QUEUE_TAB_TITLE, ensure_queue_tab
 
