@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 from defusedxml import DefusedXmlException
 from defusedxml.ElementTree import fromstring as _xml_fromstring
-from label_studio_sdk.converter.brush import decode_rle, mask2rle
 from label_studio_sdk.label_interface import LabelInterface
 from PIL import Image
 
@@ -113,6 +112,10 @@ def decode_brush_region(value: Mapping[str, Any], width: int, height: int) -> np
     rle = value.get("rle")
     if not isinstance(rle, list) or not rle:
         raise ModelInputError("a brush region without 'rle' (only Label Studio's RLE brush format is read)")
+    # Imported here: the SDK's converter package pulls in nltk, scipy.stats and scikit-learn (about 180 MB) that a
+    # web process without segmentation projects never needs.
+    from label_studio_sdk.converter.brush import decode_rle
+
     flat = np.asarray(decode_rle(rle), dtype=np.uint8)
     if flat.size != width * height * 4:
         raise ModelInputError(f"a brush region decodes to {flat.size} values, not {width}x{height}x4")
@@ -164,6 +167,8 @@ def mask_results(labeling: SegmentationLabeling, mask: np.ndarray, probabilities
     """Label Studio results for a predicted mask (uint8 (H, W)): one ``brushlabels`` region per label in the SDK's
     RLE (``mask2rle``), scored by the label's mean probability over the region (``probabilities`` float
     (L + 1, H, W)); plus the image-level <Choices> if the config has one (labels whose probability reaches 0.5)."""
+    from label_studio_sdk.converter.brush import mask2rle  # lazily: see decode_brush_region
+
     height, width = mask.shape
     results: list[dict[str, Any]] = []
     for k, name in enumerate(labeling.labels):
