@@ -151,6 +151,14 @@ def parse_label_config(
         raise LabelConfigError("the label config is empty: expected <View>...</View> XML")
     if isinstance(coarse_level, bool) or not isinstance(coarse_level, int) or coarse_level < 1:
         raise LabelConfigError(f"coarse_level must be an integer >= 1, got {coarse_level!r}")
+    root, interface = read_label_interface(xml)
+    parents = _checked_parent_map(parent_map)
+    return _ConfigReader(root, interface, parents, coarse_level).read(coarse_control, fine_control)
+
+
+def read_label_interface(xml: str) -> tuple[ElementTree.Element, LabelInterface]:
+    """The config's XML tree and label-studio-sdk's reading of it. defusedxml parses first, so hostile XML (entity
+    expansion, external entities) is refused before the SDK reads it; either failure is a LabelConfigError."""
     try:
         root = _xml_fromstring(xml)
     except (ElementTree.ParseError, DefusedXmlException) as exc:
@@ -159,8 +167,7 @@ def parse_label_config(
         interface = LabelInterface(xml)
     except Exception as exc:  # the SDK raises plain Exception subclasses
         raise LabelConfigError(f"label-studio-sdk cannot read the label config: {exc}") from exc
-    parents = _checked_parent_map(parent_map)
-    return _ConfigReader(root, interface, parents, coarse_level).read(coarse_control, fine_control)
+    return root, interface
 
 
 def _checked_parent_map(parent_map: Mapping[str, str] | None) -> dict[str, str] | None:

@@ -17,18 +17,14 @@ from __future__ import annotations
 
 import logging
 import threading
-import xml.etree.ElementTree as ElementTree
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from defusedxml import DefusedXmlException
-from defusedxml.ElementTree import fromstring as _xml_fromstring
-from label_studio_sdk.label_interface import LabelInterface
 from PIL import Image
 
-from backend.label_config import LabelConfigError, LabelLayout
+from backend.label_config import LabelConfigError, LabelLayout, read_label_interface
 from model.errors import ModelInputError
 
 logger = logging.getLogger(__name__)
@@ -57,14 +53,7 @@ def parse_segmentation_config(xml: str) -> SegmentationLabeling | None:
     """The segmentation tags of a label config, or None when it has no <BrushLabels> (another layout's)."""
     if not isinstance(xml, str) or "brushlabels" not in xml.lower():
         return None
-    try:
-        _xml_fromstring(xml)  # hostile XML (entity expansion, external entities) is refused before the SDK reads it
-    except (ElementTree.ParseError, DefusedXmlException) as exc:
-        raise LabelConfigError(f"the label config is not valid XML: {exc}") from exc
-    try:
-        interface = LabelInterface(xml)
-    except Exception as exc:  # the SDK raises plain Exception subclasses
-        raise LabelConfigError(f"label-studio-sdk cannot read the label config: {exc}") from exc
+    _, interface = read_label_interface(xml)
     images = {o.name: o for o in (interface.objects or ()) if o.tag.lower() == "image"}
     brushes = [c for c in (interface.controls or ()) if c.tag.lower() == "brushlabels"]
     if not brushes:

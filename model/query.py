@@ -335,6 +335,21 @@ def lloyd_kmeans(
     return centres, assignment
 
 
+def kmeans_typical(points: np.ndarray, k: int, rng: np.random.Generator, max_iterations: int = 50) -> list[int]:
+    """Rows of ``points`` nearest each of ``k`` k-means centres, one distinct row per centre: a diverse batch of
+    typical members (TypiClust's idea: the dense middle of each cluster, not its edge)."""
+    centres, _ = lloyd_kmeans(points, k, rng, max_iterations)
+    taken = np.zeros(points.shape[0], dtype=bool)
+    typical = []
+    for centre in centres:
+        distance = _squared_distances(points, centre)
+        distance[taken] = np.inf  # two centres never take the same sample
+        nearest = int(np.argmin(distance))
+        taken[nearest] = True
+        typical.append(nearest)
+    return typical
+
+
 @dataclass(frozen=True)
 class KMeansColdStart:
     """k = budget / fine cost clusters of the unlabelled samples; the sample nearest each centre is labelled.
@@ -351,16 +366,7 @@ class KMeansColdStart:
         if n_picks == 0:
             return []
         points = random_projection(l2_normalised(pool.embeddings[candidates]), self.distance_dim, rng)
-        centres, _ = lloyd_kmeans(points, n_picks, rng, self.max_iterations)
-        chosen: list[int] = []
-        taken = np.zeros(candidates.size, dtype=bool)
-        for centre in centres:
-            distance = _squared_distances(points, centre)
-            distance[taken] = np.inf  # two centres never take the same sample
-            nearest = int(np.argmin(distance))
-            taken[nearest] = True
-            chosen.append(nearest)
-        return _human_fine(candidates[chosen])
+        return _human_fine(candidates[kmeans_typical(points, n_picks, rng, self.max_iterations)])
 
 
 # ---- ISO value-to-cost ------------------------------------------------------------------------------------------
@@ -727,16 +733,7 @@ class WeakAndGroupMarginQuery:
             return candidates[shortlist]
         points = random_projection(l2_normalised(pool.embeddings[candidates[shortlist]]), self.distance_dim, rng)
         if self.shortlist_selection == "kmeans":
-            centres, _ = lloyd_kmeans(points, n_picks, rng)
-            taken = np.zeros(shortlist.size, dtype=bool)
-            typical = []
-            for centre in centres:
-                distance = _squared_distances(points, centre)
-                distance[taken] = np.inf
-                nearest = int(np.argmin(distance))
-                taken[nearest] = True
-                typical.append(nearest)
-            return candidates[shortlist[typical]]
+            return candidates[shortlist[kmeans_typical(points, n_picks, rng)]]
         chosen = [0]  # the most uncertain first
         distance = _squared_distances(points, points[0])
         while len(chosen) < n_picks:

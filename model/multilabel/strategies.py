@@ -24,10 +24,9 @@ from model.query import (
     LabelKind,
     Selection,
     _check_budget,
-    _squared_distances,
     affordable_count,
+    kmeans_typical,
     l2_normalised,
-    lloyd_kmeans,
     random_projection,
 )
 
@@ -170,16 +169,7 @@ class MultiLabelDiverseUncertaintyQuery:
             return candidates[shortlist]
         points = random_projection(l2_normalised(np.asarray(pool.features)[candidates[shortlist]]), self.distance_dim,
                                    rng)
-        centres, _ = lloyd_kmeans(points, n_picks, rng)
-        taken = np.zeros(shortlist.size, dtype=bool)
-        typical = []
-        for centre in centres:
-            distance = _squared_distances(points, centre)
-            distance[taken] = np.inf
-            nearest = int(np.argmin(distance))
-            taken[nearest] = True
-            typical.append(nearest)
-        return candidates[shortlist[typical]]
+        return candidates[shortlist[kmeans_typical(points, n_picks, rng)]]
 
 
 def multilabel_priority_scores(pool: MultiLabelPool, selections: Sequence[Selection] | None = None) -> np.ndarray:
