@@ -28,7 +28,7 @@ fi
 stamp=.venv/.vlm-al-setup-stamp
 want=$( { .venv/bin/python -c 'import sys; print(sys.version)'; cat pyproject.toml scripts/setup.sh; } | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x .venv/bin/vlm-al ] \
-   && .venv/bin/python -c 'import torch, torchvision, timm, label_studio_sdk, flask, pytest, playwright, backend, model' 2>/dev/null; then
+   && .venv/bin/python -c 'import torch, torchvision, timm, label_studio_sdk, flask, pytest, playwright, backend, model, harness' 2>/dev/null; then
   echo "setup: already done (.venv is up to date; 'vlm-al' is .venv/bin/vlm-al)"
   exit 0
 fi
