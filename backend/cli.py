@@ -11,9 +11,8 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 9090
 
 
-def _serve(args: argparse.Namespace) -> int:
-    from gunicorn.app.base import BaseApplication
-
+def _server_config(command: str) -> Any:
+    """The environment's Config with a usable MODEL_DIR, or None after printing why not."""
     from backend.config import Config, ConfigError
     from backend.state import ModelDirError, check_model_dir
 
@@ -21,7 +20,16 @@ def _serve(args: argparse.Namespace) -> int:
         config = Config.from_env()
         check_model_dir(config.model_dir)
     except (ConfigError, ModelDirError) as exc:
-        print(f"vlm-al serve: {exc}", file=sys.stderr)
+        print(f"vlm-al {command}: {exc}", file=sys.stderr)
+        return None
+    return config
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from gunicorn.app.base import BaseApplication
+
+    config = _server_config("serve")
+    if config is None:
         return 2
 
     class _Server(BaseApplication):
@@ -51,14 +59,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from backend.config import Config, ConfigError
-    from backend.state import ModelDirError, check_model_dir
-
-    try:
-        config = Config.from_env()
-        check_model_dir(config.model_dir)
-    except (ConfigError, ModelDirError) as exc:
-        print(f"vlm-al worker: {exc}", file=sys.stderr)
+    config = _server_config("worker")
+    if config is None:
         return 2
     if not config.redis_url:
         print("vlm-al worker: REDIS_URL is not set (without it, `vlm-al serve` runs jobs in-process)",
