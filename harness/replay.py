@@ -40,7 +40,7 @@ from harness import ls_bootstrap as lsb
 from backend.label_config import ProjectLabeling, parse_label_config, recommended_label_config
 from backend.state import ProjectState
 from model.errors import ModelInputError
-from model.hierarchy import LabelHierarchy
+from model.hierarchy import MISSING_LABEL, LabelHierarchy
 
 logger = logging.getLogger("vlm-al.replay")
 
@@ -193,6 +193,7 @@ class BackendView:
         self.config = Config.from_env(env)
         self.codec = build_image_codec(self.config)
         self._backbone: Any = None
+        self._weak_annotators: Any = None
 
     @property
     def backbone(self) -> Any:
@@ -213,11 +214,15 @@ class BackendView:
     def weak_answers(self, paths: Sequence[Path], hierarchy: LabelHierarchy) -> np.ndarray:
         """The coarse index (project order) the server's weak annotator gives each image, -1 for none."""
         from backend.components import build_weak_annotator
-        from backend.features import weak_in_project_order
+        from backend.features import WeakAnnotators, weak_in_project_order
         from backend.training import weak_answers
 
-        fixed, factory = build_weak_annotator(self.config, self.backbone)
-        annotator = fixed if fixed is not None else factory(hierarchy)
+        if self._weak_annotators is None:
+            # Built once, like the server's: its per-hierarchy cache serves every seed's pool.
+            self._weak_annotators = WeakAnnotators(*build_weak_annotator(self.config, self.backbone))
+        annotator = self._weak_annotators.for_hierarchy(hierarchy)
+        if annotator is None:
+            return np.full(len(paths), MISSING_LABEL, dtype=np.int64)
         labels = annotator.annotate(self.decode(paths))
         probabilities = weak_in_project_order(labels.coarse_probabilities, annotator.coarse_classes, hierarchy)
         return weak_answers(probabilities)
