@@ -9,6 +9,7 @@ from typing import Any
 
 from backend.config import Config
 from backend.features import ImageCodec, WeakAnnotatorFactory
+from backend.shared_store import StateStore, build_state_store
 from model.hierarchy import LabelHierarchy
 
 
@@ -21,21 +22,22 @@ class Components:
     image_codec: ImageCodec
     weak_annotator_factory: WeakAnnotatorFactory | None = None
     """Builds each project's weak annotator from its own classes; set instead of ``weak_annotator``."""
+    state_store: StateStore | None = None
+    """Where the embedding cache, the image-URL index and the projects' records live (files, or Redis)."""
 
 
 def build_components(config: Config) -> Components:
-    """Load the backbone, the weak annotator (or its heavy model) and the embedding store named by the config."""
-    from model.embedding_store import EmbeddingStore
-
+    """Load the backbone, the weak annotator (or its heavy model) and the state store named by the config."""
+    state_store = build_state_store(config)
     backbone = build_backbone(config)
     weak_annotator, weak_annotator_factory = build_weak_annotator(config, backbone)
-    store = EmbeddingStore(Path(config.model_dir) / "embeddings.sqlite")
     return Components(
         backbone=backbone,
         weak_annotator=weak_annotator,
-        embedding_store=store,
+        embedding_store=state_store.embedding_store(),
         image_codec=build_image_codec(config),
         weak_annotator_factory=weak_annotator_factory,
+        state_store=state_store,
     )
 
 

@@ -18,7 +18,6 @@ import numpy as np
 from backend.label_config import ProjectLabeling
 from backend.ls_client import ImageFetchError, LabelStudioAPI, LabelStudioError
 from backend.metrics import BackendMetrics
-from backend.state import ImageKeyIndex
 from model.errors import ModelInputError
 from model.hierarchy import LabelHierarchy
 
@@ -65,6 +64,15 @@ class EmbeddingStoreLike(Protocol):
     def get_many(self, namespace: str, keys: Sequence[str]) -> dict[str, np.ndarray]: ...
 
     def put_many(self, namespace: str, vectors: Mapping[str, np.ndarray]) -> None: ...
+
+
+class ImageKeyIndexLike(Protocol):
+    """(project, image URL) -> content key: backend.state.ImageKeyIndex (SQLite) or, with REDIS_URL, one every
+    replica shares (backend.shared_store.RedisImageKeyIndex)."""
+
+    def get_many(self, project_id: int, urls: Iterable[str]) -> dict[str, str]: ...
+
+    def put_many(self, project_id: int, keys_by_url: Mapping[str, str]) -> None: ...
 
 
 WeakAnnotatorFactory = Callable[[LabelHierarchy], WeakAnnotator]
@@ -330,7 +338,7 @@ class FeatureExtractor:
         weak_annotators: WeakAnnotators,
         embedding_store: EmbeddingStoreLike,
         image_codec: ImageCodec,
-        image_index: ImageKeyIndex,
+        image_index: ImageKeyIndexLike,
         metrics: BackendMetrics,
         client_for: Callable[[int], LabelStudioAPI],
         claims: InflightClaims | None = None,

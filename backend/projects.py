@@ -15,6 +15,7 @@ from typing import Any
 from backend.features import WeakAnnotators
 from backend.label_config import LabelConfigError, ProjectLabeling, parse_label_config
 from backend.protocol import InvalidInput
+from backend.shared_store import FileStateStore, StateStore
 from backend.state import COLD_START_VERSION, ProjectState, version_number
 from model.errors import ModelInputError
 from model.hierarchy import LabelHierarchy
@@ -78,15 +79,17 @@ class LabelConfigs:
 
 
 class Projects:
-    """Each project's context, its ProjectState, and the fine classifier it is served (loaded from disk)."""
+    """Each project's context, its ProjectState, and the fine classifier it is served (loaded from its checkpoint)."""
 
     def __init__(
         self,
         model_dir: Path,
         classifier_factory: Callable[..., Any] | None = None,
         classifier_loader: Callable[[Path, LabelHierarchy], Any] | None = None,
+        state_store: StateStore | None = None,
     ) -> None:
         self.model_dir = Path(model_dir)
+        self.state_store: StateStore = state_store or FileStateStore(self.model_dir)
         self._classifier_factory = classifier_factory
         self._classifier_loader = classifier_loader
         self._contexts: dict[int, ProjectContext] = {}
@@ -106,7 +109,8 @@ class Projects:
         with self._lock:
             state = self._states.get(project_id)
             if state is None:
-                state = self._states[project_id] = ProjectState(self.model_dir, project_id)
+                records = self.state_store.project_records(project_id)
+                state = self._states[project_id] = ProjectState(self.model_dir, project_id, records)
             return state
 
     def loaded_versions(self) -> dict[int, str]:
@@ -121,7 +125,8 @@ class Projects:
         return current.model_version if current is not None else COLD_START_VERSION
 
     def served_model(self, project_id: int, labeling: ProjectLabeling | None) -> tuple[Any, str]:
-        """(fine classifier or None, model_version); reloads when another process moved current.json."""
+        """(fine classifier or None, model_version); reloads when another process moved the pointer (one read of
+        its stamp per call: a file's stat, or one Redis HGET)."""
         current = self.state(project_id).current()
         if current is None:
             return None, COLD_START_VERSION
@@ -163,26 +168,24 @@ class Projects:
         return FineGrainedClassifier(hierarchy, dim, training_config)
 
     def warm_start(self) -> None:
-        """Load the current model of every project on disk, so the first request after a restart is served."""
-        projects_dir = self.model_dir / "projects"
-        if not projects_dir.is_dir():
+        """Load the current model of every project with records, so the first request after a restart is served."""
+        try:
+            project_ids = self.state_store.project_ids()
+        except Exception:
+            logger.exception("cannot list the projects of the state store; models load on first use")
             return
-        for path in sorted(projects_dir.iterdir()):
-            if path.is_dir() and path.name.isdigit():
-                try:
-                    self.served_model(int(path.name), None)
-                except Exception:
-                    logger.exception("project %s: cannot load its current model", path.name)
+        for project_id in project_ids:
+            try:
+                self.served_model(project_id, None)
+            except Exception:
+                logger.exception("project %s: cannot load its current model", project_id)
 
     def versions(self, project_id: int | None) -> list[str]:
         if project_id is not None:
             return self.state(project_id).list_versions()
-        projects_dir = self.model_dir / "projects"
         found: set[str] = set()
-        if projects_dir.is_dir():
-            for path in projects_dir.iterdir():
-                if path.name.isdigit():
-                    found.update(self.state(int(path.name)).list_versions())
+        for known in self.state_store.project_ids():
+            found.update(self.state(known).list_versions())
         return sorted(found, key=lambda v: (version_number(v) or 0, v))
 
 

@@ -39,6 +39,7 @@ from backend.predictions import build_predictions
 from backend.projects import LabelConfigs, Projects, schema_hash
 from backend.protocol import InvalidInput, parse_project_id
 from backend.segmentation import SegmentationLabeling, SegmentationProjects, parse_segmentation_config
+from backend.shared_store import StateStore, build_state_store
 from backend.state import COLD_START_VERSION, ImageKeyIndex, ProjectState, version_number
 from backend.training import cold_start_queue, collect_labels, fit_and_rank, server_learner_settings, weak_answers
 from model.hierarchy import MISSING_LABEL, LabelHierarchy
@@ -89,6 +90,7 @@ class MLBackend:
         classifier_factory: Callable[..., Any] | None = None,
         classifier_loader: Callable[[Path, LabelHierarchy], Any] | None = None,
         weak_annotator_factory: WeakAnnotatorFactory | None = None,
+        state_store: StateStore | None = None,
     ) -> None:
         """``weak_annotator`` answers in its own classes for every project (matched by name);
         ``weak_annotator_factory`` instead builds each project's annotator from its own classes."""
@@ -101,14 +103,15 @@ class MLBackend:
         self.jobs.bind(self.run_job, self._job_finished)
         self.metrics.registry.register(JobStateCollector(self.jobs))
         self.redactor = redactor
-        self.projects = Projects(Path(config.model_dir), classifier_factory, classifier_loader)
+        self.state_store = state_store or build_state_store(config)
+        self.projects = Projects(Path(config.model_dir), classifier_factory, classifier_loader, self.state_store)
         self.label_configs = LabelConfigs(config.parent_map_file, config.taxonomy_coarse_level, self.weak_annotators)
         self.extractor = FeatureExtractor(
             backbone=backbone,
             weak_annotators=self.weak_annotators,
             embedding_store=embedding_store,
             image_codec=image_codec,
-            image_index=image_index or ImageKeyIndex(Path(config.model_dir) / "image_keys.sqlite"),
+            image_index=image_index or self.state_store.image_index(),
             metrics=self.metrics,
             client_for=self._client,
             claims=self.jobs.inflight_claims(),
@@ -140,6 +143,7 @@ class MLBackend:
             weak_annotator=components.weak_annotator,
             weak_annotator_factory=components.weak_annotator_factory,
             embedding_store=components.embedding_store,
+            state_store=components.state_store,
             image_codec=components.image_codec,
             ls_clients=LabelStudioClientFactory(
                 download_root=Path(config.model_dir) / "downloads",
@@ -197,6 +201,7 @@ class MLBackend:
             "backbone": self.backbone.name,
             "weak_annotator": self.weak_annotators.describe(),
             "jobs": self._job_state(),
+            "state_store": self.state_store.health(),
         }
 
     def _job_state(self) -> dict[str, Any]:

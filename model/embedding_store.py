@@ -35,6 +35,37 @@ def content_key(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def check_namespace(namespace: str) -> None:
+    if not isinstance(namespace, str) or not namespace:
+        raise ModelInputError(f"namespace must be a non-empty string, got {namespace!r}")
+
+
+def encode_vectors(vectors: Mapping[str, np.ndarray]) -> list[tuple[str, int, bytes]]:
+    """``(key, dim, little-endian float16 bytes)`` per vector, the stored form of every embedding store.
+
+    NaN, inf, values beyond float16's range and keys that are not non-empty strings are refused."""
+    rows = []
+    for key, vector in vectors.items():
+        if not isinstance(key, str) or not key:
+            raise ModelInputError(f"store keys must be non-empty strings, got {key!r}")
+        array = np.asarray(vector)
+        if array.ndim != 1 or array.size == 0:
+            raise ModelInputError(f"vector for {key!r} must be 1-D and non-empty, got shape {array.shape}")
+        if not np.issubdtype(array.dtype, np.number) or not np.all(np.isfinite(array)):
+            raise ModelInputError(f"vector for {key!r} holds NaN, inf or non-numbers")
+        if np.any(np.abs(array) > _FLOAT16_MAX):
+            raise ModelInputError(f"vector for {key!r} has values beyond float16's range ±{_FLOAT16_MAX:g}")
+        rows.append((key, int(array.size), array.astype("<f2").tobytes()))
+    return rows
+
+
+def decode_vector(data: bytes, dim: int, where: str) -> np.ndarray:
+    """The float32 vector of stored float16 bytes; ModelInputError naming ``where`` when they are not ``dim`` long."""
+    if len(data) != 2 * dim or dim <= 0:
+        raise ModelInputError(f"{where} is corrupt ({len(data)} bytes for {dim} float16 values)")
+    return np.frombuffer(data, dtype="<f2").astype(np.float32)
+
+
 class EmbeddingStore:
     """float16 vectors on disk under ``(namespace, key)``; ``get_many`` returns float32.
 
@@ -91,8 +122,7 @@ class EmbeddingStore:
 
     @staticmethod
     def _check_namespace(namespace: str) -> None:
-        if not isinstance(namespace, str) or not namespace:
-            raise ModelInputError(f"namespace must be a non-empty string, got {namespace!r}")
+        check_namespace(namespace)
 
     def get_many(self, namespace: str, keys: Iterable[str]) -> dict[str, np.ndarray]:
         """Vectors found for ``keys`` (missing keys are simply absent), as float32."""
@@ -108,27 +138,13 @@ class EmbeddingStore:
                 [namespace, *chunk],
             ).fetchall()
             for key, dim, data in rows:
-                vector = np.frombuffer(data, dtype="<f2")
-                if vector.shape != (dim,):
-                    raise ModelInputError(f"{self.path}: stored vector {namespace}/{key} is corrupt")
-                found[key] = vector.astype(np.float32)
+                found[key] = decode_vector(data, dim, f"{self.path}: stored vector {namespace}/{key}")
         return found
 
     def put_many(self, namespace: str, vectors: Mapping[str, np.ndarray]) -> None:
         """Store (or replace) vectors in one transaction. NaN, inf and values beyond float16 are refused."""
         self._check_namespace(namespace)
-        rows = []
-        for key, vector in vectors.items():
-            if not isinstance(key, str) or not key:
-                raise ModelInputError(f"store keys must be non-empty strings, got {key!r}")
-            array = np.asarray(vector)
-            if array.ndim != 1 or array.size == 0:
-                raise ModelInputError(f"vector for {key!r} must be 1-D and non-empty, got shape {array.shape}")
-            if not np.issubdtype(array.dtype, np.number) or not np.all(np.isfinite(array)):
-                raise ModelInputError(f"vector for {key!r} holds NaN, inf or non-numbers")
-            if np.any(np.abs(array) > _FLOAT16_MAX):
-                raise ModelInputError(f"vector for {key!r} has values beyond float16's range ±{_FLOAT16_MAX:g}")
-            rows.append((namespace, key, int(array.size), array.astype("<f2").tobytes()))
+        rows = [(namespace, key, dim, data) for key, dim, data in encode_vectors(vectors)]
         if not rows:
             return
         connection = self._connection()
