@@ -133,7 +133,13 @@ class Projects:
         ctx = self.context(project_id)
         with ctx.lock:
             if ctx.model_version != current.model_version:
-                ctx.model = self._load_classifier(project_id, current.model_version)
+                directory = self.state(project_id).version_dir(current.model_version)
+                if not directory.is_dir():
+                    # Pruned by a newer fit between reading the pointer and fetching it: the next call retries.
+                    logger.warning("project %s: checkpoint %s is gone; serving no model this time", project_id,
+                                   current.model_version)
+                    return None, current.model_version
+                ctx.model = self._load_classifier(project_id, current.model_version, directory)
                 ctx.model_version = current.model_version
             model = ctx.model
         if model is not None and labeling is not None and model.hierarchy != labeling.hierarchy:
@@ -146,8 +152,7 @@ class Projects:
         with ctx.lock:
             ctx.model, ctx.model_version = classifier, model_version
 
-    def _load_classifier(self, project_id: int, model_version: str) -> Any:
-        directory = self.state(project_id).version_dir(model_version)
+    def _load_classifier(self, project_id: int, model_version: str, directory: Path) -> Any:
         if _checkpoint_kind(directory) is not None:
             return None  # another layout's model (multi-label, segmentation): its own module loads it
         try:
