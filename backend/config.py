@@ -62,6 +62,8 @@ class Config:
     keep_model_versions: int = 3
     push_head_tasks: int = 500
     """A fit pushes this many tasks of the head of the queue at once; a background job pushes the rest."""
+    push_batch_tasks: int = 5000
+    """Predictions per Label Studio import request: pushes of the rest of a queue and of the cold start are split."""
     prune_label_studio_every: int = 10
     """Old model versions are deleted from Label Studio once this many piled up, all in one background job."""
     parent_map_file: Path | None = None
@@ -134,6 +136,7 @@ class Config:
             max_request_bytes=reader.integer("MAX_REQUEST_BYTES", 100 * 1024 * 1024, minimum=1024),
             keep_model_versions=reader.integer("KEEP_MODEL_VERSIONS", 3, minimum=1),
             push_head_tasks=reader.integer("PUSH_HEAD_TASKS", 500, minimum=1),
+            push_batch_tasks=reader.integer("PUSH_BATCH_TASKS", 5000, minimum=1),
             prune_label_studio_every=reader.integer("PRUNE_LABEL_STUDIO_EVERY", 10, minimum=1),
             parent_map_file=reader.path("PARENT_MAP_FILE"),
             taxonomy_coarse_level=reader.integer("TAXONOMY_COARSE_LEVEL", 1, minimum=1),
