@@ -1,7 +1,7 @@
 """Two `vlm-al serve` replicas and two `vlm-al worker` processes on one real Redis (Debian redis-server, started
-here on a free 127.0.0.1 port), sharing one MODEL_DIR, against the fake Label Studio of tests/conftest.py (real
-HTTP). The phases run in order on one stack: index once across replicas, a 200-webhook storm, a worker killed
-with kill -9 mid-fit."""
+here on a free 127.0.0.1 port), each process with its own MODEL_DIR (the state they share is in Redis), against
+the fake Label Studio of tests/conftest.py (real HTTP). The phases run in order on one stack: index once across
+replicas, a 200-webhook storm, both replicas serving the fitted version, a worker killed with kill -9 mid-fit."""
 
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from rq.registry import FinishedJobRegistry, StartedJobRegistry
 from werkzeug.serving import make_server
 
 from backend.rq_jobs import KEY_PREFIX, LOCK_TTL_SECONDS, RQJobRunner
+from backend.shared_store import RedisStateStore
 from backend.state import ProjectState
 
 pytestmark = [
@@ -55,6 +56,7 @@ class Proc:
     name: str
     process: subprocess.Popen
     log_path: Path
+    model_dir: Path
     url: str | None = None
 
     def log(self) -> str:
@@ -72,13 +74,17 @@ class Stack:
     redis: Redis
     redis_url: str
     fake: FakeLabelStudio
-    model_dir: Path
     webs: list[Proc]
     workers: list[Proc]
     tmp: Path
     env: dict[str, str]
     runner: RQJobRunner
     events: list[str] = field(default_factory=list)
+
+    def state(self) -> ProjectState:
+        """The project's records as every replica reads them: in Redis (this view's MODEL_DIR gets only fetches)."""
+        reader_dir = self.tmp / "reader"
+        return ProjectState(reader_dir, PROJECT_ID, RedisStateStore(self.redis, reader_dir).project_records(PROJECT_ID))
 
     def start_worker(self, name: str) -> Proc:
         proc = _start(self.tmp, name, ["worker", "--name", name], self.env)
@@ -94,11 +100,13 @@ class Stack:
 
 
 def _start(tmp: Path, name: str, args: list[str], env: dict[str, str]) -> Proc:
+    """One process with a MODEL_DIR of its own: nothing on disk is shared between replicas."""
     log_path = tmp / f"{name}.log"
     handle = open(log_path, "wb")
-    process = subprocess.Popen([sys.executable, "-m", "backend.cli", *args], cwd=REPO_ROOT, env=env,
-                               stdout=handle, stderr=subprocess.STDOUT)
-    return Proc(name, process, log_path)
+    model_dir = tmp / f"model_dir_{name}"
+    process = subprocess.Popen([sys.executable, "-m", "backend.cli", *args], cwd=REPO_ROOT,
+                               env={**env, "MODEL_DIR": str(model_dir)}, stdout=handle, stderr=subprocess.STDOUT)
+    return Proc(name, process, log_path, model_dir)
 
 
 def _wait_health(proc: Proc, deadline: float) -> None:
@@ -151,11 +159,10 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
     fake.url = f"http://127.0.0.1:{server.server_port}"
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 
-    model_dir = tmp / "model_dir"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "BASIC_AUTH_", "REDIS_"))}
     env.update({
         # no LABEL_STUDIO_URL: the workers reach Label Studio with what /setup gave a web process
-        "MODEL_DIR": str(model_dir), "REDIS_URL": redis_url, "WEAK_ANNOTATOR": "none", "EMBEDDING_RUNTIME": "torch",
+        "REDIS_URL": redis_url, "WEAK_ANNOTATOR": "none", "EMBEDDING_RUNTIME": "torch",
         "IMAGE_SIZE": "64", "TORCH_THREADS": "1", "FIT_DEBOUNCE_SECONDS": "1.5", "QUERY_BATCH_SIZE": "5",
         "SUGGESTION_PRECISION": "0", "LOG_LEVEL": "INFO",
     })
@@ -166,7 +173,7 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
         proc.url = f"http://127.0.0.1:{port}"
         webs.append(proc)
     runner = RQJobRunner(redis, debounce_seconds=1.5)
-    built = Stack(redis, redis_url, fake, model_dir, webs, [], tmp, env, runner)
+    built = Stack(redis, redis_url, fake, webs, [], tmp, env, runner)
     for i in range(2):
         built.start_worker(f"worker{i}")
     try:
@@ -189,8 +196,8 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
         redis_proc.wait(timeout=10)
 
 
-def _fine_labels_seen(model_dir: Path) -> int:
-    current = ProjectState(model_dir, PROJECT_ID).current()
+def _fine_labels_seen(stack: Stack) -> int:
+    current = stack.state().current()
     return int(current.metrics["n_fine"]) if current is not None else 0
 
 
@@ -211,6 +218,8 @@ def test_setup_on_both_replicas_indexes_once_and_embeds_each_image_once(stack: S
     by_worker = {p.name: _logged_embeddings(p) for p in stack.workers}
     assert sum(by_web.values()) + sum(by_worker.values()) == N_TASKS, (by_web, by_worker)
     assert len(stack.fake.downloads) == N_TASKS  # each image downloaded once, by one process
+    assert stack.redis.hlen(f"{KEY_PREFIX}:vectors:{_backbone(stack)}") == N_TASKS  # the cache every process reads
+    assert not any((p.model_dir / "embeddings.sqlite").exists() for p in stack.webs + stack.workers)
     # Two /setup calls on two replicas coalesce into one index job, unless the second arrives after the first job
     # has started (seconds apart on a loaded machine): then one more runs and finds every image done (above).
     assert 1 <= len(_finished_jobs(stack, "index")) <= 2
@@ -218,6 +227,10 @@ def test_setup_on_both_replicas_indexes_once_and_embeds_each_image_once(stack: S
     assert health["jobs"]["runner"] == "rq" and health["jobs"]["workers"] == 2
     assert health["jobs"]["failed"] == 0
     stack.events.append(f"indexed {N_TASKS}: embedded by web {by_web}, by workers {by_worker}")
+
+
+def _backbone(stack: Stack) -> str:
+    return requests.get(stack.webs[0].url + "/health", timeout=2).json()["backbone"]
 
 
 def _finished_jobs(stack: Stack, kind: str) -> list[str]:
@@ -231,7 +244,7 @@ def _logged_embeddings(proc: Proc) -> int:
 
 
 def test_a_storm_of_200_webhooks_across_two_replicas_is_one_fit_that_saw_every_annotation(stack: Stack):
-    before = len(ProjectState(stack.model_dir, PROJECT_ID).transition_history())
+    before = len(stack.state().transition_history())
     fit_jobs_before = len(_finished_jobs(stack, "fit"))
     storm_ids = list(range(1, STORM + 1))
 
@@ -245,9 +258,9 @@ def test_a_storm_of_200_webhooks_across_two_replicas_is_one_fit_that_saw_every_a
     storm_seconds = time.monotonic() - started
     assert codes == [200] * STORM
     stack.wait_idle()
-    history = ProjectState(stack.model_dir, PROJECT_ID).transition_history()
+    history = stack.state().transition_history()
     fits = len(history) - before
-    assert _fine_labels_seen(stack.model_dir) == STORM, "the final model did not see every annotation"
+    assert _fine_labels_seen(stack) == STORM, "the final model did not see every annotation"
     fit_jobs = len(_finished_jobs(stack, "fit")) - fit_jobs_before
     assert fits == 1, f"{fits} fits for one burst of {STORM} webhooks sent in {storm_seconds:.1f} s"
     # fit jobs that found nothing new: a webhook that arrived after the fit had read the labels (counted, cheap)
@@ -257,8 +270,31 @@ def test_a_storm_of_200_webhooks_across_two_replicas_is_one_fit_that_saw_every_a
                         f"job(s), {duplicates} duplicate(s)")
 
 
+def test_both_replicas_serve_the_fitted_version_from_their_own_model_dirs(stack: Stack):
+    current = stack.state().current()
+    assert current is not None and current.model_version != "vlm-al-v0"
+    fitted_by = [p.name for p in stack.workers
+                 if (p.model_dir / "projects" / str(PROJECT_ID) / "versions" / current.model_version).is_dir()]
+    assert fitted_by, "no worker wrote the checkpoint it committed"
+    tasks = [{"id": t["id"], "data": t["data"]} for t in stack.fake.tasks[STORM:STORM + 20]]
+    body = {"tasks": tasks, "project": f"{PROJECT_ID}.1795294297", "label_config": label_config()}
+    answers = [requests.post(web.url + "/predict", json=body, timeout=60).json() for web in stack.webs]
+    assert [a["model_version"] for a in answers] == [current.model_version] * 2
+    assert answers[0]["results"] == answers[1]["results"]  # one model: the same scores and suggestions
+    assert all(r["model_version"] == current.model_version and r["result"] for r in answers[0]["results"])
+    for web in stack.webs:
+        # each replica fetched the checkpoint from Redis into its own MODEL_DIR and loaded it
+        fetched = web.model_dir / "projects" / str(PROJECT_ID) / "versions" / current.model_version
+        assert (fetched / "metadata.json").is_file() and not (web.model_dir / "projects" / str(PROJECT_ID) /
+                                                              "current.json").exists()
+        health = requests.get(web.url + "/health", timeout=2).json()
+        assert health["model_versions"] == {str(PROJECT_ID): current.model_version}
+        assert health["state_store"] == {"backend": "redis", "reachable": True}
+    stack.events.append(f"{current.model_version} committed by {fitted_by}, served by both web replicas")
+
+
 def test_a_worker_killed_mid_fit_leaves_the_job_retried_or_failed_and_the_next_fit_succeeds(stack: Stack):
-    state = ProjectState(stack.model_dir, PROJECT_ID)
+    state = stack.state()
     version_before = state.current().model_version
     lock_key = f"{KEY_PREFIX}:lock:project:{PROJECT_ID}"
     stack.fake.annotate(STORM + 1, FINES[STORM % 4])
@@ -284,7 +320,7 @@ def test_a_worker_killed_mid_fit_leaves_the_job_retried_or_failed_and_the_next_f
     assert status in ("finished", "failed"), status
     assert not stack.redis.exists(lock_key)
     assert state.current().model_version != version_before
-    assert _fine_labels_seen(stack.model_dir) == STORM + 2
+    assert _fine_labels_seen(stack) == STORM + 2
     health = requests.get(stack.webs[1].url + "/health", timeout=2).json()
     assert health["jobs"]["workers"] == 1
     stack.events.append(f"kill -9 of {victim.name} in job {killed_job}: job {status}; lock ttl {LOCK_TTL_SECONDS} s; "
