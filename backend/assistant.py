@@ -23,7 +23,6 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -44,11 +43,11 @@ from model.assistant import (
 from model.assistant.auto_accept import PAUSED_AUDITS_PER_ROUND
 from model.assistant.stopping import InversePowerLaw, human_label_curve, stabilizing_predictions
 from model.hierarchy import MISSING_LABEL
-from model.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
-ASSISTANT_FILE = "assistant.json"
+ASSISTANT_RECORD = "assistant"
+"""The project's record: ``assistant.json`` beside its checkpoints, or a Redis document (backend.state records)."""
 AUDIT_SCORE_SPAN = 0.005
 """Queue scores below this are the pending audits: ahead of the fit's planned picks."""
 STOP_SET_SIZE = 500
@@ -99,7 +98,7 @@ class Assistant:
     def __init__(self, config: Config) -> None:
         self.config = config
         self._lock = threading.Lock()
-        self._pending_cache: dict[Path, tuple[tuple[int, int, int], frozenset[str]]] = {}
+        self._pending_cache: dict[int, tuple[object, frozenset[str]]] = {}
 
     @property
     def auto_accept_on(self) -> bool:
@@ -107,25 +106,18 @@ class Assistant:
 
     # --- the per-project record ------------------------------------------------------------------------------
 
-    @staticmethod
-    def path(state: ProjectState) -> Path:
-        return state.root / ASSISTANT_FILE
-
     def load(self, state: ProjectState) -> dict[str, Any]:
-        import json
-
-        path = self.path(state)
+        """The record (``assistant.json``, or in Redis with REDIS_URL: state.records), {} when there is none."""
         try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            return {}
+            _, data = state.records.read_document(ASSISTANT_RECORD)
         except ValueError:
-            logger.warning("project %s: %s is unreadable; the assistant starts a new record", state.project_id, path)
+            logger.warning("project %s: the assistant record is unreadable; the assistant starts a new one",
+                           state.project_id)
             return {}
         return data if isinstance(data, dict) else {}
 
     def save(self, state: ProjectState, record: Mapping[str, Any]) -> None:
-        atomic_write_json(self.path(state), record)
+        state.records.write_document(ASSISTANT_RECORD, record)
 
     # --- hooks ---------------------------------------------------------------------------------------------------
 
@@ -243,20 +235,17 @@ class Assistant:
     def pending_audits(self, state: ProjectState) -> frozenset[str]:
         """Task ids (as strings) of the audits no human has labeled yet; re-read only when the record changed, since
         every /predict asks."""
-        path = self.path(state)
-        try:
-            stat = path.stat()
-        except FileNotFoundError:
+        stamp = state.records.document_stamp(ASSISTANT_RECORD)
+        if stamp == -1:
             return frozenset()
-        stamp = (stat.st_mtime_ns, stat.st_ino, stat.st_size)
         with self._lock:
-            cached = self._pending_cache.get(path)
+            cached = self._pending_cache.get(state.project_id)
         if cached is not None and cached[0] == stamp:
             return cached[1]
         audits = self.load(state).get("audits") or {}
         pending = frozenset(k for k, a in audits.items() if a.get("human") is None)
         with self._lock:
-            self._pending_cache[path] = (stamp, pending)
+            self._pending_cache[state.project_id] = (stamp, pending)
         return pending
 
     def mark_predictions(self, state: ProjectState, labeling: ProjectLabeling, tasks: Sequence[Mapping[str, Any]],
