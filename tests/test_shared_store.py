@@ -4,6 +4,7 @@ ProjectStates with separate MODEL_DIRs stand for two hosts sharing one Redis."""
 from __future__ import annotations
 
 import hashlib
+import shutil
 import threading
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,7 +26,10 @@ from backend.state import ProjectState
 from model.embedding_store import EmbeddingStore
 from model.errors import ModelInputError
 
-pytestmark = pytest.mark.redis
+pytestmark = [
+    pytest.mark.redis,
+    pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs Debian redis-server (scripts/setup.sh)"),
+]
 
 PROJECT = 7
 
