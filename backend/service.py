@@ -596,6 +596,10 @@ class MLBackend:
             self.assistant.score_arrivals(state, model_version, [int(tasks[i]["id"]) for i in to_push],
                                           model.predict_fine_proba(arrivals.embedding_matrix(list(range(len(to_push))))))
         if to_push:
+            # Lowest scores first: the queue's head reaches Label Studio with the first batch.
+            stored_version, stored = state.priorities()
+            order = queue_scores if queue_scores is not None else stored if stored_version == model_version else {}
+            to_push.sort(key=lambda i: order.get(int(tasks[i]["id"]), 1.0))
             self._push(project_id, client, tasks, to_push, labeling, features, model, model_version, queue_scores)
 
     def _push(
@@ -611,24 +615,36 @@ class MLBackend:
         queue_scores: Mapping[int, float] | None,
         replace: bool = False,
     ) -> int:
-        subset = [tasks[i] for i in positions]
-        predictions = self._predictions(
-            project_id, subset, labeling, features.subset(positions), model, model_version, queue_scores
-        )
-        predictions = self.assistant.mark_predictions(self.state(project_id), labeling, subset, predictions)
-        payload = [
-            {"task": int(task["id"]), **prediction}
-            for task, prediction in zip(subset, predictions)
-            if prediction["result"]
-        ]
-        created = client.import_predictions(project_id, payload)
-        self.metrics.predictions_pushed.inc(created)
-        self.state(project_id).record_pushed(model_version, [p["task"] for p in payload], replace=replace)
-        # Label Studio refuses a model_version that no prediction carries.
-        if created > 0:
-            client.set_model_version(project_id, model_version)
-            self.state(project_id).record_label_studio_versions(pushed=[model_version])
-        logger.info("project %s: pushed %d/%d predictions of %s", project_id, created, len(payload), model_version)
+        """Push the predictions of ``tasks[positions]`` in that order, PUSH_BATCH_TASKS per import request: each
+        batch's predictions are built, sent and recorded before the next (a push cut short resumes after the last
+        recorded batch), and the project follows ``model_version`` from the first batch Label Studio took."""
+        state = self.state(project_id)
+        created = sent = 0
+        moved = False
+        for start in range(0, len(positions), self.config.push_batch_tasks):
+            batch = positions[start : start + self.config.push_batch_tasks]
+            subset = [tasks[i] for i in batch]
+            predictions = self._predictions(
+                project_id, subset, labeling, features.subset(batch), model, model_version, queue_scores
+            )
+            predictions = self.assistant.mark_predictions(state, labeling, subset, predictions)
+            payload = [
+                {"task": int(task["id"]), **prediction}
+                for task, prediction in zip(subset, predictions)
+                if prediction["result"]
+            ]
+            del predictions
+            batch_created = client.import_predictions(project_id, payload)
+            created += batch_created
+            sent += len(payload)
+            self.metrics.predictions_pushed.inc(batch_created)
+            state.record_pushed(model_version, [p["task"] for p in payload], replace=replace and start == 0)
+            # Label Studio refuses a model_version that no prediction carries.
+            if batch_created > 0 and not moved:
+                client.set_model_version(project_id, model_version)
+                state.record_label_studio_versions(pushed=[model_version])
+                moved = True
+        logger.info("project %s: pushed %d/%d predictions of %s", project_id, created, sent, model_version)
         return created
 
     def _tasks_for_fit(self, project_id: int, client: LabelStudioAPI) -> list[dict[str, Any]]:
@@ -657,7 +673,7 @@ class MLBackend:
             already = state.pushed_tasks(model_version)
             tasks = [t for t in task_list.tasks_with(()) if t["id"] in scores and t["id"] not in already]
             features = self.extractor.features(project_id, tasks, labeling, client)
-            positions = features.usable_positions()
+            positions = sorted(features.usable_positions(), key=lambda i: scores[int(tasks[i]["id"])])
             if not positions:
                 return 0
             return self._push(project_id, client, tasks, positions, labeling, features, model, model_version, scores)

@@ -90,3 +90,49 @@ def test_task_list_merges_the_export_and_tasks_created_since():
     assert [t["id"] for t in tasks] == [1, 2, 3, 7]
     assert tasks[0] == {"id": 1, "data": {"image": "/a.png"}}
     assert tasks[1]["annotations"] == [{"id": 9}] and tasks[3]["data"]["image"] == "/new.png"
+
+
+def test_pushes_go_in_bounded_batches_head_first_and_a_cut_short_push_resumes(fake_ls, make_config, make_backend):
+    add_tasks(fake_ls, 1, 30)
+    parts = make_backend(make_config(push_head_tasks=5, push_batch_tasks=4))
+    backend = parts.backend
+    backend.run_index(PROJECT_ID)
+    # the cold start: every task, 4 per request, the lowest scores (the first picks) in the first request
+    assert [len(batch) for batch in fake_ls.imports] == [4] * 7 + [2]
+    cold = [[p["score"] for p in batch] for batch in fake_ls.imports]
+    assert all(max(a) <= min(b) for a, b in zip(cold, cold[1:]))
+    assert fake_ls.patches == [{"model_version": "vlm-al-v0"}]  # moved once, after the first batch
+
+    annotate(fake_ls, range(1, 9))
+    real_client = backend._client
+    failing_after = {"imports": 2}
+
+    class CutShort:
+        """The project's Label Studio client, whose import fails after two more requests (a push cut short)."""
+
+        def __init__(self, client):
+            self._client = client
+
+        def import_predictions(self, project_id, predictions):
+            if failing_after["imports"] == 0:
+                raise RuntimeError("Label Studio went away")
+            failing_after["imports"] -= 1
+            return self._client.import_predictions(project_id, predictions)
+
+        def __getattr__(self, name):
+            return getattr(self._client, name)
+
+    backend._client = lambda project_id: CutShort(real_client(project_id))
+    fake_ls.imports.clear()
+    version = backend.run_fit(PROJECT_ID)  # the head (2 requests) went through; the push job's first one failed
+    assert version == ProjectState(backend.config.model_dir, PROJECT_ID).current().model_version
+    assert [len(batch) for batch in fake_ls.imports] == [4, 1]
+    assert fake_ls.project_model_version == version
+    backend._client = real_client
+    assert backend.run_push(PROJECT_ID, version) == 30 - 8 - 5
+    head, rest = fake_ls.imports[:2], fake_ls.imports[2:]
+    assert [len(batch) for batch in rest] == [4, 4, 4, 4, 1]
+    scores = [[p["score"] for p in batch] for batch in head + rest]
+    assert all(max(a) <= min(b) for a, b in zip(scores, scores[1:]))
+    assert sorted(p["task"] for batch in fake_ls.imports for p in batch) == list(range(9, 31))
+    assert backend.run_push(PROJECT_ID, version) == 0  # everything pushed: nothing again
