@@ -160,6 +160,16 @@ class PackedVectors(Mapping[str, np.ndarray]):
             out[start : start + len(block)] = self._matrix[block]  # type: ignore[index]
         return out
 
+    def half_rows(self, keys: Sequence[str]) -> np.ndarray:
+        """float16 rows of ``keys`` in that order: a view of the matrix when they are its first rows in order (a
+        fit's whole project), else a float16 copy; half a float32 copy either way."""
+        index = np.fromiter((self._rows[k] for k in keys), dtype=np.int64, count=len(keys))
+        if self._matrix is None:
+            return np.empty((0, 0), dtype=np.float16)
+        if np.array_equal(index, np.arange(index.size)):
+            return self._matrix[: index.size]
+        return self._matrix[index]
+
     def nbytes(self) -> int:
         """Bytes held, matrix slack included (what a caller keeps alive by keeping these vectors)."""
         return 0 if self._matrix is None else int(self._matrix.nbytes)
@@ -189,6 +199,13 @@ class TaskFeatures:
 
     def embedding_matrix(self, positions: Sequence[int]) -> np.ndarray:
         return _rows_of(self.embeddings, [self.keys[i] for i in positions])  # type: ignore[misc]
+
+    def pool_embeddings(self, positions: Sequence[int]) -> np.ndarray:
+        """The rows a fit trains and ranks on: float16 from the packed matrix (model/ converts them in chunks)."""
+        keys = [self.keys[i] for i in positions]
+        if isinstance(self.embeddings, PackedVectors):
+            return self.embeddings.half_rows(keys)  # type: ignore[arg-type]
+        return _rows_of(self.embeddings, keys)  # type: ignore[arg-type]
 
     def weak_matrix(self, positions: Sequence[int], hierarchy: LabelHierarchy) -> np.ndarray:
         """Weak probabilities of the tasks at ``positions`` in the project's coarse order (zero rows: no answer)."""
@@ -473,7 +490,7 @@ class FeatureExtractor:
                 new_keys[urls[i]] = keys[i]  # type: ignore[index]
             self.image_index.put_many(project_id, new_keys)
 
-        present = sorted({k for k in keys if k})
+        present = list(dict.fromkeys(k for k in keys if k))  # task order: a fit's rows are then a view (half_rows)
         embeddings = self._read_packed(self.backbone.name, present)
         weak = self._read_packed(namespace, present) if namespace else PackedVectors()
         missing_positions: dict[str, int] = {}
@@ -511,7 +528,9 @@ class FeatureExtractor:
     def _read_packed(self, namespace: str, keys: Sequence[str]) -> PackedVectors:
         packed = PackedVectors(len(keys))
         for start in range(0, len(keys), STORE_READ_BATCH):
-            packed.update(self.store.get_many(namespace, keys[start : start + STORE_READ_BATCH]))
+            batch = keys[start : start + STORE_READ_BATCH]
+            found = self.store.get_many(namespace, batch)
+            packed.update({key: found[key] for key in batch if key in found})  # rows in the order asked
         return packed
 
     def _download(

@@ -582,7 +582,7 @@ class MLBackend:
             priorities_version, _ = state.priorities()
             if priorities_version != COLD_START_VERSION:
                 scores = cold_start_queue(
-                    features.embedding_matrix(unlabeled),
+                    features.pool_embeddings(unlabeled),
                     features.weak_matrix(unlabeled, labeling.hierarchy),
                     labeling.hierarchy,
                     self.config.query_batch_size,
@@ -707,7 +707,7 @@ class MLBackend:
         usable = features.usable_positions()
         if not usable:
             return False
-        hierarchy, embeddings = labeling.hierarchy, features.embedding_matrix(usable)
+        hierarchy, embeddings = labeling.hierarchy, features.pool_embeddings(usable)
         return self.assistant.run_curve(
             state, embeddings, collect_labels(labeling, tasks, usable, project_id),
             weak_answers(features.weak_matrix(usable, hierarchy)),
@@ -741,7 +741,7 @@ class MLBackend:
             logger.info("project %s: nothing new since %s (same labels, images and config); no retrain",
                         project_id, current.model_version)
             return None
-        embeddings = features.embedding_matrix(usable)
+        embeddings = features.pool_embeddings(usable)
         dim = int(embeddings.shape[1])
         outcome = fit_and_rank(
             hierarchy=hierarchy,

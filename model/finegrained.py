@@ -34,6 +34,7 @@ from model.errors import ModelInputError
 from model.hierarchy import MISSING_LABEL, LabelHierarchy, validated_label_array
 from model.io import atomic_write_json
 from model.optim import Adam
+from model.query import ROW_CHUNK
 
 VARIANTS = ("fine-only", "reference", "hierarchical")
 CHECKPOINT_FORMAT_VERSION = 1
@@ -140,6 +141,7 @@ def _l2_normalise_(embeddings: torch.Tensor) -> torch.Tensor:
 
 
 def _validated_embeddings(embeddings: np.ndarray, embedding_dim: int) -> np.ndarray:
+    """float16 or float32 (n, embedding_dim) as given (other numeric types as float32), checked finite in chunks."""
     array = np.asarray(embeddings)
     if array.ndim != 2 or array.shape[1] != embedding_dim:
         raise ModelInputError(f"embeddings must have shape (n, {embedding_dim}), got {array.shape}")
@@ -147,11 +149,22 @@ def _validated_embeddings(embeddings: np.ndarray, embedding_dim: int) -> np.ndar
         raise ModelInputError("embeddings are empty")
     if not np.issubdtype(array.dtype, np.number):
         raise ModelInputError(f"embeddings must be numeric, got dtype {array.dtype}")
-    array = array.astype(np.float32, copy=False)
-    if not np.all(np.isfinite(array)):
-        bad_rows = np.flatnonzero(~np.all(np.isfinite(array), axis=1))
-        raise ModelInputError(f"embeddings contain NaN or inf in rows {bad_rows[:10].tolist()}")
+    if array.dtype not in (np.float16, np.float32):
+        array = array.astype(np.float32)
+    for start in range(0, array.shape[0], ROW_CHUNK):
+        chunk = array[start : start + ROW_CHUNK]
+        if not np.all(np.isfinite(chunk)):
+            bad_rows = start + np.flatnonzero(~np.all(np.isfinite(chunk), axis=1))
+            raise ModelInputError(f"embeddings contain NaN or inf in rows {bad_rows[:10].tolist()}")
     return array
+
+
+def _float32_rows(array: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """``array[index]`` as float32, gathered ROW_CHUNK rows at a time (no float16 copy of them all first)."""
+    out = np.empty((index.size, array.shape[1]), dtype=np.float32)
+    for start in range(0, index.size, ROW_CHUNK):
+        out[start : start + ROW_CHUNK] = array[index[start : start + ROW_CHUNK]]
+    return out
 
 
 def _validated_labels(name: str, labels: np.ndarray | None, n_samples: int, n_classes: int) -> np.ndarray:
@@ -278,8 +291,8 @@ class FineGrainedClassifier:
             "weak": rng.permutation(weak_rows),
         }
         targets = {"full": fine, "human_coarse": human_coarse, "weak": weak}
-        # array[index] is a fresh copy: normalised and centred in place, so the (n, d) rows exist once
-        normalised = {name: _l2_normalise_(torch.from_numpy(array[index])) for name, index in rows.items()}
+        # a fresh float32 copy of the rows: normalised and centred in place, so the (n, d) rows exist once
+        normalised = {name: _l2_normalise_(torch.from_numpy(_float32_rows(array, index))) for name, index in rows.items()}
         feature_mean = torch.cat(list(normalised.values())).mean(dim=0)
         groups = {
             name: _LabelGroup(normalised[name].sub_(feature_mean), torch.from_numpy(targets[name][index]))
@@ -372,29 +385,33 @@ class FineGrainedClassifier:
             raise ModelInputError("the classifier is not fitted yet: call fit() or load() first")
         return self._parameters
 
-    def _features(self, embeddings: np.ndarray) -> torch.Tensor:
+    def _features(self, array: np.ndarray) -> torch.Tensor:
+        """Normalised, centred float32 features of validated rows (one chunk of them)."""
+        features = torch.from_numpy(np.asarray(array, dtype=np.float32))
+        return _l2_normalise(features).sub_(self._fitted_parameters()["feature_mean"])
+
+    def _probabilities(self, embeddings: np.ndarray, head: str) -> np.ndarray:
+        """softmax of one head, ROW_CHUNK rows at a time."""
         parameters = self._fitted_parameters()
+        weight, bias = parameters[f"{head}.weight"], parameters[f"{head}.bias"]
         array = _validated_embeddings(embeddings, self.embedding_dim)
-        return _l2_normalise(torch.from_numpy(array)).sub_(parameters["feature_mean"])
+        out = np.empty((array.shape[0], weight.shape[0]), dtype=np.float32)
+        with _torch_threads(self.config.num_threads), torch.inference_mode():
+            for start in range(0, array.shape[0], ROW_CHUNK):
+                logits = F.linear(self._features(array[start : start + ROW_CHUNK]), weight, bias)
+                out[start : start + ROW_CHUNK] = F.softmax(logits, dim=1).numpy()
+        return out
 
     def predict_fine_proba(self, embeddings: np.ndarray) -> np.ndarray:
         """float32 (n, n_fine), rows summing to 1."""
-        with _torch_threads(self.config.num_threads), torch.inference_mode():
-            features = self._features(embeddings)
-            parameters = self._fitted_parameters()
-            logits = F.linear(features, parameters["fine_head.weight"], parameters["fine_head.bias"])
-            return F.softmax(logits, dim=1).numpy().astype(np.float32)
+        return self._probabilities(embeddings, "fine_head")
 
     def predict_coarse_proba(self, embeddings: np.ndarray) -> np.ndarray:
         """float32 (n, n_coarse): the coarse head (reference) or fine probabilities summed per group."""
         if self.config.variant != "reference":
             fine = self.predict_fine_proba(embeddings)
             return (fine @ self.hierarchy.fine_to_coarse_matrix).astype(np.float32)
-        with _torch_threads(self.config.num_threads), torch.inference_mode():
-            features = self._features(embeddings)
-            parameters = self._fitted_parameters()
-            weight, bias = parameters["coarse_head.weight"], parameters["coarse_head.bias"]
-            return F.softmax(F.linear(features, weight, bias), dim=1).numpy().astype(np.float32)
+        return self._probabilities(embeddings, "coarse_head")
 
     # ---- checkpoints ----------------------------------------------------------------------------------------
 

@@ -21,6 +21,9 @@ UNLABELED, WEAK, FULL = 0, 1, 2
 _BUDGET_EPSILON = 1e-9
 """Budgets are sums of float costs: 150 * 0.02 must still buy 150 weak labels."""
 _DISTANCE_CHUNK = 4096
+ROW_CHUNK = 8192
+"""Pool rows converted to float32 (checked, normalised, projected, predicted) at a time: a float16 pool of a large
+project is never copied whole to float32, outside a classifier's training rows."""
 _MIN_DISTANCE = 1e-300
 
 
@@ -84,9 +87,11 @@ class PoolState:
         embeddings = np.asarray(self.embeddings)
         if embeddings.ndim != 2 or embeddings.shape[0] == 0 or embeddings.shape[1] == 0:
             raise ModelInputError(f"the pool is empty or not (n, d): embeddings have shape {embeddings.shape}")
-        if not np.all(np.isfinite(embeddings)):
-            bad_rows = np.flatnonzero(~np.all(np.isfinite(embeddings), axis=1))
-            raise ModelInputError(f"pool embeddings contain NaN or inf in rows {bad_rows[:10].tolist()}")
+        for start in range(0, embeddings.shape[0], ROW_CHUNK):  # no (n, d) mask of a large pool at once
+            chunk = embeddings[start : start + ROW_CHUNK]
+            if not np.all(np.isfinite(chunk)):
+                bad_rows = start + np.flatnonzero(~np.all(np.isfinite(chunk), axis=1))
+                raise ModelInputError(f"pool embeddings contain NaN or inf in rows {bad_rows[:10].tolist()}")
         n = embeddings.shape[0]
         validated_label_array("fine_labels", self.fine_labels, self.hierarchy.n_fine, n)
         validated_label_array("weak_coarse_labels", self.weak_coarse_labels, self.hierarchy.n_coarse, n)
@@ -151,6 +156,22 @@ def affordable_count(budget: float, cost: float) -> int:
 def l2_normalised(embeddings: np.ndarray) -> np.ndarray:
     array = np.asarray(embeddings, dtype=np.float32)
     return array / np.maximum(np.linalg.norm(array, axis=1, keepdims=True), 1e-12)
+
+
+def projected_unit_rows(embeddings: np.ndarray, rows: np.ndarray, dim: int | None,
+                        rng: np.random.Generator) -> np.ndarray:
+    """``random_projection(l2_normalised(embeddings[rows]), dim, rng)`` ROW_CHUNK rows at a time: a float16 pool is
+    never copied whole to float32, only its projected rows are kept."""
+    rows = np.asarray(rows, dtype=np.int64)
+    n_features = int(np.shape(embeddings)[1])
+    if dim is None or dim >= n_features:
+        return l2_normalised(embeddings[rows])
+    projection = rng.standard_normal((n_features, dim)).astype(np.float32)
+    out = np.empty((rows.size, dim), dtype=np.float32)
+    for start in range(0, rows.size, ROW_CHUNK):
+        out[start : start + ROW_CHUNK] = l2_normalised(l2_normalised(embeddings[rows[start : start + ROW_CHUNK]])
+                                                       @ projection)
+    return out
 
 
 # ---- uncertainty --------------------------------------------------------------------------------------------
@@ -365,7 +386,7 @@ class KMeansColdStart:
         candidates, n_picks = _start(pool, budget, costs)
         if n_picks == 0:
             return []
-        points = random_projection(l2_normalised(pool.embeddings[candidates]), self.distance_dim, rng)
+        points = projected_unit_rows(pool.embeddings, candidates, self.distance_dim, rng)
         return _human_fine(candidates[kmeans_typical(points, n_picks, rng, self.max_iterations)])
 
 

@@ -12,6 +12,8 @@ import numpy as np
 from conftest import PROJECT_ID, FakeBackbone
 from PIL import Image
 
+import model.finegrained
+import model.query
 from backend.features import PackedVectors
 from backend.state import ProjectState
 
@@ -100,3 +102,49 @@ def test_a_task_listing_keeps_only_the_fields_the_backend_reads(fake_ls, make_co
     tasks = parts.backend._client(PROJECT_ID).fetch_tasks(PROJECT_ID)
     assert set(tasks[0]) == {"id", "data", "annotations"}
     assert tasks[0]["annotations"][0]["result"] == fake_ls.tasks[0]["annotations"][0]["result"]
+
+
+def traced_peak(run):
+    """(result, peak bytes allocated above the start while ``run()`` ran) under tracemalloc (numpy arrays count)."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        result = run()
+        return result, tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_fit_trains_from_the_float16_rows_without_a_float32_copy_of_the_project(fake_ls, make_config,
+                                                                                  make_backend, monkeypatch):
+    n_tasks = 1200
+    for task_id in range(1, n_tasks + 1):
+        fake_ls.add_task(task_id, FINES[task_id % 4], image=unique_png(task_id))
+    parts = make_backend(make_config(push_predictions=False))
+    parts.backend.extractor.backbone = WideBackbone()
+    parts.backend.run_index(PROJECT_ID)
+    for task_id in range(1, 13):
+        fake_ls.annotate(task_id, FINES[task_id % 4])
+    assert parts.backend.run_fit(PROJECT_ID) == "vlm-al-v1"  # the first fit imports what fits use (cleanlab, ...)
+    fake_ls.annotate(13, FINES[13 % 4])
+    monkeypatch.setattr(model.finegrained, "ROW_CHUNK", 100)  # chunks well below the project, as at 100k tasks
+    monkeypatch.setattr(model.query, "ROW_CHUNK", 100)
+    version, peak = traced_peak(lambda: parts.backend.run_fit(PROJECT_ID))
+    assert version == "vlm-al-v2"
+    float32_copy = n_tasks * DIM * 4
+    # the packed float16 rows (half a copy), the classifier's own normalised float32 training rows (every task: the
+    # VLM labels the unlabelled ones) and small chunks; the fit used to hold a float32 copy of every embedding too
+    assert peak < 2.0 * float32_copy, peak / float32_copy
+
+
+def test_packed_half_rows_are_a_view_of_the_project_rows_in_order():
+    packed = PackedVectors(capacity=4)
+    rng = np.random.default_rng(1)
+    packed.update({f"k{i}": rng.standard_normal(3).astype(np.float32) for i in range(4)})
+    whole = packed.half_rows(["k0", "k1", "k2"])
+    assert whole.dtype == np.float16 and np.shares_memory(whole, packed.half_rows(["k0"]))
+    reordered = packed.half_rows(["k2", "k0"])
+    assert not np.shares_memory(reordered, whole)
+    assert np.array_equal(reordered.astype(np.float32), packed.rows(["k2", "k0"]))
