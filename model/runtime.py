@@ -404,6 +404,9 @@ def make_session(model: bytes | str | Path, providers: Sequence[str], threads: i
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    # No CPU memory arena: the arena keeps the largest batch's activations resident for the process's life (+450 MB
+    # RSS after batches of 64 at 224 px, against +12 MB without it), in a server that embeds between fits.
+    options.enable_cpu_mem_arena = False
     options.log_severity_level = 3  # errors only
     source = model if isinstance(model, bytes) else str(model)
     try:
