@@ -32,7 +32,7 @@ from backend.features import (
 from backend.jobs import JobRunner, JobStateCollector, ThreadJobRunner
 from backend.label_config import LabelConfigError, ProjectLabeling, task_labels
 from backend.ls_client import LabelStudioAPI, LabelStudioClientFactory, LabelStudioError
-from backend.memory import bound_heap_growth, release_free_heap
+from backend.memory import bound_heap_growth, keep_triton_out, release_free_heap
 from backend.metrics import BackendMetrics
 from backend.multilabel import MultiLabelProjects, is_multilabel
 from backend.predictions import build_predictions
@@ -136,6 +136,7 @@ class MLBackend:
     def from_config(cls, config: Config, redactor: SecretRedactingFilter | None = None) -> MLBackend:
         """Load the backbone and the weak annotator now (server start-up), never inside a request."""
         bound_heap_growth()  # before the models load: a long-lived process's heap must not grow with the project
+        keep_triton_out()
         components = build_components(config)
         backend = cls(
             config,

@@ -141,6 +141,7 @@ def build_backbone(
         logger.warning("EMBEDDING_RUNTIME=auto: %s: %s; using eager torch fp32 instead", type(exc).__name__, exc)
         _log_choice(eager, "torch", plan)
         return eager
+    fast.release_eager_model()  # no second copy of the backbone in a process that embeds with ONNX Runtime
     _log_choice(fast, "onnxruntime", plan)
     return fast
 
@@ -456,7 +457,8 @@ class OnnxRuntimeBackbone:
         self._eager = eager
         self._session = session
         self.export = export
-        self.model = eager.model  # the eager module (CPU), for code that reads the architecture
+        self.model: Any = eager.model  # the eager module (CPU), for code that reads the architecture
+        self._num_classes = int(eager.num_classes)
         self.model_name = eager.model_name
         self.weights_id = eager.weights_id
         self.image_size = eager.image_size
@@ -517,7 +519,14 @@ class OnnxRuntimeBackbone:
 
     @property
     def num_classes(self) -> int:
-        return self._eager.num_classes
+        return self._num_classes
+
+    def release_eager_model(self) -> None:
+        """Drop the eager torch module and the export's bytes (a server runs the session only): the eager object
+        keeps only what preprocessing reads. The eager backbone this was built from cannot embed afterwards."""
+        self._eager.model = None
+        self.model = None
+        self.export.model_bytes = b""
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         return self._eager.preprocess(image)

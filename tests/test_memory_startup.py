@@ -1,0 +1,47 @@
+"""What a server process loads at start-up: triton (torch's compiler backend) stays out of it, and torch still trains
+and ONNX Runtime still runs (fresh interpreters, since imports are once per process)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+PROBE = """
+import json, sys
+sys.path.insert(0, {root!r})
+from backend.memory import keep_triton_out
+kept_out = keep_triton_out() if {keep_out!r} else False
+import numpy as np, timm, torch  # timm imports torchvision, which imports torch._dynamo
+from model.finegrained import FineGrainedClassifier
+from model.hierarchy import LabelHierarchy
+hierarchy = LabelHierarchy.from_parent_map({{"a": "x", "b": "x", "c": "y", "d": "y"}})
+rng = np.random.default_rng(0)
+fine = np.arange(40) % 4
+embeddings = (np.eye(8)[fine] + 0.1 * rng.standard_normal((40, 8))).astype(np.float16)  # separable classes
+classifier = FineGrainedClassifier(hierarchy, 8).fit(embeddings, fine)
+accuracy = float(np.mean(classifier.predict_fine_proba(embeddings).argmax(axis=1) == fine))
+maps = open("/proc/self/maps").read()
+print(json.dumps({{"kept_out": kept_out, "libtriton": "libtriton" in maps, "accuracy": accuracy}}))
+"""
+
+
+def probe(keep_out: bool) -> dict:
+    out = subprocess.run([sys.executable, "-c", PROBE.format(root=str(ROOT), keep_out=keep_out)], capture_output=True,
+                         text=True, timeout=300, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="this torch has no triton to keep out")
+def test_triton_is_kept_out_of_a_server_process_and_torch_still_trains():
+    without = probe(keep_out=False)
+    assert without["libtriton"]  # what a server process used to map: torchvision pulls it in
+    kept = probe(keep_out=True)
+    assert kept["kept_out"] and not kept["libtriton"]
+    assert kept["accuracy"] == without["accuracy"] and kept["accuracy"] > 0.9
