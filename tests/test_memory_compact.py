@@ -148,3 +148,26 @@ def test_packed_half_rows_are_a_view_of_the_project_rows_in_order():
     reordered = packed.half_rows(["k2", "k0"])
     assert not np.shares_memory(reordered, whole)
     assert np.array_equal(reordered.astype(np.float32), packed.rows(["k2", "k0"]))
+
+
+def test_a_classifier_copies_only_the_training_rows_its_steps_visit(monkeypatch):
+    from model.finegrained import FineGrainedClassifier, TrainingConfig
+    from model.hierarchy import MISSING_LABEL, LabelHierarchy
+
+    hierarchy = LabelHierarchy.from_parent_map({"a": "x", "b": "x", "c": "y", "d": "y"})
+    rng = np.random.default_rng(0)
+    n, dim = 20_000, 64
+    pool = rng.standard_normal((n, dim)).astype(np.float16)
+    fine = np.full(n, MISSING_LABEL, dtype=np.int64)
+    fine[:40] = np.arange(40) % 4
+    weak = rng.integers(0, 2, n)  # every other row has only the VLM's coarse answer
+    monkeypatch.setattr(model.finegrained, "ROW_CHUNK", 1000)
+    config = TrainingConfig(epochs=10, batch_size=64)  # 10 steps visit 640 of the 19,960 weak rows
+    classifier, peak = traced_peak(lambda: FineGrainedClassifier(hierarchy, dim, config).fit(pool, fine, weak))
+    float32_copy = n * dim * 4
+    assert peak < 0.3 * float32_copy, peak / float32_copy  # was one float32 copy of every row, and more
+    rows = pool.astype(np.float64)
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    # the centre is still the mean of every row
+    assert np.allclose(classifier._fitted_parameters()["feature_mean"].numpy(), rows.mean(axis=0), atol=1e-6)
+    assert classifier.predict_fine_proba(pool[:5]).shape == (5, 4)
