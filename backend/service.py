@@ -724,9 +724,12 @@ class MLBackend:
         if is_multilabel(labeling):
             return self.multilabel.fit(project_id, state, client, labeling, label_config)
         hierarchy = labeling.hierarchy
+        phases = PhaseTimes()
         # Auto-accepted annotations are not human labels: the fit sees those tasks as unlabeled.
         tasks, auto_accepted = self.assistant.human_view(state, labeling, self._tasks_for_fit(project_id, client))
+        phases.mark("tasks")
         features = self.extractor.features(project_id, tasks, labeling, client)
+        phases.mark("features")
         usable = features.usable_positions()
         if not usable:
             logger.warning("project %s: no usable task images; nothing to fit", project_id)
@@ -758,6 +761,7 @@ class MLBackend:
             suggestion_precision=self.config.suggestion_precision,
             out_of_fold=True,
         )
+        phases.mark("training")
         classifier, estimate = outcome.classifier, outcome.transition_estimate
         unlabeled_rows = np.flatnonzero(~labels.labeled)
         scores = {int(tasks[usable[row]]["id"]): float(outcome.row_scores[row]) for row in unlabeled_rows}
@@ -775,6 +779,7 @@ class MLBackend:
              "coarse_classes": list(hierarchy.coarse_classes), **estimate.to_dict()}
         )
         self.projects.serve(project_id, classifier, new_version)
+        phases.mark("assistant and commit")
         if self.config.push_predictions and unlabeled_rows.size:
             # The head of the queue now (Label Studio serves ascending scores of the current version only); the
             # rest in a background job, so the time to a re-ordered queue does not grow with the project.
@@ -784,6 +789,8 @@ class MLBackend:
                        replace=True)
             if len(positions) > len(head):
                 self.jobs.submit("push", project_id, {"model_version": new_version})
+            phases.mark("push head")
+        logger.info("project %s: fit of %s: %s", project_id, new_version, phases)
         self.assistant.apply(state, labeling, getattr(client, "_sdk", None) if self.config.push_predictions else None,
                              plan)
         if plan.curve_due:
@@ -821,6 +828,22 @@ class MLBackend:
                 continue  # deleting the current version would clear the project's model_version
             client.delete_model_version(project_id, version)
             self.state(project_id).record_label_studio_versions(deleted=[version])
+
+
+class PhaseTimes:
+    """Seconds between marks, for the log: where a fit's time goes as the project grows."""
+
+    def __init__(self) -> None:
+        self._last = time.monotonic()
+        self.seconds: dict[str, float] = {}
+
+    def mark(self, phase: str) -> None:
+        now = time.monotonic()
+        self.seconds[phase] = now - self._last
+        self._last = now
+
+    def __str__(self) -> str:
+        return ", ".join(f"{phase} {seconds:.2f} s" for phase, seconds in self.seconds.items())
 
 
 def _same_host(a: str, b: str) -> bool:
