@@ -15,17 +15,26 @@ and a prediction score that orders Label Studio's queue (ascending: the least re
 
 from __future__ import annotations
 
+import io
 import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
 from backend.label_config import LabelConfigError, LabelLayout, read_label_interface
+from backend.projects import Projects, schema_hash
+from backend.state import COLD_START_VERSION
 from model.errors import ModelInputError
+from model.io import atomic_write_bytes
+from model.spatial_features import FeaturePyramid
+
+if TYPE_CHECKING:  # model.segmentation imports torch; it is imported where a fit or a prediction needs it
+    from model.segmentation import SegmentationModel
 
 logger = logging.getLogger(__name__)
 
@@ -193,52 +202,108 @@ def resize_probabilities(probabilities: np.ndarray, width: int, height: int) -> 
 # --- per-project models ------------------------------------------------------------------------------------------
 
 
+class PyramidCache:
+    """Feature pyramids by image content key, one ``.npz`` each (float16 stages and the image's size), written
+    atomically under ``directory``: a restarted process or a worker reads them instead of embedding again."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+
+    def _path(self, key: str) -> Path:
+        return self.directory / f"{key}.npz"
+
+    def get(self, key: str) -> tuple[FeaturePyramid, tuple[int, int]] | None:
+        try:
+            with np.load(self._path(key), allow_pickle=False) as data:
+                stages = sum(1 for name in data.files if name.startswith("detail_"))
+                pyramid = FeaturePyramid(data["coarse"][None], tuple(data[f"detail_{i}"][None] for i in range(stages)))
+                width, height = (int(v) for v in data["size"])
+        except (OSError, KeyError, ValueError):
+            return None  # missing or damaged: embedded again
+        return pyramid, (width, height)
+
+    def put(self, key: str, pyramid: FeaturePyramid, size: tuple[int, int]) -> None:
+        arrays = {"coarse": pyramid.coarse[0], "size": np.asarray(size, dtype=np.int64)}
+        arrays.update({f"detail_{i}": detail[0] for i, detail in enumerate(pyramid.details)})
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        atomic_write_bytes(self._path(key), buffer.getvalue())
+
+
 @dataclass
-class ProjectSegmentation:
-    model: Any = None
-    version: str = "seg-v0"
-    priorities: dict[int, float] = field(default_factory=dict)
-    fits: int = 0
+class ServedSegmentation:
+    model: SegmentationModel | None = None
+    version: str = COLD_START_VERSION
 
 
 class SegmentationProjects:
-    """Fits and serves one ``SegmentationModel`` per project. Feature maps are kept by image content key, so a
-    refit downloads and embeds only new images. ``extractor`` maps PIL images to feature maps (n, h, w, d)."""
+    """Fits, saves and serves one ``SegmentationModel`` per project.
+
+    A fit commits the model as a checkpoint of the project's ``ProjectState`` (``metadata.json`` names its kind),
+    with the queue's priorities, and moves the project's pointer, so a restarted process, another web replica or an
+    RQ worker serves the same version (it loads the checkpoint when the pointer moves). Feature pyramids are cached
+    by image content key under ``maps_dir``, so a refit embeds only new images. ``extractor`` maps PIL images to
+    their ``FeaturePyramid``."""
 
     def __init__(self, decode: Callable[[bytes], Image.Image], content_key: Callable[[bytes], str],
-                 extractor: Callable[[Sequence[Image.Image]], np.ndarray] | None = None) -> None:
+                 projects: Projects, maps_dir: Path,
+                 extractor: Callable[[Sequence[Image.Image]], FeaturePyramid] | None = None) -> None:
         self._decode = decode
         self._content_key = content_key
+        self._projects = projects
+        self._maps = PyramidCache(maps_dir)
         self._extractor = extractor
-        self._maps: dict[str, np.ndarray] = {}
         self._keys_by_url: dict[str, tuple[str, int, int]] = {}
-        self._projects: dict[int, ProjectSegmentation] = {}
+        self._served: dict[int, ServedSegmentation] = {}
         self._lock = threading.Lock()
 
-    def project(self, project_id: int) -> ProjectSegmentation:
+    def served(self, project_id: int, labeling: SegmentationLabeling | None = None
+               ) -> tuple[SegmentationModel | None, str]:
+        """(model or None, model_version); loads the checkpoint when another process moved the pointer. A model
+        whose labels differ from the config's (the config changed since) is not served."""
+        from model.segmentation import SegmentationModel
+
+        current = self._projects.state(project_id).current()
+        if current is None:
+            return None, COLD_START_VERSION
         with self._lock:
-            return self._projects.setdefault(project_id, ProjectSegmentation())
+            served = self._served.setdefault(project_id, ServedSegmentation())
+            if served.version != current.model_version:
+                try:
+                    served.model = SegmentationModel.load(
+                        self._projects.state(project_id).version_dir(current.model_version))
+                except ModelInputError as exc:
+                    logger.warning("project %s: cannot load segmentation model %s: %s", project_id,
+                                   current.model_version, exc)
+                    served.model = None
+                served.version = current.model_version
+            model = served.model
+        if model is not None and labeling is not None and model.label_names != labeling.labels:
+            return None, current.model_version
+        return model, current.model_version
 
-    def _extract(self, images: Sequence[Image.Image]) -> np.ndarray:
+    def _extract(self, images: Sequence[Image.Image]) -> FeaturePyramid:
         if self._extractor is None:
-            from model.spatial_features import spatial_extractor
+            from model.spatial_features import image_feature_pyramid
 
-            self._extractor = spatial_extractor()
-        return np.asarray(self._extractor(images), dtype=np.float16)
+            self._extractor = image_feature_pyramid
+        return self._extractor(images)
 
     def task_maps(self, client: Any, tasks: Sequence[Mapping[str, Any]], labeling: SegmentationLabeling
-                  ) -> tuple[list[int], np.ndarray, list[tuple[int, int]]]:
-        """Positions of the tasks whose image could be used, their feature maps, and each image's (W, H)."""
+                  ) -> tuple[list[int], FeaturePyramid | None, list[tuple[int, int]]]:
+        """Positions of the tasks whose image could be used, their feature pyramids (None when no task's
+        could), and each image's (W, H)."""
         positions: list[int] = []
         keys: list[str] = []
-        sizes: list[tuple[int, int]] = []
         new_images: dict[str, Image.Image] = {}
+        found: dict[str, tuple[FeaturePyramid, tuple[int, int]]] = {}
         for position, task in enumerate(tasks):
             url = (task.get("data") or {}).get(labeling.image_value_key)
             if not isinstance(url, str) or not url:
                 continue
             known = self._keys_by_url.get(url)
-            if known is None or known[0] not in self._maps:
+            cached = self._maps.get(known[0]) if known is not None else None
+            if known is None or cached is None:
                 try:
                     data = client.download_image(url, task.get("id"))
                     image = self._decode(data)
@@ -247,28 +312,35 @@ class SegmentationProjects:
                     continue
                 known = (self._content_key(data), image.width, image.height)
                 self._keys_by_url[url] = known
-                if known[0] not in self._maps:
+                cached = self._maps.get(known[0])
+                if cached is None:
                     new_images[known[0]] = image
+            if cached is not None:
+                found[known[0]] = cached
             positions.append(position)
             keys.append(known[0])
-            sizes.append((known[1], known[2]))
         if new_images:
             computed = self._extract(list(new_images.values()))
-            for key, maps in zip(new_images, computed):
-                self._maps[key] = maps
-        maps = np.stack([self._maps[k] for k in keys]) if keys else np.zeros((0, 1, 1, 1), np.float16)
-        return positions, maps, sizes
+            for row, (key, image) in enumerate(new_images.items()):
+                one = computed.take(slice(row, row + 1))
+                self._maps.put(key, one, (image.width, image.height))
+                found[key] = (one, (image.width, image.height))
+        if not keys:
+            return positions, None, []
+        pyramid = FeaturePyramid.stack([found[k][0] for k in keys])
+        return positions, pyramid, [found[k][1] for k in keys]
 
     def fit(self, project_id: int, client: Any, tasks: Sequence[Mapping[str, Any]],
-            labeling: SegmentationLabeling) -> dict[str, Any] | None:
-        """Train on every task's annotation; returns a summary, or None when nothing can be learned yet."""
+            labeling: SegmentationLabeling, label_config: str) -> dict[str, Any] | None:
+        """Train on every task's annotation, save a version with the queue's priorities and serve it; returns a
+        summary, or None when nothing can be learned yet."""
         from model.segmentation import SegmentationModel, SegmentationSettings, mask_priority, mask_scores
 
         annotations = [latest_annotation(labeling, t) for t in tasks]
         if not any(a is not None for a in annotations):
             return None
         positions, maps, _ = self.task_maps(client, tasks, labeling)
-        if not positions:
+        if maps is None:
             return None
         settings = SegmentationSettings()
         n_labels = len(labeling.labels)
@@ -287,38 +359,41 @@ class SegmentationProjects:
                 human.append(row)
                 human_masks.append(resize_label_mask(annotation.mask, settings.side))
         masks = np.stack(human_masks) if human_masks else np.zeros((0, settings.side, settings.side), np.uint8)
-        model = SegmentationModel(labeling.labels, settings).fit(maps.astype(np.float32), label_sets, known,
+        model = SegmentationModel(labeling.labels, settings).fit(maps, label_sets, known,
                                                                  np.asarray(human, dtype=np.int64), masks)
         unlabelled = np.flatnonzero(~known)
         priorities: dict[int, float] = {}
         if unlabelled.size:
-            scores = mask_scores(model, maps.astype(np.float32), unlabelled)
+            scores = mask_scores(model, maps, unlabelled)
             queue = mask_priority(scores, scores.indices, len(positions), known)
             priorities = {int(tasks[positions[row]]["id"]): float(queue[row]) for row in unlabelled}
-        state = self.project(project_id)
+        state = self._projects.state(project_id)
+        version = state.next_version()
+        metrics = {"task": "segmentation", "n_masks": len(human), "n_image_labels": int(known.sum()),
+                   "n_tasks": len(positions), "labels": list(labeling.labels)}
+        state.write_priorities(version, priorities)
+        state.commit_version(version, model.save, schema_hash(label_config), metrics)
         with self._lock:
-            state.fits += 1
-            state.model = model
-            state.version = f"seg-v{state.fits}"
-            state.priorities = priorities
-        return {"model_version": state.version, "n_masks": len(human), "n_image_labels": int(known.sum()),
-                "n_tasks": len(positions), "unlabelled_task_ids": [int(tasks[positions[r]]["id"]) for r in unlabelled]}
+            self._served[project_id] = ServedSegmentation(model, version)
+        return {"model_version": version, **{k: v for k, v in metrics.items() if k.startswith("n_")},
+                "unlabelled_task_ids": [int(tasks[positions[r]]["id"]) for r in unlabelled]}
 
     def predictions(self, project_id: int, client: Any, tasks: Sequence[Mapping[str, Any]],
-                    labeling: SegmentationLabeling) -> list[dict[str, Any]]:
-        """One prediction per task, in order: brush regions and a queue score once the project has a model;
-        an empty result before its first fit (there is nothing to draw a mask from yet)."""
-        state = self.project(project_id)
-        predictions: list[dict[str, Any]] = [{"result": [], "model_version": state.version} for _ in tasks]
-        if state.model is None or not tasks:
-            return predictions
+                    labeling: SegmentationLabeling) -> tuple[list[dict[str, Any]], str]:
+        """One prediction per task, in order, and the version that made them: brush regions and a queue score
+        once the project has a model; an empty result before its first fit (nothing to draw a mask from yet)."""
+        model, version = self.served(project_id, labeling)
+        predictions: list[dict[str, Any]] = [{"result": [], "model_version": version} for _ in tasks]
+        if model is None or not tasks:
+            return predictions, version
         positions, maps, sizes = self.task_maps(client, tasks, labeling)
-        if not positions:
-            return predictions
-        model = state.model
-        features = maps.astype(np.float32)
-        probabilities = model.predict_proba(features, PREDICTION_SIDE)
-        label_probabilities = model.label_probabilities(features)
+        if maps is None:
+            return predictions, version
+        stored_version, priorities = self._projects.state(project_id).priorities()
+        if stored_version != version:
+            priorities = {}
+        probabilities = model.predict_proba(maps, PREDICTION_SIDE)
+        label_probabilities = model.label_probabilities(maps)
         for row, position in enumerate(positions):
             task = tasks[position]
             annotation = latest_annotation(labeling, task)
@@ -334,19 +409,19 @@ class SegmentationProjects:
             full = resize_probabilities(restricted, width, height)
             mask = full.argmax(axis=0).astype(np.uint8)
             results = mask_results(labeling, mask, full, label_probabilities[row])
-            score = state.priorities.get(int(task.get("id") or -1))
+            score = priorities.get(int(task.get("id") or -1))
             if score is None:
                 region_scores = [r["score"] for r in results if r["type"] == "brushlabels"]
                 score = float(np.mean(region_scores)) if region_scores else 0.0
-            predictions[position] = {"result": results, "score": round(float(score), 6),
-                                     "model_version": state.version}
-        return predictions
+            predictions[position] = {"result": results, "score": round(float(score), 6), "model_version": version}
+        return predictions, version
 
-    def fit_and_push(self, project_id: int, client: Any, labeling: SegmentationLabeling, *, push: bool) -> str | None:
+    def fit_and_push(self, project_id: int, client: Any, labeling: SegmentationLabeling, label_config: str, *,
+                     push: bool) -> str | None:
         """A fit from the webhooks: train on the project's annotations, then (``push``) send brush
         pre-annotations of the unlabelled tasks to Label Studio under the new model version."""
         tasks = client.fetch_tasks(project_id)
-        summary = self.fit(project_id, client, tasks, labeling)
+        summary = self.fit(project_id, client, tasks, labeling, label_config)
         if summary is None:
             logger.info("project %s: no masks or image labels yet; nothing to fit", project_id)
             return None
@@ -356,8 +431,8 @@ class SegmentationProjects:
         if push:
             wanted = set(summary["unlabelled_task_ids"])
             todo = [t for t in tasks if int(t["id"]) in wanted]
-            payload = [{"task": int(t["id"]), **p} for t, p in zip(todo, self.predictions(project_id, client, todo,
-                                                                                          labeling)) if p["result"]]
+            predictions, _ = self.predictions(project_id, client, todo, labeling)
+            payload = [{"task": int(t["id"]), **p} for t, p in zip(todo, predictions) if p["result"]]
             if payload and client.import_predictions(project_id, payload) > 0:
                 client.set_model_version(project_id, version)  # Label Studio refuses a version no prediction has
         return version

@@ -127,7 +127,8 @@ class MLBackend:
         self._queue_tabs: set[int] = set()
         """Projects whose Data Manager queue tab (QUEUE_TAB=true) was ensured or is being ensured."""
         self.assistant = Assistant(config)
-        self.segmentation = SegmentationProjects(image_codec.decode, image_codec.content_key)
+        self.segmentation = SegmentationProjects(image_codec.decode, image_codec.content_key, self.projects,
+                                                 Path(config.model_dir) / "segmentation-maps")
         """<BrushLabels> projects (backend.segmentation): their own models, fits and predictions."""
 
     # --- construction from the environment --------------------------------------------------------------------
@@ -257,7 +258,7 @@ class MLBackend:
         if self.config.queue_tab and project_id not in self._queue_tabs and self._can_reach_label_studio(project_id):
             self._queue_tabs.add(project_id)
             self.jobs.submit("queue-tab", project_id)
-        return self.segmentation.project(project_id).version if segmentation is not None else model_version
+        return self.segmentation.served(project_id, segmentation)[1] if segmentation is not None else model_version
 
     def ensure_queue_tab(self, project_id: int) -> int | None:
         """QUEUE_TAB=true: a first Data Manager tab ordered by ascending prediction score (the queue order), so
@@ -338,10 +339,11 @@ class MLBackend:
         if segmentation is not None:
             if ctx is not None and label_config:
                 ctx.label_config = label_config
-            client = self._client(project_id) if project_id is not None else None
-            predictions = self.segmentation.predictions(project_id, client, tasks, segmentation) if client else []
-            return ModelResponse(predictions or [{"result": []} for _ in tasks],
-                                 self.segmentation.project(project_id or 0).version)
+            if project_id is None:  # a model is per project: without one there is nothing to draw from
+                return ModelResponse([{"result": []} for _ in tasks], COLD_START_VERSION)
+            predictions, version = self.segmentation.predictions(project_id, self._client(project_id), tasks,
+                                                                 segmentation)
+            return ModelResponse(predictions, version)
         labeling = self.labeling(config_xml)
         if ctx is not None and label_config:
             ctx.label_config = label_config
@@ -540,13 +542,16 @@ class MLBackend:
         except LabelConfigError as exc:
             raise InvalidInput(f"unsupported label config: {exc}", status=422, kind="unsupported_label_config") from exc
 
-    def _project_segmentation(self, project_id: int, client: LabelStudioAPI) -> SegmentationLabeling | None:
-        """From the config /setup or /predict brought; Label Studio is asked only when none came (a worker)."""
+    def _project_segmentation(self, project_id: int, client: LabelStudioAPI
+                              ) -> tuple[SegmentationLabeling, str] | None:
+        """The segmentation tags and the label config they came from (the one /setup or /predict brought; Label
+        Studio is asked only when none came: a worker); None for the other layouts."""
         label_config = self.projects.context(project_id).label_config
         if not label_config:
             project = client.get_project(project_id)
             label_config = project.get("label_config") if isinstance(project, Mapping) else None
-        return self._segmentation_labeling(label_config)
+        segmentation = self._segmentation_labeling(label_config)
+        return (segmentation, str(label_config)) if segmentation is not None else None
 
     def run_index(self, project_id: int) -> None:
         """Embed every task and get its weak label; at cold start, push VLM pre-annotations ranked for diversity."""
@@ -719,7 +724,7 @@ class MLBackend:
         client = self._client(project_id)
         segmentation = self._project_segmentation(project_id, client)
         if segmentation is not None:
-            return self.segmentation.fit_and_push(project_id, client, segmentation, push=self.config.push_predictions)
+            return self.segmentation.fit_and_push(project_id, client, *segmentation, push=self.config.push_predictions)
         labeling, label_config = self._project_labeling(project_id, client)
         if is_multilabel(labeling):
             return self.multilabel.fit(project_id, state, client, labeling, label_config)

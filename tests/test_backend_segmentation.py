@@ -8,6 +8,7 @@ from label_studio_sdk.converter.brush import decode_rle, mask2rle
 from PIL import Image
 
 from backend.label_config import LabelConfigError, LabelLayout
+from backend.projects import Projects
 from backend.segmentation import (
     SegmentationProjects,
     decode_brush_region,
@@ -16,6 +17,7 @@ from backend.segmentation import (
     parse_segmentation_config,
     read_annotation,
 )
+from model.spatial_features import FeaturePyramid
 
 BRUSH_CONFIG = """<View>
   <Image name="img" value="$picture"/>
@@ -112,15 +114,21 @@ def _scene(index: int) -> tuple[bytes, np.ndarray]:
     return buffer.getvalue(), mask
 
 
-class ColourMaps:
-    """Feature maps from colour: a 7x7 grid of each cell's mean RGB (and its complement)."""
+class ColourPyramid:
+    """Feature pyramids from colour: grids of each cell's mean RGB (and its complement) at 7, 28 and 14 cells."""
+
+    def __init__(self) -> None:
+        self.images = 0
 
     def __call__(self, images):
-        out = []
-        for image in images:
-            cells = np.asarray(image.convert("RGB").resize((7, 7), Image.Resampling.BOX), dtype=np.float32) / 255
-            out.append(np.concatenate([cells, 1 - cells], axis=-1))
-        return np.stack(out)
+        self.images += len(images)
+
+        def grid(image, cells):
+            rgb = np.asarray(image.convert("RGB").resize((cells, cells), Image.Resampling.BOX), dtype=np.float32) / 255
+            return np.concatenate([rgb, 1 - rgb], axis=-1)
+
+        return FeaturePyramid(np.stack([grid(im, 7) for im in images]),
+                              (np.stack([grid(im, 28) for im in images]), np.stack([grid(im, 14) for im in images])))
 
 
 class FakeClient:
@@ -133,7 +141,12 @@ class FakeClient:
         return self.images[url]
 
 
-def test_fit_then_predict_brush_regions():
+def _projects(tmp_path, extractor):
+    return SegmentationProjects(lambda b: Image.open(io.BytesIO(b)).convert("RGB"), lambda b: str(hash(b)),
+                                Projects(tmp_path / "models"), tmp_path / "models" / "segmentation-maps", extractor)
+
+
+def test_fit_then_predict_brush_regions_and_serve_the_saved_version(tmp_path):
     labeling = parse_segmentation_config(BRUSH_CONFIG)
     images, tasks = {}, []
     for i in range(12):
@@ -144,15 +157,16 @@ def test_fit_then_predict_brush_regions():
             task["annotations"] = [{"id": i, "result": mask_results(labeling, mask, np.ones((3, 30, 40)))}]
         tasks.append(task)
     client = FakeClient(images)
-    projects = SegmentationProjects(lambda b: Image.open(io.BytesIO(b)).convert("RGB"), lambda b: str(hash(b)),
-                                    ColourMaps())
-    assert all(p["result"] == [] for p in projects.predictions(5, client, tasks, labeling))  # nothing before a fit
-    summary = projects.fit(5, client, tasks, labeling)
-    assert summary["n_masks"] == 4 and summary["model_version"] == "seg-v1"
+    extractor = ColourPyramid()
+    projects = _projects(tmp_path, extractor)
+    predictions, version = projects.predictions(5, client, tasks, labeling)
+    assert version == "vlm-al-v0" and all(p["result"] == [] for p in predictions)  # nothing before a fit
+    summary = projects.fit(5, client, tasks, labeling, BRUSH_CONFIG)
+    assert summary["n_masks"] == 4 and summary["model_version"] == "vlm-al-v1"
     assert sorted(summary["unlabelled_task_ids"]) == list(range(104, 112))
     downloads = client.downloads
-    predictions = projects.predictions(5, client, tasks[4:], labeling)
-    assert client.downloads == downloads  # maps are kept by image: no second download
+    predictions, version = projects.predictions(5, client, tasks[4:], labeling)
+    assert version == "vlm-al-v1" and client.downloads == downloads  # maps are kept by image: no second download
     scores = [p["score"] for p in predictions]
     assert all(0 <= s < 1 for s in scores) and len(set(scores)) == len(scores)  # a queue order
     correct = 0
@@ -164,3 +178,19 @@ def test_fit_then_predict_brush_regions():
         truth = _scene(i)[1]
         correct += ((predicted == truth) | (truth == 0)).mean() > 0.7 and (predicted[truth > 0] > 0).mean() > 0.5
     assert correct >= 6
+
+    # Another process (a restarted server, a replica, an RQ worker) with the same MODEL_DIR serves the saved
+    # version with the same masks and queue, and reads the cached pyramids instead of embedding again.
+    restarted_extractor = ColourPyramid()
+    restarted = _projects(tmp_path, restarted_extractor)
+    again, version = restarted.predictions(5, client, tasks[4:], labeling)
+    assert version == "vlm-al-v1" and restarted_extractor.images == 0
+    assert [p["score"] for p in again] == scores
+    assert [p["result"] for p in again] == [p["result"] for p in predictions]
+    # a changed label config is not served the old labels' model
+    renamed = parse_segmentation_config(BRUSH_CONFIG.replace('"Dog"', '"Fox"'))
+    assert restarted.served(5, renamed)[0] is None
+    # the next fit moves every process to the new version
+    tasks[4]["annotations"] = [{"id": 4, "result": mask_results(labeling, _scene(4)[1], np.ones((3, 30, 40)))}]
+    assert projects.fit(5, client, tasks, labeling, BRUSH_CONFIG)["model_version"] == "vlm-al-v2"
+    assert restarted.predictions(5, client, tasks[5:], labeling)[1] == "vlm-al-v2"

@@ -3,8 +3,7 @@
 The classifier is linear on the pooled feature vector; because the backbone pools by averaging, the same weights
 applied to every cell of the map give each class's score per cell (Zhou et al.'s CAM). Maps are normalised per
 image and class to [0, 1], upsampled, thresholded and cleaned with ``scipy.ndimage`` morphology (an opening, hole
-filling and dropping specks), then every pixel gets a reliability weight measured on the images that have human
-masks.
+filling and dropping specks).
 """
 
 from __future__ import annotations
@@ -25,8 +24,6 @@ DEFAULT_CAM_THRESHOLD = 0.4
 """Used until human masks exist to choose one."""
 MIN_REGION_SHARE = 0.004
 """Connected regions smaller than this share of the mask are dropped by the cleaning step (specks)."""
-RELIABILITY_BINS = 8
-"""Pixels are binned by their CAM margin from the threshold; each bin's accuracy on human masks is its weight."""
 
 
 def pooled(features: np.ndarray) -> np.ndarray:
@@ -176,41 +173,3 @@ def choose_threshold(cams: np.ndarray, present: np.ndarray, human_masks: np.ndar
     scores = [mean_iou(cam_masks(cams, present, human_masks.shape[1], t).masks, human_masks, n_labels + 1)
               for t in candidates]
     return float(candidates[int(np.argmax(scores))])
-
-
-@dataclass(frozen=True)
-class ReliabilityModel:
-    """Accuracy of CAM pseudo-mask pixels per (background or foreground, margin bin), from human masks.
-
-    ``accuracy`` float (2, RELIABILITY_BINS): a Beta(1, 1)-smoothed share of correct pixels, which is each
-    pixel's weight (``prior_weight`` for every pixel until human masks exist). The weight is the accuracy itself,
-    not its excess over a guess: a foreground pixel must also have the right one of L labels, and zeroing the
-    bins below one half would leave the head nothing but background to learn.
-    """
-
-    accuracy: np.ndarray | None
-    prior_weight: float = 0.5
-
-    @staticmethod
-    def fit(pseudo: CamMasks, human_masks: np.ndarray, prior_weight: float = 0.5) -> ReliabilityModel:
-        if human_masks.shape[0] == 0:
-            return ReliabilityModel(None, prior_weight)
-        bins = _bins(pseudo.margin)
-        foreground = (pseudo.masks > 0).astype(np.int64)
-        correct = pseudo.masks == human_masks
-        accuracy = np.zeros((2, RELIABILITY_BINS))
-        for side in (0, 1):
-            for b in range(RELIABILITY_BINS):
-                chosen = (foreground == side) & (bins == b)
-                accuracy[side, b] = (correct[chosen].sum() + 1.0) / (chosen.sum() + 2.0)
-        return ReliabilityModel(accuracy, prior_weight)
-
-    def weights(self, pseudo: CamMasks) -> np.ndarray:
-        """float32 (n, s, s) in [0, 1]: each pseudo-mask pixel's training weight."""
-        if self.accuracy is None:
-            return np.full(pseudo.masks.shape, self.prior_weight, dtype=np.float32)
-        return self.accuracy[(pseudo.masks > 0).astype(np.int64), _bins(pseudo.margin)].astype(np.float32)
-
-
-def _bins(margin: np.ndarray) -> np.ndarray:
-    return np.minimum((margin * RELIABILITY_BINS).astype(np.int64), RELIABILITY_BINS - 1)

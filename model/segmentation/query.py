@@ -18,15 +18,17 @@ from scipy import ndimage
 
 from model.errors import ModelInputError
 from model.query import kmeans_plus_plus, l2_normalised
+from model.segmentation.model import SegmentationModel
+from model.spatial_features import FeaturePyramid
 
 
 @dataclass(frozen=True)
 class MaskScores:
     """Per unlabelled image (``indices`` into the pool), each in [0, 1], higher = less reliable:
 
-    - ``cam_entropy``: mean per-pixel entropy of the CAM evidence (the best present label's CAM against
-      background), normalised by log 2;
-    - ``disagreement``: share of pixels where the head's mask and the CAM pseudo-mask differ;
+    - ``cam_entropy``: mean per-pixel entropy of the pseudo-mask's confidence (the CAM evidence, with the
+      foreground head's once masks exist), normalised by log 2;
+    - ``disagreement``: share of pixels where the head's mask and the pseudo-mask differ;
     - ``boundary``: mean entropy of the head's per-pixel distribution within two pixels of its predicted region
       boundaries, normalised by log(L + 1).
     """
@@ -39,25 +41,27 @@ class MaskScores:
     """float32 (len(indices), d): pooled features, for batch diversity."""
 
 
-def mask_scores(model, features: np.ndarray, indices: np.ndarray) -> MaskScores:
-    """``MaskScores`` of pool images ``indices`` under a fitted ``SegmentationModel``."""
-    fitted = model._check()
+def mask_scores(model: SegmentationModel, features: FeaturePyramid, indices: np.ndarray) -> MaskScores:
+    """``MaskScores`` of pool images ``indices`` under a ``SegmentationModel`` fitted on ``features``."""
+    model._check()
+    pool = model.pool
+    if pool is None:
+        raise ModelInputError("mask scores need the pool's pseudo-masks from a fit, not a loaded checkpoint")
     side = model.settings.side
     indices = np.asarray(indices, dtype=np.int64)
-    pseudo = fitted.pseudo.masks[indices]
-    # CAM evidence: how far from the threshold, mapped to a probability of "foreground" around 0.5.
-    margin = fitted.pseudo.margin[indices]
-    p = np.clip(0.5 + 0.5 * margin, 1e-6, 1 - 1e-6)
+    pseudo = pool.pseudo.masks[indices]
+    # The pseudo-mask's confidence as a probability of its class around one half: its entropy.
+    p = np.clip(0.5 + 0.5 * pool.pseudo.margin[indices], 1e-6, 1 - 1e-6)
     cam_entropy = (-(p * np.log(p) + (1 - p) * np.log(1 - p)) / np.log(2)).mean(axis=(1, 2))
-    if fitted.head is None:
+    head = model.parts.head if model.parts is not None else None
+    if head is None:
         disagreement = np.zeros(indices.size)
         boundary = np.zeros(indices.size)
     else:
-        maps = fitted.projection.project(features[indices])
         disagreement = np.empty(indices.size)
         boundary = np.empty(indices.size)
         for start in range(0, indices.size, 64):
-            probabilities = fitted.head.predict_proba(maps[start : start + 64], side)
+            probabilities = head.predict_proba(pool.maps(indices[start : start + 64]), side)
             predicted = probabilities.argmax(axis=1)
             disagreement[start : start + 64] = (predicted != pseudo[start : start + 64]).mean(axis=(1, 2))
             entropy = -(probabilities * np.log(np.clip(probabilities, 1e-8, 1))).sum(axis=1)
@@ -65,7 +69,7 @@ def mask_scores(model, features: np.ndarray, indices: np.ndarray) -> MaskScores:
             for row, (mask, values) in enumerate(zip(predicted, entropy)):
                 band = _boundary_band(mask)
                 boundary[start + row] = values[band].mean() if band.any() else values.mean()
-    embeddings = np.asarray(features[indices], dtype=np.float32).mean(axis=(1, 2))
+    embeddings = np.asarray(features.coarse[indices], dtype=np.float32).mean(axis=(1, 2))
     return MaskScores(indices, cam_entropy, disagreement, boundary, embeddings)
 
 

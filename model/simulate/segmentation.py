@@ -25,11 +25,15 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from model.errors import ModelInputError
 from model.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+if TYPE_CHECKING:  # the pyramid's module imports torch; this module's CLI parsing must not
+    from model.spatial_features import FeaturePyramid
 
 STRATEGIES = ("cam-only", "human-only-random", "human-only-active", "ours-random", "ours-active")
 ACTIVE_STRATEGY = "mask-uncertainty"
@@ -50,6 +54,9 @@ class SegmentationOptions:
     threads: int = 1
     """Torch threads. One: the head's small convolutions ran 13x slower with two threads on 2 busy cores."""
     progress: bool = True
+    evaluate_on: str = "test"
+    """``test``: the test split's first ``test_size`` scenes (the reported figures); ``validation``: train scenes
+    after the pool (for choosing settings: never tune on the test split)."""
 
     def validate(self) -> None:
         for name in ("pool_size", "test_size", "seeds", "initial_masks", "masks_per_round", "threads"):
@@ -59,6 +66,8 @@ class SegmentationOptions:
             raise ModelInputError(f"--rounds must be >= 0, got {self.rounds}")
         if self.initial_masks + self.rounds * self.masks_per_round > self.pool_size:
             raise ModelInputError("the masks bought exceed the pool")
+        if self.evaluate_on not in ("test", "validation"):
+            raise ModelInputError(f"--evaluate-on must be test or validation, got {self.evaluate_on!r}")
         unknown = [s for s in self.strategies if s not in STRATEGIES]
         if unknown or not self.strategies:
             raise ModelInputError(f"unknown strategies {unknown}; choose from {list(STRATEGIES)}")
@@ -80,6 +89,8 @@ def parse_segmentation_options(argv: Sequence[str]) -> SegmentationOptions:
     parser.add_argument("--out", default=defaults.out)
     parser.add_argument("--data-root", default=None, help="openclipart PNG folder (default: the Debian package's)")
     parser.add_argument("--threads", type=int, default=defaults.threads, help="torch threads")
+    parser.add_argument("--evaluate-on", choices=("test", "validation"), default=defaults.evaluate_on,
+                        help="validation: score train scenes after the pool (for tuning), not the test split")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(list(argv))
     options = SegmentationOptions(
@@ -87,6 +98,7 @@ def parse_segmentation_options(argv: Sequence[str]) -> SegmentationOptions:
         masks_per_round=args.masks_per_round, rounds=args.rounds,
         strategies=tuple(s.strip() for s in args.strategies.split(",") if s.strip()), cache_dir=args.cache_dir,
         out=args.out, data_root=args.data_root, threads=args.threads, progress=not args.no_progress,
+        evaluate_on=args.evaluate_on,
     )
     options.validate()
     return options
@@ -117,11 +129,11 @@ def cached_masks(split, side: int, cache_dir: str | Path) -> np.ndarray:
 @dataclass
 class SceneData:
     label_names: tuple[str, ...]
-    pool_features: np.ndarray
+    pool_features: FeaturePyramid
     pool_labels: np.ndarray
     pool_masks: np.ndarray
     """uint8 (n, TRAIN_SIDE, TRAIN_SIDE): the oracle's masks."""
-    test_features: np.ndarray
+    test_features: FeaturePyramid
     test_masks: np.ndarray
     """uint8 (n, canvas, canvas): the truth that is scored."""
 
@@ -130,23 +142,30 @@ def load_scene_data(options: SegmentationOptions) -> SceneData:
     from model.datasets.composite import CompositeSceneDataset
     from model.datasets.openclipart import OPENCLIPART_ROOT
     from model.segmentation import TRAIN_SIDE
-    from model.spatial_features import cached_spatial_features
+    from model.spatial_features import cached_feature_pyramid
 
     dataset = CompositeSceneDataset(options.data_root or OPENCLIPART_ROOT)
-    train, test = dataset.split("train"), dataset.split("test")
-    pool_size, test_size = min(options.pool_size, len(train)), min(options.test_size, len(test))
-    # Features of the whole split are cached once (other benchmarks read them too); runs take a prefix.
-    pool_features = np.asarray(cached_spatial_features(train, cache_dir=options.cache_dir,
-                                                       progress=options.progress)[:pool_size], dtype=np.float32)
-    test_features = np.asarray(cached_spatial_features(test, cache_dir=options.cache_dir,
-                                                       progress=options.progress)[:test_size], dtype=np.float32)
+    train = dataset.split("train")
+    pool_size = min(options.pool_size, len(train))
+    # Pyramids of a whole split are cached once (other benchmarks read the coarse maps too); runs take slices.
+    train_features = cached_feature_pyramid(train, cache_dir=options.cache_dir, progress=options.progress)
+    if options.evaluate_on == "validation":
+        scored, scored_features, first = train, train_features, pool_size
+        if first >= len(train):
+            raise ModelInputError("no train scenes are left after the pool for a validation slice")
+    else:
+        scored = dataset.split("test")
+        scored_features = cached_feature_pyramid(scored, cache_dir=options.cache_dir, progress=options.progress)
+        first = 0
+    rows = slice(first, min(first + options.test_size, len(scored)))
+    scored_masks = cached_masks(scored.head(rows.stop), dataset.canvas, options.cache_dir)[rows]
     return SceneData(
         label_names=dataset.label_names,
-        pool_features=pool_features,
+        pool_features=train_features.take(slice(0, pool_size)).astype(np.float16),
         pool_labels=np.asarray(train.label_sets[:pool_size]),
         pool_masks=cached_masks(train.head(pool_size), TRAIN_SIDE, options.cache_dir),
-        test_features=test_features,
-        test_masks=cached_masks(test.head(test_size), dataset.canvas, options.cache_dir),
+        test_features=scored_features.take(rows).astype(np.float16),
+        test_masks=scored_masks,
     )
 
 
@@ -154,8 +173,9 @@ def run_seed(data: SceneData, options: SegmentationOptions, seed: int) -> dict[s
     """mIoU per strategy after the initial masks and after every round, for one seed."""
     from model.segmentation import (
         CamClassifier,
-        FeatureProjection,
         HeadSettings,
+        HypercolumnProjection,
+        ProjectedPool,
         SegmentationModel,
         SegmentationSettings,
         create_segmentation_strategy,
@@ -163,13 +183,14 @@ def run_seed(data: SceneData, options: SegmentationOptions, seed: int) -> dict[s
         mean_iou,
     )
 
-    n_pool, n_classes = data.pool_features.shape[0], len(data.label_names) + 1
+    n_pool, n_classes = len(data.pool_features), len(data.label_names) + 1
     side = data.test_masks.shape[-1]
     known = np.ones(n_pool, dtype=bool)
     # What no mask changes is fitted once per seed and shared: the CAM classifier (all image labels are known)
-    # and the PCA projection of the pool's cells.
-    classifier = CamClassifier(len(data.label_names)).fit(data.pool_features, data.pool_labels)
-    projection = FeatureProjection.fit(data.pool_features, HeadSettings().components, seed=seed)
+    # and the hypercolumn projection of the pool's cells.
+    classifier = CamClassifier(len(data.label_names)).fit(data.pool_features.coarse, data.pool_labels)
+    pool_maps = ProjectedPool(data.pool_features,
+                              HypercolumnProjection.fit(data.pool_features, HeadSettings().components, seed=seed))
     initial = np.random.default_rng(seed).choice(n_pool, options.initial_masks, replace=False)
     results: dict[str, list[float]] = {}
     if "cam-only" in options.strategies:
@@ -187,7 +208,7 @@ def run_seed(data: SceneData, options: SegmentationOptions, seed: int) -> dict[s
         for round_index in range(options.rounds + 1):
             model = SegmentationModel(data.label_names, settings).fit(
                 data.pool_features, data.pool_labels, known, np.asarray(human), data.pool_masks[human],
-                classifier=classifier, projection=projection)
+                classifier=classifier, pool_maps=pool_maps)
             predicted = model.predict(data.test_features, side)
             curve.append(mean_iou(predicted, data.test_masks, n_classes))
             if round_index == options.rounds:
@@ -207,9 +228,9 @@ def _cam_only_curve(data: SceneData, options: SegmentationOptions, classifier, i
     from model.segmentation.cam import choose_threshold
 
     side = data.test_masks.shape[-1]
-    pool_cams = classifier.activation_maps(data.pool_features)
-    test_cams = classifier.activation_maps(data.test_features)
-    present = SegmentationModel(data.label_names).predicted_labels(classifier, data.test_features)
+    pool_cams = classifier.activation_maps(data.pool_features.coarse)
+    test_cams = classifier.activation_maps(data.test_features.coarse)
+    present = SegmentationModel(data.label_names).predicted_labels(classifier, data.test_features.coarse)
     rng = np.random.default_rng([seed, STRATEGIES.index("cam-only")])
     order = np.concatenate([initial, rng.permutation(np.setdiff1d(np.arange(len(pool_cams)), initial))])
     curve = []
@@ -251,8 +272,8 @@ def run_segmentation(argv: Sequence[str]) -> int:
         "options": asdict(options),
         "miou_per_seed": {name: np.round(curves, 4).tolist() for name, curves in per_seed.items()},
         "targets": segmentation_targets(per_seed),
-        "pool_size": int(data.pool_features.shape[0]),
-        "test_size": int(data.test_features.shape[0]),
+        "pool_size": len(data.pool_features),
+        "test_size": len(data.test_features),
         "labels": list(data.label_names),
         "load_average_before": [round(v, 2) for v in load_before],
         "load_average_after": [round(v, 2) for v in os.getloadavg()],
