@@ -8,7 +8,8 @@ import logging
 import threading
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -602,11 +603,18 @@ class MLBackend:
             self.assistant.score_arrivals(state, model_version, [int(tasks[i]["id"]) for i in to_push],
                                           model.predict_fine_proba(arrivals.embedding_matrix(list(range(len(to_push))))))
         if to_push:
-            # Lowest scores first: the queue's head reaches Label Studio with the first batch.
+            # The head of the queue now (lowest scores first), the rest in a push job that does not hold the
+            # project lock while Label Studio imports, so the first fit does not wait for the whole project's push.
             stored_version, stored = state.priorities()
             order = queue_scores if queue_scores is not None else stored if stored_version == model_version else {}
             to_push.sort(key=lambda i: order.get(int(tasks[i]["id"]), 1.0))
-            self._push(project_id, client, tasks, to_push, labeling, features, model, model_version, queue_scores)
+            head = to_push[: self.config.push_head_tasks]
+            self._push(project_id, client, tasks, head, labeling, features, model, model_version, queue_scores)
+            if len(to_push) > len(head) and state.priorities()[0] == model_version:
+                self.jobs.submit("push", project_id, {"model_version": model_version})
+            elif len(to_push) > len(head):  # no stored queue to resume from (arrivals into a version without one)
+                self._push(project_id, client, tasks, to_push[len(head):], labeling, features, model, model_version,
+                           queue_scores)
 
     def _push(
         self,
@@ -620,14 +628,24 @@ class MLBackend:
         model_version: str,
         queue_scores: Mapping[int, float] | None,
         replace: bool = False,
+        serving: Callable[[], Any] | None = None,
     ) -> int:
         """Push the predictions of ``tasks[positions]`` in that order, PUSH_BATCH_TASKS per import request: each
         batch's predictions are built, sent and recorded before the next (a push cut short resumes after the last
-        recorded batch), and the project follows ``model_version`` from the first batch Label Studio took."""
+        recorded batch), and the project follows ``model_version`` from the first batch Label Studio took.
+
+        ``serving`` (the push job, which holds no lock while Label Studio imports): a context manager that takes
+        the project lock and says whether ``model_version`` is still the served one. Each batch is checked before
+        it is sent and recorded only if still current; the push stops once a newer version is served, and it
+        never moves the project's version (the fit that made it did)."""
         state = self.state(project_id)
         created = sent = 0
-        moved = False
+        moved = serving is not None
         for start in range(0, len(positions), self.config.push_batch_tasks):
+            if serving is not None:
+                with serving() as current:
+                    if not current:
+                        break
             batch = positions[start : start + self.config.push_batch_tasks]
             subset = [tasks[i] for i in batch]
             predictions = self._predictions(
@@ -644,7 +662,13 @@ class MLBackend:
             created += batch_created
             sent += len(payload)
             self.metrics.predictions_pushed.inc(batch_created)
-            state.record_pushed(model_version, [p["task"] for p in payload], replace=replace and start == 0)
+            if serving is None:
+                state.record_pushed(model_version, [p["task"] for p in payload], replace=replace and start == 0)
+            else:
+                with serving() as current:
+                    if not current:
+                        break  # a newer version's record must not be overwritten
+                    state.record_pushed(model_version, [p["task"] for p in payload])
             # Label Studio refuses a model_version that no prediction carries.
             if batch_created > 0 and not moved:
                 client.set_model_version(project_id, model_version)
@@ -662,27 +686,35 @@ class MLBackend:
         return task_list.tasks_with(client.fetch_annotated_tasks(project_id))
 
     def run_push(self, project_id: int, model_version: str) -> int:
-        """Push the rest of a fit's queue (after its head), unless a newer version has replaced it meanwhile."""
+        """Push the rest of a queue (after the head its fit or the cold start pushed), unless a newer version has
+        replaced it. The project lock is held to read the state and to record each batch, not while Label Studio
+        imports: the next fit does not wait for a push whose size grows with the project."""
         state = self.state(project_id)
-        with self.jobs.project_lock(project_id, state.lock_path):
-            current = state.current()
+
+        @contextmanager
+        def serving() -> Iterator[bool]:
+            with self.jobs.project_lock(project_id, state.lock_path):
+                current = state.current()
+                yield (current.model_version if current is not None else COLD_START_VERSION) == model_version
+
+        with serving() as current:
             priorities_version, scores = state.priorities()
             task_list = state.task_list()
-            if current is None or current.model_version != model_version or priorities_version != model_version \
-                    or task_list is None:
+            if not current or priorities_version != model_version or task_list is None:
                 return 0  # a newer fit pushes its own queue
-            client = self._client(project_id)
-            labeling, _ = self._project_labeling(project_id, client)
-            model, served_version = self.projects.served_model(project_id, labeling)
-            if served_version != model_version:
-                return 0
             already = state.pushed_tasks(model_version)
-            tasks = [t for t in task_list.tasks_with(()) if t["id"] in scores and t["id"] not in already]
-            features = self.extractor.features(project_id, tasks, labeling, client)
-            positions = sorted(features.usable_positions(), key=lambda i: scores[int(tasks[i]["id"])])
-            if not positions:
-                return 0
-            return self._push(project_id, client, tasks, positions, labeling, features, model, model_version, scores)
+        client = self._client(project_id)
+        labeling, _ = self._project_labeling(project_id, client)
+        model, served_version = self.projects.served_model(project_id, labeling)
+        if served_version != model_version:
+            return 0
+        tasks = [t for t in task_list.tasks_with(()) if t["id"] in scores and t["id"] not in already]
+        features = self.extractor.features(project_id, tasks, labeling, client)
+        positions = sorted(features.usable_positions(), key=lambda i: scores[int(tasks[i]["id"])])
+        if not positions:
+            return 0
+        return self._push(project_id, client, tasks, positions, labeling, features, model, model_version, scores,
+                          serving=serving)
 
     def run_fit(self, project_id: int) -> str | None:
         """Retrain on every annotation, re-estimate T, save a new version, re-rank and push the queue."""

@@ -3,6 +3,9 @@ of the queue is pushed at once and the rest by a background push job (fake Label
 
 from __future__ import annotations
 
+import itertools
+import threading
+
 import numpy as np
 from conftest import PROJECT_ID
 
@@ -97,10 +100,11 @@ def test_pushes_go_in_bounded_batches_head_first_and_a_cut_short_push_resumes(fa
     parts = make_backend(make_config(push_head_tasks=5, push_batch_tasks=4))
     backend = parts.backend
     backend.run_index(PROJECT_ID)
-    # the cold start: every task, 4 per request, the lowest scores (the first picks) in the first request
-    assert [len(batch) for batch in fake_ls.imports] == [4] * 7 + [2]
+    # the cold start: its head of 5 at once, then the push job; 4 per request, the lowest scores (the first picks)
+    # in the first request
+    assert [len(batch) for batch in fake_ls.imports] == [4, 1] + [4] * 6 + [1]
     cold = [[p["score"] for p in batch] for batch in fake_ls.imports]
-    assert all(max(a) <= min(b) for a, b in zip(cold, cold[1:]))
+    assert all(max(a) <= min(b) for a, b in itertools.pairwise(cold))
     assert fake_ls.patches == [{"model_version": "vlm-al-v0"}]  # moved once, after the first batch
 
     annotate(fake_ls, range(1, 9))
@@ -133,6 +137,56 @@ def test_pushes_go_in_bounded_batches_head_first_and_a_cut_short_push_resumes(fa
     head, rest = fake_ls.imports[:2], fake_ls.imports[2:]
     assert [len(batch) for batch in rest] == [4, 4, 4, 4, 1]
     scores = [[p["score"] for p in batch] for batch in head + rest]
-    assert all(max(a) <= min(b) for a, b in zip(scores, scores[1:]))
+    assert all(max(a) <= min(b) for a, b in itertools.pairwise(scores))
     assert sorted(p["task"] for batch in fake_ls.imports for p in batch) == list(range(9, 31))
     assert backend.run_push(PROJECT_ID, version) == 0  # everything pushed: nothing again
+
+
+def test_the_push_job_holds_no_lock_while_label_studio_imports_and_stops_for_a_newer_version(
+        fake_ls, make_config, make_backend):
+    add_tasks(fake_ls, 1, 30)
+    parts = make_backend(make_config(push_head_tasks=5, push_batch_tasks=4))
+    backend = parts.backend
+    backend.run_index(PROJECT_ID)
+    annotate(fake_ls, range(1, 9))
+    real_client = backend._client
+    newer: list[str | None] = []
+
+    class FitDuringImport:
+        """The push job's first import waits for a whole fit made meanwhile (it would deadlock under the lock)."""
+
+        def __init__(self, client):
+            self._client = client
+
+        def import_predictions(self, project_id, predictions):
+            created = self._client.import_predictions(project_id, predictions)
+            if not newer and predictions[0]["model_version"] == "vlm-al-v1" and len(fake_ls.imports) > 2:
+                annotate(fake_ls, [9])
+                fit = threading.Thread(target=lambda: newer.append(backend.run_fit(PROJECT_ID)))
+                fit.start()
+                fit.join(timeout=60)
+                assert not fit.is_alive(), "the fit waited for the push job's lock"
+            return created
+
+        def __getattr__(self, name):
+            return getattr(self._client, name)
+
+    real_submit, held_back = backend.jobs.submit, []
+
+    def hold_back_pushes(kind, project_id, params=None):  # the test runner would run it inside the fit's lock
+        return held_back.append(params) if kind == "push" else real_submit(kind, project_id, params)
+
+    backend.jobs.submit = hold_back_pushes
+    version = backend.run_fit(PROJECT_ID)
+    backend.jobs.submit = real_submit
+    assert version == "vlm-al-v1" and held_back == [{"model_version": version}]
+    backend._client = lambda project_id: FitDuringImport(real_client(project_id))
+    backend.run_push(PROJECT_ID, version)  # as the job runner runs it: after the fit, outside its lock
+    backend._client = real_client
+    assert newer == ["vlm-al-v2"]
+    state = ProjectState(backend.config.model_dir, PROJECT_ID)
+    assert fake_ls.project_model_version == "vlm-al-v2"  # the old push job never moved it back
+    v1_batches = [batch for batch in fake_ls.imports if batch[0]["model_version"] == "vlm-al-v1"]
+    assert sum(len(batch) for batch in v1_batches) < 30 - 8  # the v1 push stopped once v2 was served
+    v2_tasks = {p["task"] for batch in fake_ls.imports if batch[0]["model_version"] == "vlm-al-v2" for p in batch}
+    assert v2_tasks == set(range(10, 31)) == state.pushed_tasks("vlm-al-v2")
