@@ -144,7 +144,8 @@ def _semantic(config: Config, backbone: Any) -> WeakAnnotatorChoice:
     else:
         classifier = TimmBackbone(wanted or "efficientnet_lite0", image_size=config.image_size)
     cache_dir = Path(config.model_dir) / "text-encoders"
-    encoder = packaged_minilm(cache_dir)
+    # ONNX Runtime on a CPU: no sentence-transformers, transformers or scikit-learn in the server (about 150 MB)
+    encoder = packaged_minilm(cache_dir, onnx=True)
     return None, SemanticZeroShotFactory(
         classifier, encoder, imagenet_label_embeddings(encoder, cache_dir=cache_dir),
         _read_descriptions(config.class_descriptions_file), config.cost_weak,

@@ -157,13 +157,13 @@ class OnnxTextEncoder:
     ``tokenizers`` library: a server that encodes class names needs neither sentence-transformers nor transformers
     nor scikit-learn in memory (about 150 MB resident). The BERT encoder is exported once into ``<folder>/onnx/``
     (the one time sentence-transformers is imported), with its fidelity to sentence-transformers on fixed texts;
-    an export below ``ONNX_TEXT_MIN_COSINE`` is refused (TextEncoderError)."""
+    an export below ``ONNX_TEXT_MIN_COSINE`` is refused (TextEncoderError). Class names are encoded rarely (a new
+    label config), so the session (about 120 MB with its 90 MB of weights) is opened for a call that has texts
+    it has not encoded yet and closed after it; vectors are kept per text."""
 
     def __init__(self, folder: str | Path, *, name: str | None = None, threads: int | None = 1,
                  batch_size: int = 128) -> None:
         from tokenizers import Tokenizer
-
-        from model.runtime import make_session
 
         folder = Path(folder)
         export = folder / "onnx" / "model.onnx"
@@ -178,7 +178,10 @@ class OnnxTextEncoder:
         self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         self.tokenizer.enable_truncation(int(settings.get("max_seq_length") or 256))
         self.tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")  # to the longest text of each batch
-        self.session = make_session(export, ["CPUExecutionProvider"], threads)
+        self.session: Any = None  # opened by encode() for texts not encoded yet
+        self._export, self._threads = export, threads
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
         self.dim = int(metadata["dim"])
         self.batch_size = int(batch_size)
         self.name = name or f"sentence-transformers:{folder.name}"
@@ -189,9 +192,28 @@ class OnnxTextEncoder:
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """float32 (n, dim), each row of unit length (mean of the token vectors over the attention mask)."""
+        from model.runtime import make_session
+
         texts = list(texts)
         if not all(isinstance(t, str) for t in texts):
             raise ModelInputError("texts to encode must be strings")
+        with self._lock:  # one call at a time: the session is opened and closed inside
+            missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
+            if missing:
+                if self.session is None:
+                    self.session = make_session(self._export, ["CPUExecutionProvider"], self._threads)
+                try:
+                    vectors = self._run(missing)
+                finally:
+                    self.session = None  # its weights go back to the OS (no arena; large blocks are mmapped)
+                self._cache.update(zip(missing, vectors))
+                while len(self._cache) > max(TEXT_CACHE_SIZE, len(texts)):
+                    self._cache.popitem(last=False)
+            if not texts:
+                return np.zeros((0, self.dim), dtype=np.float32)
+            return np.stack([self._cache[t] for t in texts]).astype(np.float32)
+
+    def _run(self, texts: list[str]) -> np.ndarray:
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         for start in range(0, len(texts), self.batch_size):
             encodings = self.tokenizer.encode_batch(texts[start : start + self.batch_size])
@@ -284,7 +306,7 @@ def _export_text_encoder(folder: Path, export: Path, metadata_path: Path) -> dic
     got.tokenizer.enable_truncation(int(settings.get("max_seq_length") or 256))
     got.tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
     got.session, got.dim, got.batch_size = make_session(export, ["CPUExecutionProvider"], 1), reference.dim, 128
-    cosines = np.sum(got.encode(list(FIDELITY_TEXTS)) * expected, axis=1)
+    cosines = np.sum(got._run(list(FIDELITY_TEXTS)) * expected, axis=1)
     metadata["min_cosine"] = round(float(cosines.min()), 7)
     atomic_write_json(metadata_path, metadata)
     return metadata
