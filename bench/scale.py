@@ -272,6 +272,8 @@ def run_size(ls: Any, login: Any, root: Path, n: int, seed: int, work_dir: Path)
         out["fit_lines"] = [line[-160:] for line in requests_log.splitlines() if "fit finished" in line][-2:]
     finally:
         server.stop()
+        (work_dir / "logs").mkdir(exist_ok=True)
+        shutil.copy2(root / f"backend-{n}.log", work_dir / "logs" / f"backend-{n}.log")
         cache.mkdir(parents=True, exist_ok=True)
         for name in STORE_FILES:
             if (model_dir / name).exists():

@@ -186,6 +186,9 @@ class OnnxTextEncoder:
         self.batch_size = int(batch_size)
         self.name = name or f"sentence-transformers:{folder.name}"
         self.fidelity_min_cosine = float(metadata["min_cosine"])
+        # ONNX Runtime's one-time start (about 2 s on a busy CPU) here, at start-up: a later session opens in about
+        # 0.15 s, inside the /setup that first meets a label config (Label Studio waits 3 s for it)
+        self.encode([""])
 
     def __repr__(self) -> str:
         return f"OnnxTextEncoder({self.name!r}, dim={self.dim})"
