@@ -165,7 +165,9 @@ def mask_results(labeling: SegmentationLabeling, mask: np.ndarray, probabilities
     """Label Studio results for a predicted mask (uint8 (H, W)): one ``brushlabels`` region per label in the SDK's
     RLE (``mask2rle``), scored by the label's mean probability over the region (``probabilities`` float
     (L + 1, H, W)); plus the image-level <Choices> if the config has one (labels whose probability reaches 0.5)."""
-    from label_studio_sdk.converter.brush import mask2rle  # lazily: see decode_brush_region
+    from label_studio_sdk.converter.brush import (
+        mask2rle,  # lazily: see decode_brush_region
+    )
 
     height, width = mask.shape
     results: list[dict[str, Any]] = []
@@ -334,7 +336,12 @@ class SegmentationProjects:
             labeling: SegmentationLabeling, label_config: str) -> dict[str, Any] | None:
         """Train on every task's annotation, save a version with the queue's priorities and serve it; returns a
         summary, or None when nothing can be learned yet."""
-        from model.segmentation import SegmentationModel, SegmentationSettings, mask_priority, mask_scores
+        from model.segmentation import (
+            SegmentationModel,
+            SegmentationSettings,
+            mask_priority,
+            mask_scores,
+        )
 
         annotations = [latest_annotation(labeling, t) for t in tasks]
         if not any(a is not None for a in annotations):

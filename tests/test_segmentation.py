@@ -5,10 +5,9 @@ import pytest
 
 from model.errors import ModelInputError
 from model.segmentation import (
+    CHECKPOINT_KIND,
     SEGMENTATION_STRATEGIES,
     CamClassifier,
-    CamMasks,
-    CHECKPOINT_KIND,
     HeadSettings,
     SegmentationModel,
     SegmentationSettings,

@@ -7,7 +7,10 @@ from PIL import Image
 from model.embeddings import TimmBackbone
 from model.errors import ModelInputError
 from model.spatial_features import (
+    FeaturePyramid,
+    cached_feature_pyramid,
     cached_spatial_features,
+    image_feature_pyramid,
     image_spatial_features,
     spatial_cache_path,
     spatial_extractor,
@@ -60,3 +63,28 @@ def test_cache_is_written_once_and_keyed_by_content(tmp_path):
     path.write_bytes(b"damaged")
     repaired = cached_spatial_features(split, cache_dir=tmp_path)
     assert split.loaded == 10 and np.array_equal(repaired, first)
+
+
+def test_pyramid_adds_the_finer_stages_and_shares_the_coarse_cache(tmp_path):
+    split = TinySplit(4)
+    images = [split.image(i) for i in range(4)]
+    pyramid = image_feature_pyramid(images)
+    assert pyramid.coarse.shape == (4, 7, 7, 1280) and pyramid.coarse.dtype == np.float16
+    assert [d.shape for d in pyramid.details] == [(4, 28, 28, 40), (4, 14, 14, 112)]
+    # the coarse stage is the plain spatial map, from the same forward pass
+    assert np.allclose(pyramid.coarse.astype(np.float32), image_spatial_features(images).astype(np.float32),
+                       atol=1e-2)
+    assert not spatial_extractor()._detail_modules()[0]._forward_hooks  # the hooks are removed after the pass
+    # finer stages tell the stripes' edges apart: the stride-8 map differs across the edge
+    fine = pyramid.details[0][0].astype(np.float32)
+    assert np.abs(fine[:, 2] - fine[:, 12]).mean() > 0.1
+    split.loaded = 0
+    cached = cached_feature_pyramid(split, cache_dir=tmp_path)
+    assert split.loaded == 4 and len(cached) == 4
+    assert np.allclose(cached.details[1].astype(np.float32), pyramid.details[1].astype(np.float32), atol=1e-2)
+    # the coarse file is the one cached_spatial_features reads: no second pass for it
+    assert np.array_equal(cached_spatial_features(split, cache_dir=tmp_path), cached.coarse) and split.loaded == 4
+    assert len(cached_feature_pyramid(split, cache_dir=tmp_path)) == 4 and split.loaded == 4
+    assert len(pyramid.take(np.array([3, 1]))) == 2
+    with pytest.raises(ModelInputError):
+        FeaturePyramid(pyramid.coarse, (pyramid.details[0][:2],))

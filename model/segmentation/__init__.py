@@ -6,7 +6,12 @@ pseudo-masks; the head learns from human plus weighted pseudo-masks, with pixel-
 """
 
 from model.segmentation.cam import CamClassifier, CamMasks, cam_masks, clean_mask
-from model.segmentation.head import HeadSettings, HypercolumnProjection, ProjectedPool, SegmentationHead
+from model.segmentation.head import (
+    HeadSettings,
+    HypercolumnProjection,
+    ProjectedPool,
+    SegmentationHead,
+)
 from model.segmentation.metrics import mean_iou
 from model.segmentation.model import (
     CHECKPOINT_KIND,

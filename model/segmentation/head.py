@@ -8,9 +8,8 @@ is a per-pixel weighted cross-entropy: human masks weigh 1, pseudo-mask pixels t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -148,7 +147,7 @@ def _sample_cells(maps: np.ndarray, max_cells: int, rng: np.random.Generator) ->
     per_image = h * w
     # At least 64 images, so that a fine stage's statistics (784 cells per image) are not those of a handful.
     images = np.sort(rng.choice(n, min(n, max(64, -(-max_cells // per_image))), replace=False))
-    cells = np.asarray(maps[images], dtype=np.float32).reshape(-1, c)
+    cells: np.ndarray = np.asarray(maps[images], dtype=np.float32).reshape(-1, c)
     if cells.shape[0] > max_cells:
         cells = cells[rng.choice(cells.shape[0], max_cells, replace=False)]
     return cells

@@ -25,12 +25,19 @@ import io
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from model.errors import ModelInputError
 from model.io import atomic_write_bytes, atomic_write_json
-from model.segmentation.cam import CamClassifier, CamMasks, cam_masks, choose_threshold, upsample
+from model.segmentation.cam import (
+    CamClassifier,
+    CamMasks,
+    cam_masks,
+    choose_threshold,
+    upsample,
+)
 from model.segmentation.head import (
     HeadSettings,
     HypercolumnProjection,
@@ -241,7 +248,9 @@ class SegmentationModel:
         if parts.classifier.weights is None or parts.classifier.bias is None:
             raise ModelInputError("the CAM classifier is not fitted")
         directory = Path(directory)
-        arrays = {"classifier.weights": parts.classifier.weights, "classifier.bias": parts.classifier.bias}
+        # Any: numpy's stub types savez's keywords as its allow_pickle flag
+        arrays: dict[str, Any] = {"classifier.weights": parts.classifier.weights,
+                                  "classifier.bias": parts.classifier.bias}
         arrays.update({f"projection.{k}": v for k, v in parts.projection.to_arrays().items()})
         if parts.head is not None:
             arrays.update({f"head.{k}": v for k, v in parts.head.state_arrays().items()})
@@ -312,5 +321,14 @@ def resize_masks(masks: np.ndarray, side: int) -> np.ndarray:
     return np.stack([np.asarray(Image.fromarray(m).resize((side, side), Image.Resampling.NEAREST)) for m in masks])
 
 
-__all__ = ["CAM_PRIOR_WEIGHT", "CHECKPOINT_KIND", "PoolPseudoMasks", "SegmentationModel", "SegmentationParts",
-           "SegmentationSettings", "TRAIN_SIDE", "self_learned_targets", "resize_masks"]
+__all__ = [
+    "CAM_PRIOR_WEIGHT",
+    "CHECKPOINT_KIND",
+    "TRAIN_SIDE",
+    "PoolPseudoMasks",
+    "SegmentationModel",
+    "SegmentationParts",
+    "SegmentationSettings",
+    "resize_masks",
+    "self_learned_targets",
+]

@@ -54,12 +54,14 @@ class SegmentationOptions:
     threads: int = 1
     """Torch threads. One: the head's small convolutions ran 13x slower with two threads on 2 busy cores."""
     progress: bool = True
+    head_steps: int = 80
+    """Adam steps per head fit (``HeadSettings.steps``); fewer only for quick plumbing runs."""
     evaluate_on: str = "test"
     """``test``: the test split's first ``test_size`` scenes (the reported figures); ``validation``: train scenes
     after the pool (for choosing settings: never tune on the test split)."""
 
     def validate(self) -> None:
-        for name in ("pool_size", "test_size", "seeds", "initial_masks", "masks_per_round", "threads"):
+        for name in ("pool_size", "test_size", "seeds", "initial_masks", "masks_per_round", "threads", "head_steps"):
             if getattr(self, name) < 1:
                 raise ModelInputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.rounds < 0:
@@ -89,6 +91,7 @@ def parse_segmentation_options(argv: Sequence[str]) -> SegmentationOptions:
     parser.add_argument("--out", default=defaults.out)
     parser.add_argument("--data-root", default=None, help="openclipart PNG folder (default: the Debian package's)")
     parser.add_argument("--threads", type=int, default=defaults.threads, help="torch threads")
+    parser.add_argument("--head-steps", type=int, default=defaults.head_steps, help="Adam steps per head fit")
     parser.add_argument("--evaluate-on", choices=("test", "validation"), default=defaults.evaluate_on,
                         help="validation: score train scenes after the pool (for tuning), not the test split")
     parser.add_argument("--no-progress", action="store_true")
@@ -98,7 +101,7 @@ def parse_segmentation_options(argv: Sequence[str]) -> SegmentationOptions:
         masks_per_round=args.masks_per_round, rounds=args.rounds,
         strategies=tuple(s.strip() for s in args.strategies.split(",") if s.strip()), cache_dir=args.cache_dir,
         out=args.out, data_root=args.data_root, threads=args.threads, progress=not args.no_progress,
-        evaluate_on=args.evaluate_on,
+        head_steps=args.head_steps, evaluate_on=args.evaluate_on,
     )
     options.validate()
     return options
@@ -201,7 +204,8 @@ def run_seed(data: SceneData, options: SegmentationOptions, seed: int) -> dict[s
         rng = np.random.default_rng([seed, STRATEGIES.index(name)])
         use_pseudo = name.startswith("ours")
         active = name.endswith("active")
-        settings = SegmentationSettings(use_pseudo=use_pseudo, head=replace(HeadSettings(), seed=seed))
+        settings = SegmentationSettings(use_pseudo=use_pseudo,
+                                        head=replace(HeadSettings(), seed=seed, steps=options.head_steps))
         strategy = create_segmentation_strategy(ACTIVE_STRATEGY if active else "random")
         human = list(initial)
         curve = []
