@@ -756,10 +756,15 @@ class MLBackend:
         client = self._client(project_id)
         segmentation = self._project_segmentation(project_id, client)
         if segmentation is not None:
-            return self.segmentation.fit_and_push(project_id, client, *segmentation, push=self.config.push_predictions)
+            version = self.segmentation.fit_and_push(project_id, client, *segmentation,
+                                                     push=self.config.push_predictions)
+            state.prune_versions(self.config.keep_model_versions)
+            return version
         labeling, label_config = self._project_labeling(project_id, client)
         if is_multilabel(labeling):
-            return self.multilabel.fit(project_id, state, client, labeling, label_config)
+            version = self.multilabel.fit(project_id, state, client, labeling, label_config)
+            state.prune_versions(self.config.keep_model_versions)
+            return version
         hierarchy = labeling.hierarchy
         phases = PhaseTimes()
         # Auto-accepted annotations are not human labels: the fit sees those tasks as unlabeled.
