@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -39,10 +40,12 @@ def test_onnx_text_encoder_matches_sentence_transformers_and_is_exported_once(fo
     assert vectors.shape == (4, 384) and vectors.dtype == np.float32
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     assert np.min(np.sum(vectors * reference, axis=1)) > 0.9999
-    again = OnnxTextEncoder(folder, name="minilm")
+    again = OnnxTextEncoder(folder, name="minilm", idle_close_seconds=0.3)
     assert export.stat().st_mtime_ns == exported_at  # read from the cache, not exported again
     assert np.array_equal(again.encode(texts[:2]), vectors[:2])
-    assert again.session is None  # closed between calls: its weights are not kept
+    assert again.session is not None  # kept for the next calls of the same label config
+    time.sleep(1.0)
+    assert again.session is None  # closed once idle: its weights are not kept
     assert np.array_equal(again.encode([texts[1], texts[0], texts[1]]), vectors[[1, 0, 1]])
     assert again.encode([]).shape == (0, 384)
 

@@ -158,11 +158,12 @@ class OnnxTextEncoder:
     nor scikit-learn in memory (about 150 MB resident). The BERT encoder is exported once into ``<folder>/onnx/``
     (the one time sentence-transformers is imported), with its fidelity to sentence-transformers on fixed texts;
     an export below ``ONNX_TEXT_MIN_COSINE`` is refused (TextEncoderError). Class names are encoded rarely (a new
-    label config), so the session (about 120 MB with its 90 MB of weights) is opened for a call that has texts
-    it has not encoded yet and closed after it; vectors are kept per text."""
+    label config), so the session (about 120 MB with its 90 MB of weights) is opened when texts not encoded yet
+    come and closed once no call has come for ``idle_close_seconds`` (one label config's prompts take several
+    calls, and opening a session costs about 0.2 s); vectors are kept per text."""
 
     def __init__(self, folder: str | Path, *, name: str | None = None, threads: int | None = 1,
-                 batch_size: int = 128) -> None:
+                 batch_size: int = 128, idle_close_seconds: float = 30.0) -> None:
         from tokenizers import Tokenizer
 
         folder = Path(folder)
@@ -182,6 +183,8 @@ class OnnxTextEncoder:
         self._export, self._threads = export, threads
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
+        self._idle_close_seconds = float(idle_close_seconds)
+        self._closer: threading.Timer | None = None
         self.dim = int(metadata["dim"])
         self.batch_size = int(batch_size)
         self.name = name or f"sentence-transformers:{folder.name}"
@@ -200,7 +203,7 @@ class OnnxTextEncoder:
         texts = list(texts)
         if not all(isinstance(t, str) for t in texts):
             raise ModelInputError("texts to encode must be strings")
-        with self._lock:  # one call at a time: the session is opened and closed inside
+        with self._lock:  # one call at a time
             missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
             if missing:
                 if self.session is None:
@@ -208,13 +211,27 @@ class OnnxTextEncoder:
                 try:
                     vectors = self._run(missing)
                 finally:
-                    self.session = None  # its weights go back to the OS (no arena; large blocks are mmapped)
+                    self._close_when_idle()
                 self._cache.update(zip(missing, vectors))
                 while len(self._cache) > max(TEXT_CACHE_SIZE, len(texts)):
                     self._cache.popitem(last=False)
             if not texts:
                 return np.zeros((0, self.dim), dtype=np.float32)
             return np.stack([self._cache[t] for t in texts]).astype(np.float32)
+
+    def _close_when_idle(self) -> None:
+        """(Re)start the timer that drops the session, whose weights then go back to the OS (no arena; large
+        blocks are mmapped). Called with the lock held."""
+        if self._closer is not None:
+            self._closer.cancel()
+        self._closer = threading.Timer(self._idle_close_seconds, self._close)
+        self._closer.daemon = True
+        self._closer.start()
+
+    def _close(self) -> None:
+        with self._lock:
+            self.session = None
+            self._closer = None
 
     def _run(self, texts: list[str]) -> np.ndarray:
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
