@@ -432,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
             images = [to_pil(raw[i], invert=True, size=224, pad_fraction=0.15) for i in range(args.runtime_images)]
             alone = runtime_alone(images, root / "runtime-cache")
             result["runtime_alone"] = alone
+            result["created_at"] = now  # when the runtime and indexing figures were measured
             result.pop("sizes_merged_without_runtime", None)
             print(json.dumps(alone), flush=True)
         else:  # the ONNX export alone, made once here like a server's first start (not timed)
