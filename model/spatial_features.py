@@ -189,37 +189,13 @@ def cached_spatial_features(
     chunk_size: int = 128,
     progress: bool = False,
 ) -> np.ndarray:
-    """Feature maps of every image of ``split``, float16 (n, h, w, d), read from the cache when there.
+    """Feature maps of every image of ``split``, float16 (n, h, w, d), read from the cache when there: the
+    coarse stage of ``cached_feature_pyramid`` (one forward pass caches every stage).
 
     The cached array is memory-mapped read-only, so a large split costs page cache rather than process memory.
     """
-    from tqdm import tqdm
-
-    n = len(split)
-    if n == 0:
-        raise ModelInputError(f"{split.dataset} {split.split} holds no images")
-    # The name is known without loading the model: the weights are the packaged ImageNet ones.
-    name = f"spatial:timm:{backbone}:imagenet-package:{int(image_size)}px"
-    path = spatial_cache_path(cache_dir, split, name)
-    try:
-        cached = np.load(path, mmap_mode="r")
-        if cached.shape[0] == n and cached.ndim == 4 and cached.dtype == np.float16:
-            return cached
-    except (OSError, ValueError):
-        pass  # missing or damaged: recompute
-    extractor = spatial_extractor(backbone, image_size)
-    chunks: list[np.ndarray] = []
-    with tqdm(total=n, desc=f"feature maps of {split.dataset} {split.split}", unit="img", disable=not progress,
-              leave=False) as bar:
-        for start in range(0, n, chunk_size):
-            indices = range(start, min(start + chunk_size, n))
-            chunks.append(extractor([split.image(i) for i in indices]).astype(np.float16))
-            bar.update(len(indices))
-    maps = np.concatenate(chunks)
-    buffer = io.BytesIO()
-    np.save(buffer, maps)
-    atomic_write_bytes(path, buffer.getvalue())
-    return np.load(path, mmap_mode="r")
+    return cached_feature_pyramid(split, backbone, image_size=image_size, cache_dir=cache_dir,
+                                  chunk_size=chunk_size, progress=progress).coarse
 
 
 def cached_feature_pyramid(
