@@ -403,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", type=Path, default=None,
                         help="keep task images and embedding stores here across runs (default: a temporary "
                              "directory, removed at the end)")
+    parser.add_argument("--label-studio-env", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="extra environment of Label Studio (e.g. one of its feature flags)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "scale.json")
     parser.add_argument("--summarise", action="store_true",
                         help="recompute the summary keys of --out from its measured detail, measure nothing")
@@ -420,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     earlier = json.loads(args.out.read_text()) if (args.skip_runtime or args.skip_workers) and args.out.exists() \
         else {}
     result: dict[str, Any] = {**earlier, "created_at": earlier.get("created_at", now), "cpu_count": os.cpu_count(),
-                              "load_at_start": load()}
+                              "load_at_start": load(), "label_studio_env": args.label_studio_env}
     if args.skip_runtime and earlier:
         result["sizes_merged_without_runtime"] = {"sizes_measured_at": now, "indexing_and_runtime_from": earlier.get(
             "created_at")}
@@ -445,7 +447,8 @@ def main(argv: list[str] | None = None) -> int:
         packaged_minilm(work_dir / "text-encoders", onnx=True)  # the semantic annotator's encoder, exported once
         login = lsb.LabelStudioLogin("scale@vlm-al.local", secrets.token_urlsafe(12), lsb.new_token())
         ls = lsb.LabelStudioServer(lsb.ensure_label_studio_venv(), root / "label-studio", work_dir / "files", login,
-                                   port=lsb.ephemeral_port(), log_path=root / "label-studio.log")
+                                   port=lsb.ephemeral_port(), log_path=root / "label-studio.log",
+                                   extra_env=dict(item.split("=", 1) for item in args.label_studio_env))
         ls.start()
         try:
             sizes = {}
