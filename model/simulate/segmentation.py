@@ -337,7 +337,9 @@ def plot_miou(path: Path, strategies: dict[str, dict]) -> None:
 def render_markdown(strategies: dict[str, dict], run: dict) -> str:
     masks = next(iter(strategies.values()))["masks"]
     lines = ["# Segmentation benchmark (openclipart-scenes)", "",
-             f"Pool {run['pool_size']} scenes, test {run['test_size']}, {run['options']['seeds']} seeds; "
+             f"Pool {run['pool_size']} scenes, {run['test_size']} scored "
+             f"({'train scenes after the pool' if run['options']['evaluate_on'] == 'validation' else 'test split'}), "
+             f"{run['options']['seeds']} seeds; "
              f"load average before/after {run['load_average_before']} / {run['load_average_after']}; "
              f"{run['wall_seconds']} s.", "",
              "| strategy | " + " | ".join(f"{m} masks" for m in masks) + " |",
