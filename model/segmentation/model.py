@@ -179,7 +179,9 @@ class SegmentationModel:
             # The CAM's evidence as a probability that is one half at the chosen threshold, like the head's.
             cam_foreground = np.clip(evidence.max(axis=1) / (2.0 * threshold), 0.0, 1.0)
             combined = 0.5 * (head_foreground + cam_foreground)
-            masks[rows] = np.where(combined >= 0.5, evidence.argmax(axis=1) + 1, 0)
+            # An image without any label (a person said it holds none) is all background.
+            foreground_here = (combined >= 0.5) & present[rows].any(axis=1)[:, None, None]
+            masks[rows] = np.where(foreground_here, evidence.argmax(axis=1) + 1, 0)
             confidence[rows] = np.abs(2.0 * combined - 1.0)
         return CamMasks(masks, confidence)
 
