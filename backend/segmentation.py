@@ -40,6 +40,8 @@ logger = logging.getLogger(__name__)
 
 MIN_REGION_SHARE = 0.002
 """Predicted regions below this share of the image are not sent (specks a person would have to erase)."""
+QUERY_STRATEGY = "mask-uncertainty"
+"""The mask strategy that orders a segmentation project's queue (``model.segmentation.SEGMENTATION_STRATEGIES``)."""
 PREDICTION_SIDE = 112
 """The head predicts at this square resolution; masks are then resized to each image's own size."""
 
@@ -249,12 +251,15 @@ class SegmentationProjects:
 
     def __init__(self, decode: Callable[[bytes], Image.Image], content_key: Callable[[bytes], str],
                  projects: Projects, maps_dir: Path,
-                 extractor: Callable[[Sequence[Image.Image]], FeaturePyramid] | None = None) -> None:
+                 extractor: Callable[[Sequence[Image.Image]], FeaturePyramid] | None = None, *,
+                 batch_size: int = 10) -> None:
         self._decode = decode
         self._content_key = content_key
         self._projects = projects
         self._maps = PyramidCache(maps_dir)
         self._extractor = extractor
+        self._batch_size = batch_size
+        """Masks chosen together by the strategy for the head of the queue (QUERY_BATCH_SIZE)."""
         self._keys_by_url: dict[str, tuple[str, int, int]] = {}
         self._served: dict[int, ServedSegmentation] = {}
         self._lock = threading.Lock()
@@ -336,9 +341,11 @@ class SegmentationProjects:
             labeling: SegmentationLabeling, label_config: str) -> dict[str, Any] | None:
         """Train on every task's annotation, save a version with the queue's priorities and serve it; returns a
         summary, or None when nothing can be learned yet."""
+        from model.query import LabelCosts
         from model.segmentation import (
             SegmentationModel,
             SegmentationSettings,
+            create_mask_strategy,
             mask_priority,
             mask_scores,
         )
@@ -372,7 +379,11 @@ class SegmentationProjects:
         priorities: dict[int, float] = {}
         if unlabelled.size:
             scores = mask_scores(model, maps, unlabelled)
-            queue = mask_priority(scores, scores.indices, len(positions), known)
+            # The strategy's diverse batch heads the queue, then the rest by descending uncertainty.
+            picked = create_mask_strategy(QUERY_STRATEGY).query(scores, float(self._batch_size), LabelCosts(),
+                                                               np.random.default_rng(0))
+            queue = mask_priority(scores, np.array([p.index for p in picked], dtype=np.int64), len(positions),
+                                  known)
             priorities = {int(tasks[positions[row]]["id"]): float(queue[row]) for row in unlabelled}
         state = self._projects.state(project_id)
         version = state.next_version()

@@ -129,7 +129,8 @@ class MLBackend:
         """Projects whose Data Manager queue tab (QUEUE_TAB=true) was ensured or is being ensured."""
         self.assistant = Assistant(config)
         self.segmentation = SegmentationProjects(image_codec.decode, image_codec.content_key, self.projects,
-                                                 Path(config.model_dir) / "segmentation-maps")
+                                                 Path(config.model_dir) / "segmentation-maps",
+                                                 batch_size=config.query_batch_size)
         """<BrushLabels> projects (backend.segmentation): their own models, fits and predictions."""
 
     # --- construction from the environment --------------------------------------------------------------------

@@ -169,6 +169,8 @@ def test_fit_then_predict_brush_regions_and_serve_the_saved_version(tmp_path):
     assert version == "vlm-al-v1" and client.downloads == downloads  # maps are kept by image: no second download
     scores = [p["score"] for p in predictions]
     assert all(0 <= s < 1 for s in scores) and len(set(scores)) == len(scores)  # a queue order
+    # ordered by the mask strategy (its diverse batch of uncertain masks first), not by task id
+    assert scores != sorted(scores)
     correct = 0
     for i, prediction in enumerate(predictions, start=4):
         brushes = [r for r in prediction["result"] if r["type"] == "brushlabels"]

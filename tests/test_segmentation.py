@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from model.errors import ModelInputError
+from model.query import STRATEGIES, LabelCosts, create_strategy
 from model.segmentation import (
     CHECKPOINT_KIND,
     SEGMENTATION_STRATEGIES,
@@ -13,7 +14,7 @@ from model.segmentation import (
     SegmentationSettings,
     cam_masks,
     clean_mask,
-    create_segmentation_strategy,
+    create_mask_strategy,
     mask_priority,
     mask_scores,
     mean_iou,
@@ -207,14 +208,21 @@ def test_strategies_registry_and_selection(data):
     scores = mask_scores(model, maps, np.arange(4, 110))
     for values in (scores.cam_entropy, scores.disagreement, scores.boundary):
         assert values.shape == (106,) and values.min() >= 0 and values.max() <= 1
-    assert {"random", "mask-uncertainty", "cam-entropy", "head-cam-disagreement",
-            "boundary-uncertainty"} <= set(SEGMENTATION_STRATEGIES)
+    assert {"mask-random", "mask-uncertainty", "mask-cam-entropy", "mask-disagreement",
+            "mask-boundary"} == set(SEGMENTATION_STRATEGIES)
+    assert set(SEGMENTATION_STRATEGIES) <= set(STRATEGIES)  # the one registry
     rng = np.random.default_rng(0)
     for name in SEGMENTATION_STRATEGIES:
-        picked = create_segmentation_strategy(name).select(scores, 8, rng)
-        assert len(set(picked.tolist())) == 8 and set(picked.tolist()) <= set(range(4, 110))
+        # a budget of 8.5 masks at 1 each buys 8
+        picked = [s.index for s in create_strategy(name).query(scores, 8.5, LabelCosts(), rng)]
+        assert len(set(picked)) == 8 and set(picked) <= set(range(4, 110))
+        assert len(create_strategy(name).query(scores, 6.0, LabelCosts(human_fine=2.0), rng)) == 3
     with pytest.raises(ModelInputError):
-        create_segmentation_strategy("nope")
+        create_strategy("mask-nope")
+    with pytest.raises(ModelInputError):  # a mask strategy reads mask scores, not another layout's pool
+        create_strategy("mask-uncertainty").query(object(), 4.0, LabelCosts(), rng)
+    with pytest.raises(ModelInputError):
+        create_mask_strategy("margin")
     # the most uncertain image comes first; a duplicate of it is not picked next to it (diversity)
     embeddings = np.eye(6, dtype=np.float32)
     embeddings[1] = embeddings[0]

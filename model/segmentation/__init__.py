@@ -24,14 +24,14 @@ from model.segmentation.model import (
 from model.segmentation.query import (
     SEGMENTATION_STRATEGIES,
     MaskScores,
-    create_segmentation_strategy,
+    create_mask_strategy,
     mask_priority,
     mask_scores,
 )
 
 __all__ = [
     "CHECKPOINT_KIND", "SEGMENTATION_STRATEGIES", "TRAIN_SIDE", "CamClassifier", "CamMasks", "HeadSettings",
-    "HypercolumnProjection", "MaskScores", "ProjectedPool", "SegmentationHead", "SegmentationModel", "SegmentationSettings", "cam_masks",
-    "clean_mask", "create_segmentation_strategy", "mask_priority", "mask_scores", "mean_iou", "resize_masks",
+    "HypercolumnProjection", "MaskScores", "ProjectedPool", "SegmentationHead", "SegmentationModel",
+    "SegmentationSettings", "cam_masks", "clean_mask", "create_mask_strategy", "mask_priority", "mask_scores", "mean_iou", "resize_masks",
     "self_learned_targets",
 ]

@@ -1,8 +1,9 @@
 """Which image to draw next: the one whose pseudo-mask is least reliable, with diversity in the batch.
 
-Strategies score every unlabelled image from a fitted ``SegmentationModel`` (``MaskScores``) and pick a batch.
-They live in ``SEGMENTATION_STRATEGIES`` and are built with ``create_segmentation_strategy``, like the
-classification strategies of ``model.query``. The batch is diverse the same way: a shortlist of the most
+Strategies read every unlabelled image's scores from a fitted ``SegmentationModel`` (``MaskScores``, the pool
+they query) and pick a batch. They answer the one ``query(pool, budget, costs, rng)`` of ``model.query`` and are
+registered in its ``STRATEGIES`` (``SEGMENTATION_STRATEGIES``, "mask-..." names), so ``create_strategy`` builds
+them like every other strategy; a mask costs ``costs.human_fine``. The batch is diverse like ours: a shortlist of the most
 uncertain images, ``shortlist_factor`` times the batch, then k-means++ seeding over their L2-normalised pooled
 embeddings (``model.query.kmeans_plus_plus``), so that one kind of scene does not fill the batch.
 """
@@ -17,7 +18,17 @@ import numpy as np
 from scipy import ndimage
 
 from model.errors import ModelInputError
-from model.query import kmeans_plus_plus, l2_normalised
+from model.query import (
+    STRATEGIES,
+    LabelCosts,
+    LabelKind,
+    Selection,
+    _check_budget,
+    affordable_count,
+    create_strategy,
+    kmeans_plus_plus,
+    l2_normalised,
+)
 from model.segmentation.model import SegmentationModel
 from model.spatial_features import FeaturePyramid
 
@@ -80,10 +91,25 @@ def _boundary_band(mask: np.ndarray, width: int = 2) -> np.ndarray:
     return ndimage.binary_dilation(edges, iterations=width)
 
 
-class MaskQueryStrategy(Protocol):
+class MaskPicker(Protocol):
     def select(self, scores: MaskScores, n_picks: int, rng: np.random.Generator) -> np.ndarray:
         """Pool indices of the next ``n_picks`` images to draw masks for, most wanted first."""
         ...
+
+
+class MaskQuery:
+    """``model.query``'s strategy interface over ``MaskScores``: as many masks as the budget buys, from a
+    ``MaskPicker``."""
+
+    def __init__(self, picker: MaskPicker) -> None:
+        self.picker = picker
+
+    def query(self, pool: MaskScores, budget: float, costs: LabelCosts, rng: np.random.Generator) -> list[Selection]:
+        if not isinstance(pool, MaskScores):
+            raise ModelInputError(f"a mask strategy needs MaskScores, got {type(pool).__name__}")
+        _check_budget(budget)
+        picked = self.picker.select(pool, affordable_count(budget, costs.human_fine), rng)
+        return [Selection(int(i), LabelKind.HUMAN_FINE) for i in picked]
 
 
 class RandomMasks:
@@ -142,22 +168,29 @@ def _check_picks(scores: MaskScores, n_picks: int) -> int:
     return min(int(n_picks), scores.indices.size)
 
 
-SEGMENTATION_STRATEGIES: dict[str, Callable[..., MaskQueryStrategy]] = {
-    "random": RandomMasks,
-    "mask-uncertainty": UncertainMasks,
-    "cam-entropy": lambda **options: UncertainMasks("cam-entropy", **options),
-    "head-cam-disagreement": lambda **options: UncertainMasks("disagreement", **options),
-    "boundary-uncertainty": lambda **options: UncertainMasks("boundary", **options),
+def _mask_strategy(picker: Callable[..., MaskPicker]) -> Callable[..., MaskQuery]:
+    return lambda **options: MaskQuery(picker(**options))
+
+
+SEGMENTATION_STRATEGIES: dict[str, Callable[..., MaskQuery]] = {
+    "mask-random": _mask_strategy(RandomMasks),
+    "mask-uncertainty": _mask_strategy(UncertainMasks),
+    "mask-cam-entropy": _mask_strategy(lambda **options: UncertainMasks("cam-entropy", **options)),
+    "mask-disagreement": _mask_strategy(lambda **options: UncertainMasks("disagreement", **options)),
+    "mask-boundary": _mask_strategy(lambda **options: UncertainMasks("boundary", **options)),
 }
-"""Mask selection strategies by name (``mask-uncertainty`` combines the three measures)."""
+"""Mask selection strategies by name (``mask-uncertainty`` combines the three measures), registered in the one
+strategy registry, ``model.query.STRATEGIES``, when this module is imported."""
+# The registry's type names single-label pools; these strategies refuse any pool but MaskScores (MaskQuery.query).
+STRATEGIES.update(SEGMENTATION_STRATEGIES)  # type: ignore[arg-type]
 
 
-def create_segmentation_strategy(name: str, **options: object) -> MaskQueryStrategy:
-    """A mask selection strategy from ``SEGMENTATION_STRATEGIES``."""
-    factory = SEGMENTATION_STRATEGIES.get(name)
-    if factory is None:
-        raise ModelInputError(f"unknown segmentation strategy {name!r}; known: {sorted(SEGMENTATION_STRATEGIES)}")
-    return factory(**options)
+def create_mask_strategy(name: str, **options: object) -> MaskQuery:
+    """``model.query.create_strategy`` for callers that hold ``MaskScores``: refuses another layout's strategy."""
+    strategy = create_strategy(name, **options)
+    if not isinstance(strategy, MaskQuery):
+        raise ModelInputError(f"{name!r} is not a mask strategy; known: {sorted(SEGMENTATION_STRATEGIES)}")
+    return strategy
 
 
 def mask_priority(scores: MaskScores, selected: np.ndarray, n: int, labelled: np.ndarray) -> np.ndarray:

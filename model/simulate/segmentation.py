@@ -174,6 +174,7 @@ def load_scene_data(options: SegmentationOptions) -> SceneData:
 
 def run_seed(data: SceneData, options: SegmentationOptions, seed: int) -> dict[str, list[float]]:
     """mIoU per strategy after the initial masks and after every round, for one seed."""
+    from model.query import LabelCosts
     from model.segmentation import (
         CamClassifier,
         HeadSettings,
@@ -181,7 +182,7 @@ def run_seed(data: SceneData, options: SegmentationOptions, seed: int) -> dict[s
         ProjectedPool,
         SegmentationModel,
         SegmentationSettings,
-        create_segmentation_strategy,
+        create_mask_strategy,
         mask_scores,
         mean_iou,
     )
@@ -206,7 +207,7 @@ def run_seed(data: SceneData, options: SegmentationOptions, seed: int) -> dict[s
         active = name.endswith("active")
         settings = SegmentationSettings(use_pseudo=use_pseudo,
                                         head=replace(HeadSettings(), seed=seed, steps=options.head_steps))
-        strategy = create_segmentation_strategy(ACTIVE_STRATEGY if active else "random")
+        strategy = create_mask_strategy(ACTIVE_STRATEGY if active else "mask-random")
         human = list(initial)
         curve = []
         for round_index in range(options.rounds + 1):
@@ -219,7 +220,8 @@ def run_seed(data: SceneData, options: SegmentationOptions, seed: int) -> dict[s
                 break
             unlabelled = np.setdiff1d(np.arange(n_pool), human)
             scores = mask_scores(model, data.pool_features, unlabelled)
-            human.extend(int(i) for i in strategy.select(scores, options.masks_per_round, rng))
+            picked = strategy.query(scores, float(options.masks_per_round), LabelCosts(), rng)
+            human.extend(selection.index for selection in picked)
         results[name] = curve
     return results
 
