@@ -7,7 +7,7 @@ own RLE, never re-implemented here), downloads task images with the project's La
 one fitted ``SegmentationModel`` per project.
 
 A fit (from the webhooks, like every project) reads every task's mask and image-level labels, trains the model
-on the human masks plus the reliability-weighted pseudo-masks of the other tasks, and pushes brush
+on the human masks plus the confidence-weighted pseudo-masks of the other tasks, and pushes brush
 pre-annotations for the unlabelled tasks: the head's mask restricted to the image's labels (human ones where the
 <Choices> was answered, else predicted), one region per label with its mean probability as the region's score,
 and a prediction score that orders Label Studio's queue (ascending: the least reliable mask first).

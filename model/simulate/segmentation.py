@@ -6,12 +6,14 @@ Setting (Belharbi et al.'s): every pool image has its image-level labels (cheap)
 - ``cam-only``: CAM pseudo-masks of the test images (for their predicted labels); the masks drawn so far only
   choose the CAM threshold;
 - ``human-only-random`` / ``human-only-active``: the segmentation head trained on human masks alone;
-- ``ours-random`` / ``ours-active``: the head on human masks plus reliability-weighted pseudo-masks of every
-  other pool image, with pixel-level self-learning.
+- ``ours-random`` / ``ours-active``: the head on human masks plus confidence-weighted pseudo-masks of every
+  other pool image (a foreground head trained on the human masks, with the CAMs' labels), with pixel-level
+  self-learning.
 
-Active runs pick masks with ``mask-uncertainty`` (CAM entropy, head-vs-CAM disagreement and boundary
-uncertainty, diversified by k-means++). Every strategy of a seed starts from the same random masks. The test
-split's true masks are scored at full resolution; nothing is tuned on them.
+Active runs pick masks with ``mask-uncertainty`` (pseudo-mask entropy, head-vs-pseudo-mask disagreement and
+boundary uncertainty, diversified by k-means++). Every strategy of a seed starts from the same random masks. The
+scored split's true masks are scored at full resolution. Settings are chosen with ``--evaluate-on validation``
+(train scenes after the pool), never on the test split.
 """
 
 from __future__ import annotations
@@ -338,12 +340,11 @@ def plot_miou(path: Path, strategies: dict[str, dict]) -> None:
 
 def render_markdown(strategies: dict[str, dict], run: dict) -> str:
     masks = next(iter(strategies.values()))["masks"]
+    scored = "train scenes after the pool" if run["options"]["evaluate_on"] == "validation" else "test split"
     lines = ["# Segmentation benchmark (openclipart-scenes)", "",
-             f"Pool {run['pool_size']} scenes, {run['test_size']} scored "
-             f"({'train scenes after the pool' if run['options']['evaluate_on'] == 'validation' else 'test split'}), "
-             f"{run['options']['seeds']} seeds; "
-             f"load average before/after {run['load_average_before']} / {run['load_average_after']}; "
-             f"{run['wall_seconds']} s.", "",
+             (f"Pool {run['pool_size']} scenes, {run['test_size']} scored ({scored}), {run['options']['seeds']} "
+              f"seeds; load average before/after {run['load_average_before']} / {run['load_average_after']}; "
+              f"{run['wall_seconds']} s."), "",
              "| strategy | " + " | ".join(f"{m} masks" for m in masks) + " |",
              "|---|" + "---|" * len(masks)]
     for name, summary in strategies.items():
