@@ -167,9 +167,8 @@ def mask_results(labeling: SegmentationLabeling, mask: np.ndarray, probabilities
     """Label Studio results for a predicted mask (uint8 (H, W)): one ``brushlabels`` region per label in the SDK's
     RLE (``mask2rle``), scored by the label's mean probability over the region (``probabilities`` float
     (L + 1, H, W)); plus the image-level <Choices> if the config has one (labels whose probability reaches 0.5)."""
-    from label_studio_sdk.converter.brush import (
-        mask2rle,  # lazily: see decode_brush_region
-    )
+    # Imported here, like decode_rle (see decode_brush_region).
+    from label_studio_sdk.converter.brush import mask2rle
 
     height, width = mask.shape
     results: list[dict[str, Any]] = []
