@@ -1,4 +1,4 @@
-"""Noise-aware fine-grained classifier on frozen embeddings (torch, CPU).
+"""Noise-aware fine-grained classifier on frozen embeddings (numpy, CPU).
 
 Three variants share one training loop:
 
@@ -10,6 +10,10 @@ Three variants share one training loop:
 - ``fine-only``: a fine head on full labels only, for the plain active-learning baselines.
 
 Embeddings are L2-normalised and centred inside the model, so prediction sees what training saw.
+
+The heads are linear, so their gradients are written out by hand (``_scaled_nll``) and stepped with torch's Adam
+update (``model.optim``): fitting and serving never import torch, which alone costs about 500 MB resident in every
+worker. ``tests/test_finegrained_gradients.py`` checks the loss and gradients against torch autograd.
 """
 
 from __future__ import annotations
@@ -26,9 +30,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+from threadpoolctl import threadpool_limits
 
 from model.errors import ModelInputError
 from model.hierarchy import MISSING_LABEL, LabelHierarchy, validated_label_array
@@ -53,8 +57,8 @@ class TrainingConfig:
     """How to train.
 
     ``epochs`` counts optimiser steps; each step sees one chunk of ``batch_size`` rows of every label type (with
-    fewer labels than that, every step is full-batch). ``num_threads`` None leaves torch's
-    setting; otherwise it is set for the duration of fit/predict and restored.
+    fewer labels than that, every step is full-batch). ``num_threads`` caps the BLAS threads numpy's matrix
+    products use (through threadpoolctl) for the duration of fit/predict; None leaves the BLAS library's setting.
     """
 
     variant: str = "hierarchical"
@@ -111,37 +115,74 @@ class TrainingConfig:
 
 
 @contextmanager
-def _torch_threads(num_threads: int | None) -> Iterator[None]:
-    """Use ``num_threads`` for the duration of a call and restore the caller's setting afterwards."""
+def _blas_threads(num_threads: int | None) -> Iterator[None]:
+    """Cap the BLAS thread pools at ``num_threads`` for the duration of a call (None: leave them as they are)."""
     if num_threads is None:
         yield
         return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(num_threads)
-    try:
+    with threadpool_limits(limits=num_threads, user_api="blas"):
         yield
-    finally:
-        torch.set_num_threads(previous)
 
 
-def _log_softmax(logits: torch.Tensor) -> torch.Tensor:
+def _log_softmax(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """log_softmax whose exponentials stay clear of float32 subnormals, which slow CPU arithmetic by orders of
-    magnitude once a trained head is confident (probabilities below e^-60 are treated as e^-60)."""
-    shifted = (logits - logits.max(dim=1, keepdim=True).values.detach()).clamp_min(_LOG_SHIFT_FLOOR)
-    return shifted - shifted.exp().sum(dim=1, keepdim=True).log()
+    magnitude once a trained head is confident (probabilities below e^-60 are treated as e^-60).
+
+    Returns the log-probabilities, the softmax of the clamped logits (the log-softmax's Jacobian) and where the
+    clamp lets the gradient through (at or above the floor, as torch's clamp_min); the row maximum is a constant
+    of the gradient, as a detached maximum is."""
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    passes = shifted >= _LOG_SHIFT_FLOOR
+    np.maximum(shifted, _LOG_SHIFT_FLOOR, out=shifted)
+    exponentials = np.exp(shifted)
+    total = exponentials.sum(axis=1, keepdims=True)
+    return shifted - np.log(total), exponentials / total, passes
 
 
-def _l2_normalise(embeddings: torch.Tensor) -> torch.Tensor:
-    return embeddings / embeddings.norm(dim=1, keepdim=True).clamp_min(1e-12)
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exponentials = np.exp(shifted, out=shifted)
+    return exponentials / exponentials.sum(axis=1, keepdims=True)
 
 
-def _l2_normalise_(embeddings: torch.Tensor) -> torch.Tensor:
-    """``_l2_normalise`` in place (the same values): one (n, d) copy fewer while a large pool trains."""
-    return embeddings.div_(embeddings.norm(dim=1, keepdim=True).clamp_min(1e-12))
+def _scaled_nll(
+    logits: np.ndarray, targets: np.ndarray, scale: float, mixing: Sequence[np.ndarray]
+) -> tuple[float, np.ndarray]:
+    """``scale`` times the mean negative log-likelihood of ``targets`` and its gradient with respect to ``logits``.
+
+    The probabilities are ``_log_softmax(logits)`` pushed through each matrix of ``mixing`` in turn
+    (``p -> clamp_min(exp(log p) @ M, _LOG_FLOOR)`` before the next log): fine to coarse, then the transition.
+    The backward pass mirrors autograd of that forward pass: log passes grad / input, exp grad * output, a
+    matrix product grad @ M.T, and a clamp passes the gradient only where its input is at or above the floor.
+    """
+    log_probs, softmax, passes = _log_softmax(logits)
+    stages = []
+    for matrix in mixing:
+        probs = np.exp(log_probs)
+        mixed = probs @ matrix
+        clamped = np.maximum(mixed, _LOG_FLOOR)
+        stages.append((matrix, probs, clamped, mixed >= _LOG_FLOOR))
+        log_probs = np.log(clamped)
+    n = targets.size
+    rows = np.arange(n)
+    loss = -scale * float(log_probs[rows, targets].mean())
+    gradient = np.zeros_like(log_probs)
+    gradient[rows, targets] = -scale / n
+    for matrix, probs, clamped, unclamped in reversed(stages):
+        gradient = (np.where(unclamped, gradient / clamped, 0) @ matrix.T) * probs
+    return loss, (gradient - softmax * gradient.sum(axis=1, keepdims=True)) * passes
 
 
-def _validated_embeddings(embeddings: np.ndarray, embedding_dim: int) -> np.ndarray:
-    """float16 or float32 (n, embedding_dim) as given (other numeric types as float32), checked finite in chunks."""
+def _l2_normalise_(rows: np.ndarray) -> np.ndarray:
+    """Divide float32 rows by their L2 norms in place (one (n, d) copy fewer while a large pool trains)."""
+    norms = np.sqrt(np.einsum("ij,ij->i", rows, rows))
+    rows /= np.maximum(norms, 1e-12)[:, None]
+    return rows
+
+
+def _embedding_matrix(embeddings: np.ndarray, embedding_dim: int) -> np.ndarray:
+    """A numeric (n, embedding_dim) array as given, without a copy: float16 stays float16 until each chunk of it is
+    converted (``_finite_float32_chunk``), which is also where rows are checked finite."""
     array = np.asarray(embeddings)
     if array.ndim != 2 or array.shape[1] != embedding_dim:
         raise ModelInputError(f"embeddings must have shape (n, {embedding_dim}), got {array.shape}")
@@ -149,14 +190,30 @@ def _validated_embeddings(embeddings: np.ndarray, embedding_dim: int) -> np.ndar
         raise ModelInputError("embeddings are empty")
     if not np.issubdtype(array.dtype, np.number):
         raise ModelInputError(f"embeddings must be numeric, got dtype {array.dtype}")
-    if array.dtype not in (np.float16, np.float32):
-        array = array.astype(np.float32)
-    for start in range(0, array.shape[0], ROW_CHUNK):
-        chunk = array[start : start + ROW_CHUNK]
-        if not np.all(np.isfinite(chunk)):
-            bad_rows = start + np.flatnonzero(~np.all(np.isfinite(chunk), axis=1))
-            raise ModelInputError(f"embeddings contain NaN or inf in rows {bad_rows[:10].tolist()}")
     return array
+
+
+def _finite_float32_chunk(array: np.ndarray, start: int) -> np.ndarray:
+    """A float32 copy of ``array[start : start + ROW_CHUNK]``, or ModelInputError if a row holds NaN or inf."""
+    with np.errstate(over="ignore"):  # a float64 value beyond float32's range becomes inf, reported below
+        chunk = array[start : start + ROW_CHUNK].astype(np.float32)
+    if not np.isfinite(chunk).all():
+        bad_rows = start + np.flatnonzero(~np.isfinite(chunk).all(axis=1))
+        raise ModelInputError(f"embeddings contain NaN or inf in rows {bad_rows[:10].tolist()}")
+    return chunk
+
+
+def _mean_normalised_row(array: np.ndarray, used: np.ndarray) -> np.ndarray:
+    """float32 mean of the L2-normalised rows where ``used`` is True. The matrix is read once, in contiguous
+    ROW_CHUNK slices in row order (no random gather), every row checked finite; float32 rows sum in float64."""
+    total = np.zeros(array.shape[1], dtype=np.float64)
+    for start in range(0, array.shape[0], ROW_CHUNK):
+        chunk = _finite_float32_chunk(array, start)
+        selected = used[start : start + ROW_CHUNK]
+        if not selected.all():
+            chunk = chunk[selected]
+        total += _l2_normalise_(chunk).sum(axis=0, dtype=np.float64)
+    return (total / max(int(np.count_nonzero(used)), 1)).astype(np.float32)
 
 
 def _float32_rows(array: np.ndarray, index: np.ndarray) -> np.ndarray:
@@ -203,18 +260,18 @@ def _visited_rows(size: int, chunk_size: int, steps: int) -> int:
 
 @dataclass(frozen=True)
 class _LabelGroup:
-    """Normalised, centred rows of one label type with their targets, shuffled once. Only the leading rows the
-    optimiser visits are kept (``embeddings`` may be shorter than ``targets``): at 100k weak labels, 100 steps of 512
-    rows see about half of them."""
+    """Normalised, centred float32 rows of one label type with their targets, shuffled once. Only the leading rows
+    the optimiser visits are kept (``embeddings`` may be shorter than ``targets``): at 100k weak labels, 100 steps of
+    512 rows see about half of them."""
 
-    embeddings: torch.Tensor
-    targets: torch.Tensor
+    embeddings: np.ndarray
+    targets: np.ndarray
 
     @property
     def size(self) -> int:
         return int(self.targets.shape[0])
 
-    def chunks(self, chunk_size: int, steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def chunks(self, chunk_size: int, steps: int) -> list[tuple[np.ndarray, np.ndarray]]:
         """The chunks ``steps`` steps visit, in order (each type cycles through its own chunks)."""
         bounds = _chunk_bounds(self.size, chunk_size)
         return [
@@ -225,9 +282,9 @@ class _LabelGroup:
 
 @dataclass(frozen=True)
 class _Batch:
-    full: tuple[torch.Tensor, torch.Tensor]
-    human_coarse: tuple[torch.Tensor, torch.Tensor]
-    weak: tuple[torch.Tensor, torch.Tensor]
+    full: tuple[np.ndarray, np.ndarray]
+    human_coarse: tuple[np.ndarray, np.ndarray]
+    weak: tuple[np.ndarray, np.ndarray]
 
 
 def _batches(groups: dict[str, _LabelGroup], chunk_size: int, steps: int) -> Iterator[_Batch]:
@@ -248,8 +305,8 @@ class FineGrainedClassifier:
         self.hierarchy = hierarchy
         self.embedding_dim = int(embedding_dim)
         self.config = config or TrainingConfig()
-        self._fine_to_coarse = torch.from_numpy(np.array(hierarchy.fine_to_coarse_matrix, dtype=np.float32))
-        self._parameters: dict[str, torch.Tensor] | None = None
+        self._fine_to_coarse = np.array(hierarchy.fine_to_coarse_matrix, dtype=np.float32)
+        self._parameters: dict[str, np.ndarray] | None = None
 
     @property
     def is_fitted(self) -> bool:
@@ -271,9 +328,9 @@ class FineGrainedClassifier:
         coarse label overrides a weak one. Without a transition matrix (or with ``use_transition`` False) the
         weak labels are scored as if they were clean. ``fine-only`` ignores coarse labels altogether.
         """
-        with _torch_threads(self.config.num_threads):
+        with _blas_threads(self.config.num_threads):
             groups, feature_mean = self._training_set(embeddings, fine_labels, weak_coarse_labels, human_coarse_labels)
-            transition = self._transition_tensor(coarse_transition_matrix)
+            transition = self._transition(coarse_transition_matrix)
             self._parameters = self._optimise(groups, feature_mean, transition)
         return self
 
@@ -283,9 +340,9 @@ class FineGrainedClassifier:
         fine_labels: np.ndarray,
         weak_coarse_labels: np.ndarray | None,
         human_coarse_labels: np.ndarray | None,
-    ) -> tuple[dict[str, _LabelGroup], torch.Tensor]:
+    ) -> tuple[dict[str, _LabelGroup], np.ndarray]:
         """Label groups ``full``, ``human_coarse`` and ``weak`` (disjoint: a sample's best label wins)."""
-        array = _validated_embeddings(embeddings, self.embedding_dim)
+        array = _embedding_matrix(embeddings, self.embedding_dim)
         n = array.shape[0]
         fine = _validated_labels("fine_labels", fine_labels, n, self.hierarchy.n_fine)
         weak = _validated_labels("weak_coarse_labels", weak_coarse_labels, n, self.hierarchy.n_coarse)
@@ -305,136 +362,135 @@ class FineGrainedClassifier:
             "weak": rng.permutation(weak_rows),
         }
         targets = {"full": fine, "human_coarse": human_coarse, "weak": weak}
-        # The mean of every normalised row, ROW_CHUNK rows at a time; then a float32 copy of only the rows the
-        # optimiser visits, normalised and centred in place.
-        total, count = torch.zeros(array.shape[1], dtype=torch.float64), 0
+        used = np.zeros(n, dtype=bool)
         for index in rows.values():
-            for start in range(0, index.size, ROW_CHUNK):
-                chunk = _l2_normalise_(torch.from_numpy(_float32_rows(array, index[start : start + ROW_CHUNK])))
-                total += chunk.sum(dim=0, dtype=torch.float64)
-                count += chunk.shape[0]
-        feature_mean = (total / max(count, 1)).to(torch.float32)
-        visited = {name: index[: _visited_rows(index.size, self.config.batch_size, self.config.epochs)]
-                   for name, index in rows.items()}
-        groups = {
-            name: _LabelGroup(_l2_normalise_(torch.from_numpy(_float32_rows(array, visited[name]))).sub_(feature_mean),
-                              torch.from_numpy(targets[name][index]))
-            for name, index in rows.items()
-        }
+            used[index] = True
+        feature_mean = _mean_normalised_row(array, used)
+        # A float32 copy of only the rows the optimiser visits, normalised and centred in place.
+        groups = {}
+        for name, index in rows.items():
+            n_visited = _visited_rows(index.size, self.config.batch_size, self.config.epochs)
+            visited = _l2_normalise_(_float32_rows(array, index[:n_visited]))
+            visited -= feature_mean
+            groups[name] = _LabelGroup(visited, targets[name][index])
         return groups, feature_mean
 
-    def _transition_tensor(self, matrix: np.ndarray | None) -> torch.Tensor | None:
+    def _transition(self, matrix: np.ndarray | None) -> np.ndarray | None:
         if matrix is None:
             return None
         validated = validate_transition_matrix(matrix, self.hierarchy.n_coarse)
         if not self.config.use_transition:
             return None
-        return torch.from_numpy(np.where(validated < _TRANSITION_FLOOR, 0.0, validated).astype(np.float32))
+        return np.where(validated < _TRANSITION_FLOOR, 0.0, validated).astype(np.float32)
 
-    def _initial_parameters(self) -> dict[str, torch.Tensor]:
-        generator = torch.Generator().manual_seed(self.config.seed)
-        scale = 0.01
+    def _initial_parameters(self) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(self.config.seed)
+        scale = np.float32(0.01)
 
-        def head(n_out: int) -> tuple[torch.Tensor, torch.Tensor]:
-            weight = torch.randn(n_out, self.embedding_dim, generator=generator) * scale
-            return weight, torch.zeros(n_out)
+        def head(n_out: int) -> tuple[np.ndarray, np.ndarray]:
+            weight = rng.standard_normal((n_out, self.embedding_dim), dtype=np.float32) * scale
+            return weight, np.zeros(n_out, dtype=np.float32)
 
-        parameters: dict[str, torch.Tensor] = {}
+        parameters: dict[str, np.ndarray] = {}
         parameters["fine_head.weight"], parameters["fine_head.bias"] = head(self.hierarchy.n_fine)
         if self.config.variant == "reference":
             parameters["coarse_head.weight"], parameters["coarse_head.bias"] = head(self.hierarchy.n_coarse)
         return parameters
 
     def _optimise(
-        self, groups: dict[str, _LabelGroup], feature_mean: torch.Tensor, transition: torch.Tensor | None
-    ) -> dict[str, torch.Tensor]:
-        parameters = {name: tensor.requires_grad_() for name, tensor in self._initial_parameters().items()}
-        optimiser = Adam(parameters.values(), lr=self.config.learning_rate)  # torch.optim's, without torch._dynamo
+        self, groups: dict[str, _LabelGroup], feature_mean: np.ndarray, transition: np.ndarray | None
+    ) -> dict[str, np.ndarray]:
+        parameters = self._initial_parameters()
+        optimiser = Adam(parameters.values(), lr=self.config.learning_rate)  # updates the arrays in place
         for batch in _batches(groups, self.config.batch_size, self.config.epochs):
-            optimiser.zero_grad()
-            self._loss(parameters, batch, transition).backward()
-            optimiser.step()
-        fitted = {name: tensor.detach().clone() for name, tensor in parameters.items()}
-        fitted["feature_mean"] = feature_mean.clone()
-        return fitted
+            _, gradients = self._loss_and_gradients(parameters, batch, transition)
+            optimiser.step([gradients[name] for name in parameters])
+        return {**parameters, "feature_mean": feature_mean}
 
-    def _coarse_log_probabilities(self, fine_logits: torch.Tensor) -> torch.Tensor:
-        coarse = _log_softmax(fine_logits).exp() @ self._fine_to_coarse
-        return coarse.clamp_min(_LOG_FLOOR).log()
-
-    def _loss(
-        self, parameters: dict[str, torch.Tensor], batch: _Batch, transition: torch.Tensor | None
-    ) -> torch.Tensor:
-        """Mean loss per label type; the coarse-level types are scaled by ``weak_loss_weight`` so that hundreds
-        of cheap coarse labels do not drown a handful of full ones."""
+    def _loss_and_gradients(
+        self, parameters: dict[str, np.ndarray], batch: _Batch, transition: np.ndarray | None
+    ) -> tuple[float, dict[str, np.ndarray]]:
+        """Mean loss per label type and its gradient for every parameter; the coarse-level types are scaled by
+        ``weak_loss_weight`` so that hundreds of cheap coarse labels do not drown a handful of full ones. Weight
+        decay is ``0.5 * weight_decay * ||W||^2`` on the weights, not the biases."""
         config = self.config
+        weights = [name for name in parameters if name.endswith(".weight")]
+        loss = 0.5 * config.weight_decay * sum(float(np.square(parameters[name]).sum()) for name in weights)
+        gradients = {
+            name: config.weight_decay * value if name in weights else np.zeros_like(value)
+            for name, value in parameters.items()
+        }
+
+        def add_term(
+            head: str, x: np.ndarray, targets: np.ndarray, scale: float, mixing: Sequence[np.ndarray]
+        ) -> float:
+            weight, bias = parameters[f"{head}.weight"], parameters[f"{head}.bias"]
+            term, logit_gradient = _scaled_nll(x @ weight.T + bias, targets, scale, mixing)
+            gradients[f"{head}.weight"] += logit_gradient.T @ x
+            gradients[f"{head}.bias"] += logit_gradient.sum(axis=0)
+            return term
+
         full_x, fine_targets = batch.full
-        human_x, human_targets = batch.human_coarse
-        weak_x, weak_targets = batch.weak
-        fine_weight, fine_bias = parameters["fine_head.weight"], parameters["fine_head.bias"]
-        penalty = fine_weight.square().sum()
+        loss += add_term("fine_head", full_x, fine_targets, 1.0, ())
+        coarse_mixing: tuple[np.ndarray, ...]
         if config.variant == "reference":
-            coarse_weight, coarse_bias = parameters["coarse_head.weight"], parameters["coarse_head.bias"]
-            penalty = penalty + coarse_weight.square().sum()
-            # One pass over the full rows for both heads.
-            full_logits = F.linear(full_x, torch.cat([fine_weight, coarse_weight]), torch.cat([fine_bias, coarse_bias]))
-            fine_logits, full_coarse_logits = full_logits.split([self.hierarchy.n_fine, self.hierarchy.n_coarse], dim=1)
-            true_coarse = self._fine_to_coarse.argmax(dim=1)[fine_targets]
-            loss = F.nll_loss(_log_softmax(full_coarse_logits), true_coarse)
-
-            def coarse_log_probs(x: torch.Tensor) -> torch.Tensor:
-                return _log_softmax(F.linear(x, coarse_weight, coarse_bias))
+            true_coarse = self.hierarchy.parent_array[fine_targets]
+            loss += add_term("coarse_head", full_x, true_coarse, 1.0, ())
+            coarse_head, coarse_mixing = "coarse_head", ()
         else:
-            fine_logits = F.linear(full_x, fine_weight, fine_bias)
-            loss = torch.zeros(())
-
-            def coarse_log_probs(x: torch.Tensor) -> torch.Tensor:
-                return self._coarse_log_probabilities(F.linear(x, fine_weight, fine_bias))
-
-        loss = loss + F.nll_loss(_log_softmax(fine_logits), fine_targets)
-        if config.variant != "fine-only" and human_targets.numel():
-            loss = loss + config.weak_loss_weight * F.nll_loss(coarse_log_probs(human_x), human_targets)
-        if config.variant != "fine-only" and weak_targets.numel():
-            weak_log_probs = coarse_log_probs(weak_x)
-            if transition is not None:
-                weak_log_probs = (weak_log_probs.exp() @ transition).clamp_min(_LOG_FLOOR).log()
-            loss = loss + config.weak_loss_weight * F.nll_loss(weak_log_probs, weak_targets)
-        return loss + 0.5 * config.weight_decay * penalty
+            coarse_head, coarse_mixing = "fine_head", (self._fine_to_coarse,)
+        if config.variant != "fine-only":
+            human_x, human_targets = batch.human_coarse
+            if human_targets.size:
+                loss += add_term(coarse_head, human_x, human_targets, config.weak_loss_weight, coarse_mixing)
+            weak_x, weak_targets = batch.weak
+            if weak_targets.size:
+                weak_mixing = coarse_mixing if transition is None else (*coarse_mixing, transition)
+                loss += add_term(coarse_head, weak_x, weak_targets, config.weak_loss_weight, weak_mixing)
+        return loss, gradients
 
     # ---- prediction -----------------------------------------------------------------------------------------
 
-    def _fitted_parameters(self) -> dict[str, torch.Tensor]:
+    def _fitted_parameters(self) -> dict[str, np.ndarray]:
         if self._parameters is None:
             raise ModelInputError("the classifier is not fitted yet: call fit() or load() first")
         return self._parameters
 
-    def _features(self, array: np.ndarray) -> torch.Tensor:
-        """Normalised, centred float32 features of validated rows (one chunk of them)."""
-        features = torch.from_numpy(np.asarray(array, dtype=np.float32))
-        return _l2_normalise(features).sub_(self._fitted_parameters()["feature_mean"])
-
-    def _probabilities(self, embeddings: np.ndarray, head: str) -> np.ndarray:
-        """softmax of one head, ROW_CHUNK rows at a time."""
+    def _probabilities(self, embeddings: np.ndarray, heads: Sequence[str]) -> list[np.ndarray]:
+        """softmax of each head in ``heads`` from one pass over the rows, ROW_CHUNK rows at a time: each chunk is
+        converted to float32 (and checked finite) on its own, so a float16 pool is never copied whole."""
         parameters = self._fitted_parameters()
-        weight, bias = parameters[f"{head}.weight"], parameters[f"{head}.bias"]
-        array = _validated_embeddings(embeddings, self.embedding_dim)
-        out = np.empty((array.shape[0], weight.shape[0]), dtype=np.float32)
-        with _torch_threads(self.config.num_threads), torch.inference_mode():
+        array = _embedding_matrix(embeddings, self.embedding_dim)
+        outs = [np.empty((array.shape[0], parameters[f"{head}.bias"].shape[0]), dtype=np.float32) for head in heads]
+        with _blas_threads(self.config.num_threads):
             for start in range(0, array.shape[0], ROW_CHUNK):
-                logits = F.linear(self._features(array[start : start + ROW_CHUNK]), weight, bias)
-                out[start : start + ROW_CHUNK] = F.softmax(logits, dim=1).numpy()
-        return out
+                features = _l2_normalise_(_finite_float32_chunk(array, start))
+                features -= parameters["feature_mean"]
+                for head, out in zip(heads, outs):
+                    logits = features @ parameters[f"{head}.weight"].T + parameters[f"{head}.bias"]
+                    out[start : start + ROW_CHUNK] = _softmax(logits)
+        return outs
+
+    def _coarse_from_fine(self, fine: np.ndarray) -> np.ndarray:
+        return (fine @ self.hierarchy.fine_to_coarse_matrix).astype(np.float32)
 
     def predict_fine_proba(self, embeddings: np.ndarray) -> np.ndarray:
         """float32 (n, n_fine), rows summing to 1."""
-        return self._probabilities(embeddings, "fine_head")
+        return self._probabilities(embeddings, ["fine_head"])[0]
 
     def predict_coarse_proba(self, embeddings: np.ndarray) -> np.ndarray:
         """float32 (n, n_coarse): the coarse head (reference) or fine probabilities summed per group."""
         if self.config.variant != "reference":
+            return self._coarse_from_fine(self.predict_fine_proba(embeddings))
+        return self._probabilities(embeddings, ["coarse_head"])[0]
+
+    def predict_fine_and_coarse_proba(self, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(predict_fine_proba, predict_coarse_proba)`` of the same rows from one pass over them."""
+        if self.config.variant != "reference":
             fine = self.predict_fine_proba(embeddings)
-            return (fine @ self.hierarchy.fine_to_coarse_matrix).astype(np.float32)
-        return self._probabilities(embeddings, "coarse_head")
+            return fine, self._coarse_from_fine(fine)
+        fine, coarse = self._probabilities(embeddings, ["fine_head", "coarse_head"])
+        return fine, coarse
 
     # ---- checkpoints ----------------------------------------------------------------------------------------
 
@@ -447,27 +503,26 @@ class FineGrainedClassifier:
             "tensors": _describe(self._expected_shapes()),
         }
 
-    def _expected_shapes(self) -> dict[str, torch.Size]:
+    def _expected_shapes(self) -> dict[str, tuple[int, ...]]:
         d, n_fine, n_coarse = self.embedding_dim, self.hierarchy.n_fine, self.hierarchy.n_coarse
-        shapes = {
-            "fine_head.weight": torch.Size([n_fine, d]),
-            "fine_head.bias": torch.Size([n_fine]),
-            "feature_mean": torch.Size([d]),
-        }
+        shapes = {"fine_head.weight": (n_fine, d), "fine_head.bias": (n_fine,), "feature_mean": (d,)}
         if self.config.variant == "reference":
-            shapes["coarse_head.weight"] = torch.Size([n_coarse, d])
-            shapes["coarse_head.bias"] = torch.Size([n_coarse])
+            shapes["coarse_head.weight"] = (n_coarse, d)
+            shapes["coarse_head.bias"] = (n_coarse,)
         return shapes
 
     def save(self, directory: str | Path) -> None:
-        """Write ``weights.safetensors`` and ``metadata.json`` into ``directory``, replacing it as a whole."""
+        """Write ``weights.safetensors`` and ``metadata.json`` into ``directory``, replacing it as a whole.
+
+        The safetensors file is the same format ``safetensors.torch`` writes, so checkpoints from the torch-based
+        classifier load unchanged."""
         if self._parameters is None:
             raise ModelInputError("cannot save a classifier that is not fitted")
         target = Path(directory)
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
         try:
-            tensors = {name: tensor.contiguous() for name, tensor in self._parameters.items()}
+            tensors = {name: np.ascontiguousarray(array) for name, array in self._parameters.items()}
             save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "vlm-al-finegrained"})
             atomic_write_json(staging / METADATA_FILE, self._metadata())
             _replace_directory(staging, target)
@@ -494,19 +549,19 @@ class FineGrainedClassifier:
         classifier = cls(hierarchy, embedding_dim, config)
         try:
             tensors = load_file(str(directory / WEIGHTS_FILE))
-        except (OSError, RuntimeError, ValueError) as exc:
+        except (OSError, SafetensorError, ValueError) as exc:
             raise ModelInputError(f"cannot read {directory / WEIGHTS_FILE}: {exc}") from exc
         expected = classifier._expected_shapes()
-        actual = {name: tensor.shape for name, tensor in tensors.items()}
+        actual = {name: tuple(array.shape) for name, array in tensors.items()}
         if actual != expected:
             raise ModelInputError(
                 f"checkpoint {directory}: tensors {_describe(actual)} do not match its metadata {_describe(expected)}"
             )
-        classifier._parameters = {name: tensor.to(torch.float32) for name, tensor in tensors.items()}
+        classifier._parameters = {name: array.astype(np.float32) for name, array in tensors.items()}
         return classifier
 
 
-def _describe(shapes: Mapping[str, torch.Size]) -> dict[str, list[int]]:
+def _describe(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, list[int]]:
     return {name: list(shape) for name, shape in sorted(shapes.items())}
 
 
@@ -631,7 +686,7 @@ def select_training_config(
     if not isinstance(n_folds, int) or n_folds < 2:
         raise ModelInputError(f"n_folds must be an integer >= 2, got {n_folds!r}")
     configs = _candidate_configs(base_config, candidates)
-    array = _validated_embeddings(embeddings, int(np.asarray(embeddings).shape[-1]))
+    array = _embedding_matrix(embeddings, int(np.asarray(embeddings).shape[-1]))
     n = array.shape[0]
     fine = _validated_labels("fine_labels", fine_labels, n, hierarchy.n_fine)
     if weak_coarse_labels is not None:

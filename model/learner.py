@@ -48,6 +48,10 @@ class Classifier(Protocol):
 
     def predict_coarse_proba(self, embeddings: np.ndarray) -> np.ndarray: ...
 
+    def predict_fine_and_coarse_proba(self, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Both of the above from one pass over the rows (a round needs both for the whole pool)."""
+        ...
+
 
 NewClassifier = Callable[[Any], Classifier]
 """Builds an untrained classifier from a ``TrainingConfig`` (the caller knows the hierarchy and embedding size)."""
@@ -234,12 +238,13 @@ class ActiveLearner:
         # A fine label wins over a row's weak label inside the classifier, so pseudo-labelled rows train as full.
         classifier.fit(embeddings, fine, labels.weak_for_training(),
                        None if transition is None else transition.matrix, labels.human_coarse)
+        fine_probabilities, coarse_probabilities = classifier.predict_fine_and_coarse_proba(embeddings)
         return RoundModel(
             classifier=classifier,
             training_config=training_config,
             transition=transition,
-            fine_probabilities=np.asarray(classifier.predict_fine_proba(embeddings), dtype=np.float32),
-            coarse_probabilities=np.asarray(classifier.predict_coarse_proba(embeddings), dtype=np.float32),
+            fine_probabilities=np.asarray(fine_probabilities, dtype=np.float32),
+            coarse_probabilities=np.asarray(coarse_probabilities, dtype=np.float32),
         )
 
     def pseudo_labelled(self, embeddings: np.ndarray, labels: RoundLabels, model: RoundModel) -> np.ndarray:

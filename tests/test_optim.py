@@ -1,51 +1,48 @@
-"""model.optim.Adam makes torch.optim.Adam's updates bit for bit, and fitting no longer imports torch._dynamo."""
+"""model.optim.Adam (numpy) makes torch.optim.Adam's updates, to float32 tolerance."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
+import numpy as np
+import pytest
 import torch
 
 from model.optim import Adam
 
 
-def test_adam_matches_torch_optim_adam_bit_for_bit():
+def test_adam_matches_torch_optim_adam_on_the_same_gradients():
     generator = torch.Generator().manual_seed(0)
     start = [torch.randn(7, 5, generator=generator), torch.randn(7, generator=generator)]
-    unused = torch.randn(3, generator=generator)  # no gradient: left alone by both
     inputs, targets = torch.randn(64, 5, generator=generator), torch.randint(0, 7, (64,), generator=generator)
 
-    def train(make_optimiser):
-        params = [p.clone().requires_grad_() for p in [*start, unused]]
-        optimiser = make_optimiser(params)
-        for step in range(60):
-            optimiser.zero_grad()
-            rows = slice((step * 16) % 64, (step * 16) % 64 + 16)
-            logits = inputs[rows] @ params[0].T + params[1]
-            torch.nn.functional.cross_entropy(logits, targets[rows]).backward()
-            optimiser.step()
-        return [p.detach() for p in params]
+    def gradients(params: list[torch.Tensor], step: int) -> list[torch.Tensor]:
+        """Cross-entropy gradients of ``params`` on one slice of the data (each optimiser on its own params)."""
+        leaves = [p.detach().clone().requires_grad_() for p in params]
+        rows = slice((step * 16) % 64, (step * 16) % 64 + 16)
+        torch.nn.functional.cross_entropy(inputs[rows] @ leaves[0].T + leaves[1], targets[rows]).backward()
+        return [leaf.grad for leaf in leaves if leaf.grad is not None]
 
-    ours = train(lambda params: Adam(params, lr=0.01))
-    reference = train(lambda params: torch.optim.Adam(params, lr=0.01))
-    for mine, theirs in zip(ours, reference):
-        assert torch.equal(mine, theirs)
-    assert torch.equal(ours[2], unused)
+    reference = [p.clone().requires_grad_() for p in start]
+    torch_adam = torch.optim.Adam(reference, lr=0.01)
+    ours = [p.numpy().copy() for p in start]
+    numpy_adam = Adam(ours, lr=0.01)
+    for step in range(200):
+        for param, grad in zip(reference, gradients(reference, step)):
+            param.grad = grad
+        torch_adam.step()
+        numpy_adam.step([grad.numpy() for grad in gradients([torch.from_numpy(p) for p in ours], step)])
+
+    for mine, theirs, initial in zip(ours, reference, start):
+        assert mine.dtype == np.float32
+        np.testing.assert_allclose(mine, theirs.detach().numpy(), rtol=1e-5, atol=1e-6)
+        assert np.abs(mine - initial.numpy()).max() > 0.1  # it moved
 
 
-def test_a_fine_grained_fit_does_not_import_torch_dynamo():
-    script = (
-        "import sys, numpy as np\n"
-        "from model.finegrained import FineGrainedClassifier\n"
-        "from model.hierarchy import LabelHierarchy\n"
-        "h = LabelHierarchy.from_groups({'X': ['a', 'b'], 'Y': ['c']})\n"
-        "rng = np.random.default_rng(0)\n"
-        "x = rng.standard_normal((40, 8)).astype(np.float32)\n"
-        "fine = np.array([0, 1, 2, -1] * 10)\n"
-        "clf = FineGrainedClassifier(h, 8)\n"
-        "clf.fit(x, fine_labels=fine)\n"
-        "print('torch._dynamo' in sys.modules)\n"
-    )
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True)
-    assert out.stdout.strip().splitlines()[-1] == "False"
+def test_adam_steps_each_parameter_in_place_with_its_own_gradient():
+    weight, bias = np.ones((2, 3), dtype=np.float32), np.zeros(2, dtype=np.float32)
+    optimiser = Adam([weight, bias], lr=0.1)
+    optimiser.step([np.ones_like(weight), -np.ones_like(bias)])
+    # Adam's first step moves every coordinate by lr against the sign of its gradient.
+    np.testing.assert_allclose(weight, 0.9, rtol=1e-6)
+    np.testing.assert_allclose(bias, 0.1, rtol=1e-6)
+    with pytest.raises(ValueError, match="expected 2 gradients"):
+        optimiser.step([np.ones_like(weight)])

@@ -23,7 +23,8 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from model.errors import ModelInputError
-from model.finegrained import _replace_directory, _torch_threads
+from model.finegrained import _replace_directory
 from model.io import atomic_write_json
 from model.multilabel.noise import LabelTransitions, validated_label_sets
 
@@ -49,6 +50,20 @@ _PMI_LIMIT = 3.0
 _PMI_PRIOR_COUNT = 4.0
 """Pseudo-images of independent labels mixed into the pair counts, so that two labels seen together once in
 five images do not get a large PMI."""
+
+
+@contextmanager
+def _torch_threads(num_threads: int | None) -> Iterator[None]:
+    """Use ``num_threads`` for the duration of a call and restore the caller's setting afterwards."""
+    if num_threads is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def validated_maps(maps: np.ndarray, channels: int | None = None) -> np.ndarray:
