@@ -173,10 +173,14 @@ def _scaled_nll(
     return loss, (gradient - softmax * gradient.sum(axis=1, keepdims=True)) * passes
 
 
-def _l2_normalise_(rows: np.ndarray) -> np.ndarray:
-    """Divide float32 rows by their L2 norms in place (one (n, d) copy fewer while a large pool trains)."""
-    norms = np.sqrt(np.einsum("ij,ij->i", rows, rows))
-    rows /= np.maximum(norms, 1e-12)[:, None]
+def _row_norms(rows: np.ndarray) -> np.ndarray:
+    return np.sqrt(np.einsum("ij,ij->i", rows, rows))
+
+
+def _l2_normalise_(rows: np.ndarray, norms: np.ndarray | None = None) -> np.ndarray:
+    """Divide float32 rows by their L2 norms (computed unless given) in place: one (n, d) copy fewer while a large
+    pool trains."""
+    rows /= np.maximum(_row_norms(rows) if norms is None else norms, 1e-12)[:, None]
     return rows
 
 
@@ -193,35 +197,38 @@ def _embedding_matrix(embeddings: np.ndarray, embedding_dim: int) -> np.ndarray:
     return array
 
 
-def _finite_float32_chunk(array: np.ndarray, start: int) -> np.ndarray:
-    """A float32 copy of ``array[start : start + ROW_CHUNK]``, or ModelInputError if a row holds NaN or inf."""
-    with np.errstate(over="ignore"):  # a float64 value beyond float32's range becomes inf, reported below
+def _finite_float32_chunk(array: np.ndarray, start: int) -> tuple[np.ndarray, np.ndarray]:
+    """A float32 copy of ``array[start : start + ROW_CHUNK]`` with its row norms, or ModelInputError if a row holds
+    NaN or inf. A NaN or inf makes its row's norm non-finite, so only a chunk with such a norm is searched element by
+    element (a finite row whose squares overflow float32 passes, with an infinite norm, as it did under torch)."""
+    with np.errstate(over="ignore"):  # a value beyond float32's range becomes inf, reported below
         chunk = array[start : start + ROW_CHUNK].astype(np.float32)
-    if not np.isfinite(chunk).all():
+        norms = _row_norms(chunk)
+    if not np.isfinite(norms).all():
         bad_rows = start + np.flatnonzero(~np.isfinite(chunk).all(axis=1))
-        raise ModelInputError(f"embeddings contain NaN or inf in rows {bad_rows[:10].tolist()}")
-    return chunk
+        if bad_rows.size:
+            raise ModelInputError(f"embeddings contain NaN or inf in rows {bad_rows[:10].tolist()}")
+    return chunk, norms
 
 
-def _mean_normalised_row(array: np.ndarray, used: np.ndarray) -> np.ndarray:
-    """float32 mean of the L2-normalised rows where ``used`` is True. The matrix is read once, in contiguous
-    ROW_CHUNK slices in row order (no random gather), every row checked finite; float32 rows sum in float64."""
+def _normalised_rows_and_mean(array: np.ndarray, used: np.ndarray, copied: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One pass over ``array`` in contiguous ROW_CHUNK slices, in row order (no random gather from the pool): every
+    row is converted to float32, checked finite and L2-normalised once. Returns the normalised rows listed in
+    ``copied`` (in that order) centred by the mean, and the float32 mean of the normalised rows where ``used`` is
+    True (float32 rows summed in float64)."""
+    out = np.empty((copied.size, array.shape[1]), dtype=np.float32)
+    order = np.argsort(copied)  # out[order[k]] is pool row sorted_rows[k]
+    sorted_rows = copied[order]
     total = np.zeros(array.shape[1], dtype=np.float64)
     for start in range(0, array.shape[0], ROW_CHUNK):
-        chunk = _finite_float32_chunk(array, start)
+        chunk = _l2_normalise_(*_finite_float32_chunk(array, start))
         selected = used[start : start + ROW_CHUNK]
-        if not selected.all():
-            chunk = chunk[selected]
-        total += _l2_normalise_(chunk).sum(axis=0, dtype=np.float64)
-    return (total / max(int(np.count_nonzero(used)), 1)).astype(np.float32)
-
-
-def _float32_rows(array: np.ndarray, index: np.ndarray) -> np.ndarray:
-    """``array[index]`` as float32, gathered ROW_CHUNK rows at a time (no float16 copy of them all first)."""
-    out = np.empty((index.size, array.shape[1]), dtype=np.float32)
-    for start in range(0, index.size, ROW_CHUNK):
-        out[start : start + ROW_CHUNK] = array[index[start : start + ROW_CHUNK]]
-    return out
+        total += (chunk if selected.all() else chunk[selected]).sum(axis=0, dtype=np.float64)
+        lo, hi = np.searchsorted(sorted_rows, [start, start + chunk.shape[0]])
+        out[order[lo:hi]] = chunk[sorted_rows[lo:hi] - start]
+    mean = (total / max(int(np.count_nonzero(used)), 1)).astype(np.float32)
+    out -= mean
+    return out, mean
 
 
 def _validated_labels(name: str, labels: np.ndarray | None, n_samples: int, n_classes: int) -> np.ndarray:
@@ -365,14 +372,17 @@ class FineGrainedClassifier:
         used = np.zeros(n, dtype=bool)
         for index in rows.values():
             used[index] = True
-        feature_mean = _mean_normalised_row(array, used)
-        # A float32 copy of only the rows the optimiser visits, normalised and centred in place.
-        groups = {}
-        for name, index in rows.items():
-            n_visited = _visited_rows(index.size, self.config.batch_size, self.config.epochs)
-            visited = _l2_normalise_(_float32_rows(array, index[:n_visited]))
-            visited -= feature_mean
-            groups[name] = _LabelGroup(visited, targets[name][index])
+        # The mean is taken over every labelled row; a float32 copy is kept of only the rows the optimiser visits.
+        visited = {
+            name: index[: _visited_rows(index.size, self.config.batch_size, self.config.epochs)]
+            for name, index in rows.items()
+        }
+        features, feature_mean = _normalised_rows_and_mean(array, used, np.concatenate(list(visited.values())))
+        bounds = np.cumsum([0, *(index.size for index in visited.values())])
+        groups = {
+            name: _LabelGroup(features[lo:hi], targets[name][rows[name]])
+            for name, lo, hi in zip(visited, bounds[:-1], bounds[1:])
+        }
         return groups, feature_mean
 
     def _transition(self, matrix: np.ndarray | None) -> np.ndarray | None:
@@ -464,7 +474,7 @@ class FineGrainedClassifier:
         outs = [np.empty((array.shape[0], parameters[f"{head}.bias"].shape[0]), dtype=np.float32) for head in heads]
         with _blas_threads(self.config.num_threads):
             for start in range(0, array.shape[0], ROW_CHUNK):
-                features = _l2_normalise_(_finite_float32_chunk(array, start))
+                features = _l2_normalise_(*_finite_float32_chunk(array, start))
                 features -= parameters["feature_mean"]
                 for head, out in zip(heads, outs):
                     logits = features @ parameters[f"{head}.weight"].T + parameters[f"{head}.bias"]

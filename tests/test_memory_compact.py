@@ -165,9 +165,11 @@ def test_a_classifier_copies_only_the_training_rows_its_steps_visit(monkeypatch)
     config = TrainingConfig(epochs=10, batch_size=64)  # 10 steps visit 640 of the 19,960 weak rows
     classifier, peak = traced_peak(lambda: FineGrainedClassifier(hierarchy, dim, config).fit(pool, fine, weak))
     float32_copy = n * dim * 4
-    assert peak < 0.3 * float32_copy, peak / float32_copy  # was one float32 copy of every row, and more
+    # Was one float32 copy of every row, and more. tracemalloc sees every numpy buffer (numpy's 130 KB casting
+    # buffer for float64 sums included); the torch-based classifier's tensors were invisible to it.
+    assert peak < 0.35 * float32_copy, peak / float32_copy
     rows = pool.astype(np.float64)
     rows /= np.linalg.norm(rows, axis=1, keepdims=True)
     # the centre is still the mean of every row
-    assert np.allclose(classifier._fitted_parameters()["feature_mean"].numpy(), rows.mean(axis=0), atol=1e-6)
+    assert np.allclose(classifier._fitted_parameters()["feature_mean"], rows.mean(axis=0), atol=1e-6)
     assert classifier.predict_fine_proba(pool[:5]).shape == (5, 4)
