@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 
+import numpy as np
 from conftest import PROJECT_ID, counter_value
 
 from backend import features as features_module
@@ -102,3 +103,40 @@ def test_local_claims_wait_for_the_holder():
     claims.wait(1, ["a", "b"], timeout=5)
     assert 0.1 < time.monotonic() - started < 3
     claims.wait(1, ["c"], timeout=0.1)  # held by this caller: gives up at the timeout
+
+
+def test_a_whole_project_read_is_kept_and_the_next_reads_only_new_vectors(fake_ls, make_config, make_backend,
+                                                                          monkeypatch):
+    """A fit reads every task's vectors; the next fit of the project reads from the store only what is new."""
+    monkeypatch.setattr(features_module, "RESIDENT_MIN_ROWS", 16)
+    add_tasks(fake_ls, 24)
+    parts = make_backend(make_config(push_predictions=False))
+    backend = parts.backend
+    backend.run_index(PROJECT_ID)
+    labeling = backend.labeling(fake_ls.label_config)
+    store = backend.extractor.store
+    asked: list[str] = []
+    real_get_many = store.get_many
+
+    def counting_get_many(namespace, keys):
+        keys = list(keys)
+        asked.extend(keys)
+        return real_get_many(namespace, keys)
+
+    monkeypatch.setattr(store, "get_many", counting_get_many)
+    first = backend.extractor.features(PROJECT_ID, fake_ls.tasks, labeling)
+    assert asked == [] and len(first.usable_positions()) == 24  # the index's read was kept
+    fake_ls.add_task(25, FINES[0])
+    fake_ls.add_task(26, FINES[1])
+    tasks = fake_ls.tasks
+    second = backend.extractor.features(PROJECT_ID, tasks, labeling)
+    assert len(second.usable_positions()) == 26
+    new_keys = {second.keys[24], second.keys[25]}
+    assert set(asked) <= new_keys  # the store was read for the two new images only (they were just computed)
+    assert second.pool_embeddings(list(range(26))).shape == (26, first.pool_embeddings([0]).shape[1])
+    fresh = real_get_many(backend.backbone.name, [second.keys[0], second.keys[25]])
+    np.testing.assert_array_equal(second.embedding_matrix([0, 25]), np.stack([fresh[second.keys[0]],
+                                                                               fresh[second.keys[25]]]))
+    asked.clear()
+    third = backend.extractor.features(PROJECT_ID, tasks, labeling)
+    assert asked == [] and third.pool_embeddings(list(range(26))).base is not None  # a view of the kept matrix
