@@ -45,3 +45,30 @@ def test_triton_is_kept_out_of_a_server_process_and_torch_still_trains():
     kept = probe(keep_out=True)
     assert kept["kept_out"] and not kept["libtriton"]
     assert kept["accuracy"] == without["accuracy"] and kept["accuracy"] > 0.9
+
+
+SERVER_PROBE = """
+import json, sys
+sys.path.insert(0, {root!r})
+from backend.app import create_app
+from backend.config import Config
+app = create_app(Config.from_env({{"MODEL_DIR": {model_dir!r}, "IMAGE_SIZE": "64"}}))
+health = app.test_client().get("/health")
+rss_kb = int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0])
+print(json.dumps({{"status": health.status_code,
+                   "loaded": [m for m in ("torch", "timm", "torchvision", "transformers", "sklearn") if m in sys.modules],
+                   "rss_mb": rss_kb // 1024}}))
+"""
+
+
+def test_a_classification_server_starts_and_serves_without_torch(tmp_path):
+    """The default server (efficientnet_lite0 on ONNX Runtime, the semantic weak annotator on MiniLM) never imports
+    torch: the exports are made in child processes, and fitting is numpy. Two starts: exporting, then cached."""
+    for start in ("first", "cached"):
+        out = subprocess.run([sys.executable, "-c", SERVER_PROBE.format(root=str(ROOT), model_dir=str(tmp_path))],
+                             capture_output=True, text=True, timeout=600, check=True)
+        report = json.loads(out.stdout.strip().splitlines()[-1])
+        assert report["status"] == 200, start
+        assert report["loaded"] == [], (start, report)
+        assert report["rss_mb"] < 600, (start, report)  # about 900 MB with torch and timm loaded
+    assert list((tmp_path / "runtime-cache").glob("*.onnx"))
