@@ -13,7 +13,7 @@ Embeddings are L2-normalised and centred inside the model, so prediction sees wh
 
 The heads are linear, so their gradients are written out by hand (``_scaled_nll``) and stepped with torch's Adam
 update (``model.optim``): fitting and serving never import torch, which alone costs about 500 MB resident in every
-worker. ``tests/test_finegrained_gradients.py`` checks the loss and gradients against torch autograd.
+worker. ``tests/test_finegrained_numpy.py`` checks the loss and gradients against torch autograd.
 """
 
 from __future__ import annotations
