@@ -109,10 +109,16 @@ def run_strategy(job: RunJob, data: BenchmarkData, weak_answers: np.ndarray, opt
                  on_round=None, spec: StrategySpec | None = None) -> StrategyRun:
     """One strategy, one seed: seed set, then ``options.rounds`` rounds of querying, buying and retraining.
 
-    ``spec``: a variant to run under ``job.strategy``'s name (bench/validate_ours.py); by default the named one."""
-    import torch
+    ``spec``: a variant to run under ``job.strategy``'s name (bench/validate_ours.py); by default the named one.
+    Numpy's BLAS runs one thread here: ``--threads`` runs that many strategies side by side, one per core."""
+    from threadpoolctl import threadpool_limits
 
-    torch.set_num_threads(1)
+    with threadpool_limits(limits=1):
+        return _run_strategy(job, data, weak_answers, options, on_round, spec)
+
+
+def _run_strategy(job: RunJob, data: BenchmarkData, weak_answers: np.ndarray, options: SimulationOptions,
+                  on_round, spec: StrategySpec | None) -> StrategyRun:
     started = time.perf_counter()
     spec = spec or STRATEGY_SPECS[job.strategy]
     oracle = SimulatedOracle(
