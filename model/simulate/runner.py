@@ -169,7 +169,7 @@ def _run_job_in_worker(job: RunJob, data: BenchmarkData, weak_answers: np.ndarra
 
 def run_jobs(jobs: Sequence[RunJob], data: BenchmarkData, answers_by_condition: dict[str, list[np.ndarray]],
              options: SimulationOptions) -> dict[RunJob, StrategyRun]:
-    """Run every job, in ``options.threads`` worker processes (one torch thread each) when more than one."""
+    """Run every job, in ``options.threads`` worker processes (one BLAS thread each) when more than one."""
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     from tqdm import tqdm
