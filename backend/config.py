@@ -60,7 +60,7 @@ class Config:
     max_image_pixels: int = 40_000_000
     max_request_bytes: int = 100 * 1024 * 1024
     keep_model_versions: int = 3
-    push_head_tasks: int = 500
+    push_head_tasks: int = 50
     """A fit pushes this many tasks of the head of the queue at once; a background job pushes the rest."""
     push_batch_tasks: int = 5000
     """Predictions per Label Studio import request: pushes of the rest of a queue and of the cold start are split."""
@@ -135,7 +135,7 @@ class Config:
             max_image_pixels=reader.integer("MAX_IMAGE_PIXELS", 40_000_000, minimum=1),
             max_request_bytes=reader.integer("MAX_REQUEST_BYTES", 100 * 1024 * 1024, minimum=1024),
             keep_model_versions=reader.integer("KEEP_MODEL_VERSIONS", 3, minimum=1),
-            push_head_tasks=reader.integer("PUSH_HEAD_TASKS", 500, minimum=1),
+            push_head_tasks=reader.integer("PUSH_HEAD_TASKS", 50, minimum=1),
             push_batch_tasks=reader.integer("PUSH_BATCH_TASKS", 5000, minimum=1),
             prune_label_studio_every=reader.integer("PRUNE_LABEL_STUDIO_EVERY", 10, minimum=1),
             parent_map_file=reader.path("PARENT_MAP_FILE"),

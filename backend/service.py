@@ -678,6 +678,27 @@ class MLBackend:
         logger.info("project %s: pushed %d/%d predictions of %s", project_id, created, sent, model_version)
         return created
 
+    def _push_head(self, project_id: int, client: LabelStudioAPI, model_version: str, task_ids: list[int],
+                   import_instead: Callable[[], Any]) -> None:
+        """A new queue's head through Label Studio's "Retrieve predictions" action on those tasks (it asks /predict
+        for them, answered by the version just committed, and saves each prediction: its cost grows with the head,
+        not with the project), then the project's model_version. When Label Studio saved none (no ML backend of
+        the project reached this one), ``import_instead`` imports the head."""
+        state = self.state(project_id)
+        client.retrieve_predictions(project_id, task_ids)
+        if model_version not in client.prediction_versions(task_ids[0]):
+            logger.warning("project %s: Label Studio's retrieve_tasks_predictions saved no prediction of %s (is this "
+                           "backend the project's connected model, reachable from Label Studio?); importing the "
+                           "head instead", project_id, model_version)
+            import_instead()
+            return
+        state.record_pushed(model_version, task_ids, replace=True)
+        self.metrics.predictions_pushed.inc(len(task_ids))
+        client.set_model_version(project_id, model_version)
+        state.record_label_studio_versions(pushed=[model_version])
+        logger.info("project %s: Label Studio retrieved the %d-task head of %s", project_id, len(task_ids),
+                    model_version)
+
     def _tasks_for_fit(self, project_id: int, client: LabelStudioAPI) -> list[dict[str, Any]]:
         """The task list of the last index plus only the annotated tasks (Label Studio's export): a fit's Label
         Studio traffic grows with the annotations, not with the project. Before any index: every task."""
@@ -828,8 +849,9 @@ class MLBackend:
             # rest in a background job, so the time to a re-ordered queue does not grow with the project.
             positions = sorted((usable[row] for row in unlabeled_rows), key=lambda i: scores[int(tasks[i]["id"])])
             head = positions[: self.config.push_head_tasks]
-            self._push(project_id, client, tasks, head, labeling, features, classifier, new_version, scores,
-                       replace=True)
+            self._push_head(project_id, client, new_version, [int(tasks[i]["id"]) for i in head],
+                            lambda: self._push(project_id, client, tasks, head, labeling, features, classifier,
+                                               new_version, scores, replace=True))
             if len(positions) > len(head):
                 self.jobs.submit("push", project_id, {"model_version": new_version})
             phases.mark("push head")

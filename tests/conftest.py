@@ -11,10 +11,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+import requests
 from flask import Flask, jsonify, request
 from PIL import Image
 from werkzeug.serving import make_server
 
+from backend.app import create_app
 from backend.config import Config
 from backend.jobs import InlineJobRunner
 from backend.label_config import recommended_label_config
@@ -119,6 +121,10 @@ class FakeLabelStudio:
     downloads: list[str] = field(default_factory=list)
     auth_headers: list[str] = field(default_factory=list)
     drop_predictions: int = 0
+    ml_url: str | None = None
+    """The ML backend connected to the project, which the "Retrieve predictions" action asks (None: none)."""
+    retrieved: list[list[dict[str, Any]]] = field(default_factory=list)
+    """Predictions saved by each "Retrieve predictions" action, as the connected backend's /predict gave them."""
     requests: list[str] = field(default_factory=list)
     """Every API path called (images excluded), in order."""
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -197,6 +203,33 @@ class FakeLabelStudio:
                 self.imports.append(body)
             return jsonify(created=max(len(body) - self.drop_predictions, 0)), 201
 
+        @app.post("/api/dm/actions/")
+        def action():
+            if request.args.get("id") != "retrieve_tasks_predictions":
+                return jsonify(detail="unknown action"), 404
+            pid = int(request.args["project"])
+            wanted = set(request.get_json()["selectedItems"]["included"])
+            selected = [task for task in self.tasks if task["id"] in wanted]
+            saved: list[dict[str, Any]] = []
+            if self.ml_url is not None and selected:
+                answer = requests.post(f"{self.ml_url}/predict", timeout=60, json={
+                    "tasks": selected, "project": f"{pid}.1767225600", "label_config": self.label_config})
+                answer.raise_for_status()
+                saved = [{"task": task["id"], **result}
+                         for task, result in zip(selected, answer.json()["results"]) if "result" in result]
+            with self.lock:
+                self.retrieved.append(saved)
+            return jsonify(processed_items=len(selected), detail=f"Retrieved {len(selected)} predictions")
+
+        @app.get("/api/predictions/")
+        def list_predictions():
+            task_id = int(request.args["task"])
+            with self.lock:
+                stored = [p for batch in self.imports + self.retrieved for p in batch if p["task"] == task_id]
+            return jsonify([{"id": n + 1, "task": task_id, "project": PROJECT_ID, "result": p["result"],
+                             "score": p.get("score"), "model_version": p.get("model_version")}
+                            for n, p in enumerate(stored)])
+
         @app.delete("/api/projects/<int:pid>/model-versions/")
         def delete_version(pid: int):
             with self.lock:
@@ -248,7 +281,6 @@ class BackendParts:
 @pytest.fixture
 def make_backend(fake_ls: FakeLabelStudio) -> Callable[..., BackendParts]:
     """A backend with fake models wired to the fake Label Studio (LABEL_STUDIO_URL/API key set in its Config)."""
-    built: list[MLBackend] = []
 
     def build(config: Config, jobs: Any = None, weak_annotator_factory: Any = None) -> BackendParts:
         """With ``weak_annotator_factory``, each project's weak annotator comes from it instead of FakeWeakAnnotator."""
@@ -272,9 +304,18 @@ def make_backend(fake_ls: FakeLabelStudio) -> Callable[..., BackendParts]:
             metrics=BackendMetrics(),
         )
         built.append(backend)
+        # Served over real HTTP as the project's connected model: the "Retrieve predictions" action calls /predict.
+        server = make_server("127.0.0.1", 0, create_app(config, backend), threaded=True)
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        servers.append(server)
+        fake_ls.ml_url = f"http://127.0.0.1:{server.server_port}"
         return BackendParts(backend, backbone, weak, store)
 
+    built: list[MLBackend] = []
+    servers: list[Any] = []
     yield build
+    for server in servers:
+        server.shutdown()
     for backend in built:
         backend.jobs.shutdown()
 

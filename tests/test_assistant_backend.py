@@ -100,7 +100,7 @@ def test_pending_audits_lead_the_queue_and_their_prediction_hides_the_fine_guess
     fit(parts.backend)
     _, scores = state.priorities()
     assert scores[12] == 0.0 and all(s >= AUDIT_SCORE_SPAN for t, s in scores.items() if t != 12)
-    pushed = {p["task"]: p for p in fake_ls.imports[-1]}
+    pushed = {p["task"]: p for p in fake_ls.retrieved[-1]}  # the head, as this backend's /predict answered it
     audit_result = {r["from_name"]: r for r in pushed[12]["result"]}
     assert set(audit_result) == {"coarse", "model_confidence"}
     assert audit_result["model_confidence"]["value"]["text"][0].startswith("Audit of auto-accept")

@@ -57,7 +57,7 @@ def test_the_head_of_the_queue_is_pushed_first_and_the_rest_in_a_push_job(fake_l
     annotate(fake_ls, range(1, 9))
     fake_ls.imports.clear()
     version = parts.backend.run_fit(PROJECT_ID)
-    head, rest = fake_ls.imports  # the fit's push, then the push job's (run inline here)
+    (head,), (rest,) = fake_ls.retrieved, fake_ls.imports  # the fit's head, then the push job's (run inline here)
     assert len(head) == 5 and len(rest) == 30 - 8 - 5
     assert {p["model_version"] for p in head + rest} == {version}
     assert max(p["score"] for p in head) <= min(p["score"] for p in rest)  # Label Studio serves ascending scores
@@ -109,10 +109,10 @@ def test_pushes_go_in_bounded_batches_head_first_and_a_cut_short_push_resumes(fa
 
     annotate(fake_ls, range(1, 9))
     real_client = backend._client
-    failing_after = {"imports": 2}
+    failing_after = {"imports": 0}
 
     class CutShort:
-        """The project's Label Studio client, whose import fails after two more requests (a push cut short)."""
+        """The project's Label Studio client, whose imports fail (the push job cut short)."""
 
         def __init__(self, client):
             self._client = client
@@ -128,17 +128,17 @@ def test_pushes_go_in_bounded_batches_head_first_and_a_cut_short_push_resumes(fa
 
     backend._client = lambda project_id: CutShort(real_client(project_id))
     fake_ls.imports.clear()
-    version = backend.run_fit(PROJECT_ID)  # the head (2 requests) went through; the push job's first one failed
+    version = backend.run_fit(PROJECT_ID)  # the head (one action) went through; the push job's first import failed
     assert version == ProjectState(backend.config.model_dir, PROJECT_ID).current().model_version
-    assert [len(batch) for batch in fake_ls.imports] == [4, 1]
+    assert [len(batch) for batch in fake_ls.retrieved] == [5] and fake_ls.imports == []
     assert fake_ls.project_model_version == version
     backend._client = real_client
     assert backend.run_push(PROJECT_ID, version) == 30 - 8 - 5
-    head, rest = fake_ls.imports[:2], fake_ls.imports[2:]
+    head, rest = fake_ls.retrieved, fake_ls.imports
     assert [len(batch) for batch in rest] == [4, 4, 4, 4, 1]
     scores = [[p["score"] for p in batch] for batch in head + rest]
     assert all(max(a) <= min(b) for a, b in itertools.pairwise(scores))
-    assert sorted(p["task"] for batch in fake_ls.imports for p in batch) == list(range(9, 31))
+    assert sorted(p["task"] for batch in head + rest for p in batch) == list(range(9, 31))
     assert backend.run_push(PROJECT_ID, version) == 0  # everything pushed: nothing again
 
 
@@ -160,7 +160,7 @@ def test_the_push_job_holds_no_lock_while_label_studio_imports_and_stops_for_a_n
 
         def import_predictions(self, project_id, predictions):
             created = self._client.import_predictions(project_id, predictions)
-            if not newer and predictions[0]["model_version"] == "vlm-al-v1" and len(fake_ls.imports) > 2:
+            if not newer and predictions[0]["model_version"] == "vlm-al-v1":
                 annotate(fake_ls, [9])
                 fit = threading.Thread(target=lambda: newer.append(backend.run_fit(PROJECT_ID)))
                 fit.start()
@@ -188,5 +188,6 @@ def test_the_push_job_holds_no_lock_while_label_studio_imports_and_stops_for_a_n
     assert fake_ls.project_model_version == "vlm-al-v2"  # the old push job never moved it back
     v1_batches = [batch for batch in fake_ls.imports if batch[0]["model_version"] == "vlm-al-v1"]
     assert sum(len(batch) for batch in v1_batches) < 30 - 8  # the v1 push stopped once v2 was served
-    v2_tasks = {p["task"] for batch in fake_ls.imports if batch[0]["model_version"] == "vlm-al-v2" for p in batch}
+    v2_tasks = {p["task"] for batch in fake_ls.retrieved + fake_ls.imports if batch[0]["model_version"] == "vlm-al-v2"
+                for p in batch}
     assert v2_tasks == set(range(10, 31)) == state.pushed_tasks("vlm-al-v2")

@@ -189,13 +189,17 @@ def test_fit_trains_saves_pushes_once_and_moves_the_project_version(fake_ls, mak
     assert current.metrics["n_fine"] == 8
     history = state.transition_history()
     assert len(history) == 1 and np.allclose(np.sum(history[0]["matrix"], axis=1), 1.0)
-    # one import/predictions request with every unlabeled task, then the PATCH
-    assert len(fake_ls.imports) == 1
-    pushed = fake_ls.imports[0]
+    # the head of the queue (every unlabeled task here) in one "Retrieve predictions" action: Label Studio asked
+    # this backend's /predict, which the new version answered with its queue scores; then the PATCH
+    assert fake_ls.imports == [] and len(fake_ls.retrieved) == 1
+    pushed = fake_ls.retrieved[0]
     unlabeled = {t["id"] for t in fake_ls.tasks} - labeled
     assert {p["task"] for p in pushed} == unlabeled
     assert {p["model_version"] for p in pushed} == {"vlm-al-v1"}
+    priorities_version, queue = state.priorities()
+    assert priorities_version == "vlm-al-v1" and all(p["score"] == pytest.approx(queue[p["task"]]) for p in pushed)
     assert fake_ls.patches[-1] == {"model_version": "vlm-al-v1"}
+    assert fake_ls.requests.index("POST /api/dm/actions/") < fake_ls.requests.index(f"PATCH /api/projects/{PROJECT_ID}/")
     # the fine suggestion now appears, in the fine control of the VLM's group
     response = backend.predict_response(fake_ls.tasks, project=PROJECT_ID, label_config=fake_ls.label_config)
     results, version = response.predictions, response.model_version
@@ -223,14 +227,19 @@ def test_fine_suggestion_respects_the_confidence_threshold(fake_ls, make_config,
     assert all([r["type"] for r in p["result"]] == ["choices", "textarea"] for p in results)
 
 
-def test_short_created_count_is_logged(fake_ls, make_config, make_backend, caplog):
+def test_a_head_label_studio_did_not_retrieve_is_imported_and_a_short_count_logged(fake_ls, make_config,
+                                                                                  make_backend, caplog):
     add_pool(fake_ls, 3)
     annotate_some(fake_ls, 1)
     fake_ls.drop_predictions = 2
     parts = make_backend(make_config())
-    with caplog.at_level("ERROR"):
-        parts.backend.run_fit(PROJECT_ID)
+    fake_ls.ml_url = None  # the project has no connected model that answers Label Studio's action
+    with caplog.at_level("WARNING"):
+        assert parts.backend.run_fit(PROJECT_ID) == "vlm-al-v1"
+    assert fake_ls.retrieved == [[]] and len(fake_ls.imports) == 1 and len(fake_ls.imports[0]) == 8
+    assert any("saved no prediction of vlm-al-v1" in r.getMessage() for r in caplog.records)
     assert any("created 6 of 8 predictions" in r.getMessage() for r in caplog.records)
+    assert fake_ls.patches[-1] == {"model_version": "vlm-al-v1"}
 
 
 def test_restart_serves_the_last_model_at_once(fake_ls, make_config, make_backend):
@@ -304,7 +313,7 @@ def test_webhook_burst_becomes_one_fit_that_sees_every_annotation(fake_ls, make_
     assert counter_value(parts.backend, "vlm_al_fits_total", outcome="trained") == 1
     current = ProjectState(parts.backend.config.model_dir, PROJECT_ID).current()
     assert current.model_version == "vlm-al-v1" and current.metrics["n_fine"] == 9
-    assert len(fake_ls.imports) == 1
+    assert len(fake_ls.retrieved) == 1 and fake_ls.imports == []  # one fit, one head: every unlabeled task here
 
 
 def test_start_training_and_legacy_train_queue_a_fit(fake_ls, make_config, make_backend):
