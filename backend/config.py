@@ -85,6 +85,9 @@ class Config:
     label_errors_tab: bool = True
     """Keep a Data Manager tab "Likely label errors" filtered to the annotations cleanlab flags."""
     image_download_timeout_seconds: float = 30.0
+    local_files_document_root: Path | None = None
+    """Label Studio's LOCAL_FILES_DOCUMENT_ROOT as mounted on this host: Local Files images are read from it, not
+    downloaded through Label Studio (which spends a CPU core serving them while a project is indexed)."""
     predict_deadline_seconds: float = 30.0
     request_read_timeout_seconds: float = 10.0
     webhook_basic_auth: bool = True
@@ -152,6 +155,7 @@ class Config:
             label_errors_tab=reader.boolean("LABEL_ERRORS_TAB", True),
             image_download_timeout_seconds=reader.number("IMAGE_DOWNLOAD_TIMEOUT_SECONDS", 30.0, minimum=0.0,
                                                          exclusive_minimum=True),
+            local_files_document_root=reader.path("LOCAL_FILES_DOCUMENT_ROOT"),
             predict_deadline_seconds=reader.number("PREDICT_DEADLINE_SECONDS", 30.0, minimum=0.0, maximum=90.0),
             request_read_timeout_seconds=reader.number("REQUEST_READ_TIMEOUT_SECONDS", 10.0, minimum=0.0,
                                                        exclusive_minimum=True),

@@ -10,7 +10,7 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import quote
+from urllib.parse import parse_qs, quote, urlsplit
 
 from label_studio_sdk import LabelStudio
 from label_studio_sdk.types import PredictionRequest
@@ -127,8 +127,10 @@ class LabelStudioClient:
         timeout_seconds: float = 60.0,
         sdk_client: LabelStudio | None = None,
         download_timeout_seconds: float = DEFAULT_DOWNLOAD_TIMEOUT_SECONDS,
+        local_files_root: Path | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self._local_files_root = Path(local_files_root).resolve() if local_files_root is not None else None
         self._base = parse_http_url(self.base_url)
         self._sdk = sdk_client or LabelStudio(base_url=self.base_url, api_key=api_key, timeout=timeout_seconds)
         self._download_root = Path(download_root)  # unused: images are streamed into memory, never to disk
@@ -296,6 +298,10 @@ class LabelStudioClient:
         """Stream the image into memory with the project's own fetcher (backend.fetch): Label Studio origin only,
         no redirects (cloud presign hops re-checked, without credentials), one deadline, a streaming byte cap."""
         target, cloud = image_request(url, self._base)
+        if not cloud and self._local_files_root is not None:
+            local = read_local_file(self._local_files_root, target.target, self._max_image_bytes)
+            if local is not None:
+                return local
         if cloud:
             if task_id is None:
                 raise ImageFetchError(f"cloud URI {url[:80]!r} needs a task id for Label Studio's presign endpoint")
@@ -303,6 +309,31 @@ class LabelStudioClient:
             target = self._base.with_target(f"/tasks/{int(task_id)}/presign/?fileuri={quote(fileuri)}")
         logger.debug("downloading image of task %s", task_id)
         return self._fetcher.fetch(target, external_redirects=cloud)
+
+
+
+def read_local_file(root: Path, target: str, max_bytes: int) -> bytes | None:
+    """A Local Files image (request target ``/data/local-files/?d=<path>``) read from ``root``, Label Studio's
+    LOCAL_FILES_DOCUMENT_ROOT as mounted here (resolved); None when the target is not one or the file is not on
+    this host (then it is downloaded from Label Studio). A path that leads outside the root, through ``..`` or a
+    link, is refused; so is a file over ``max_bytes``."""
+    parts = urlsplit(target)
+    relative = parse_qs(parts.query).get("d", [""])[0] if parts.path.rstrip("/") == "/data/local-files" else ""
+    if not relative:
+        return None
+    try:
+        path = (root / relative.lstrip("/")).resolve()
+    except (OSError, ValueError) as exc:  # a NUL byte, a link loop
+        raise FetchRefused(f"local file {relative[:80]!r}: {exc}") from None
+    if not path.is_relative_to(root):
+        raise FetchRefused(f"local file {relative[:80]!r} is outside LOCAL_FILES_DOCUMENT_ROOT")
+    if not path.is_file():
+        return None
+    with path.open("rb") as handle:
+        data = handle.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ImageFetchError(f"local file {relative[:80]!r} is larger than MAX_IMAGE_BYTES ({max_bytes} bytes)")
+    return data
 
 
 def _raise_for_status(response: Any, what: str) -> None:
@@ -344,8 +375,10 @@ class LabelStudioClientFactory:
         default_url: str | None = None,
         default_api_key: str | None = None,
         download_timeout_seconds: float = DEFAULT_DOWNLOAD_TIMEOUT_SECONDS,
+        local_files_root: Path | None = None,
     ) -> None:
         self._download_root = download_root
+        self._local_files_root = local_files_root
         self._max_image_bytes = max_image_bytes
         self._default_url = default_url
         self._default_api_key = default_api_key if default_url else None
@@ -372,7 +405,8 @@ class LabelStudioClientFactory:
         try:
             _check_label_studio_host(url)
             client = LabelStudioClient(url, key, self._download_root, self._max_image_bytes,
-                                       download_timeout_seconds=self._download_timeout)
+                                       download_timeout_seconds=self._download_timeout,
+                                       local_files_root=self._local_files_root)
         except ImageFetchError as exc:
             raise LabelStudioError(f"unusable Label Studio address: {exc}") from None
         with self._lock:

@@ -155,6 +155,7 @@ class MLBackend:
                 default_url=config.label_studio_url,
                 default_api_key=config.label_studio_api_key,
                 download_timeout_seconds=config.image_download_timeout_seconds,
+                local_files_root=config.local_files_document_root,
             ),
             redactor=redactor,
         )

@@ -195,7 +195,8 @@ STORE_FILES = ("embeddings.sqlite", "embeddings.sqlite-wal", "image_keys.sqlite"
 """A size's caches kept by --work-dir: embeddings and weak labels by image content, image URLs to content keys."""
 
 
-def run_size(ls: Any, login: Any, root: Path, n: int, seed: int, work_dir: Path) -> dict[str, Any]:
+def run_size(ls: Any, login: Any, root: Path, n: int, seed: int, work_dir: Path,
+             local_files: bool = False) -> dict[str, Any]:
     client = ls.client()
     project = make_project(client, n, work_dir / "files", f"scale-{n}", seed)
     port = lsb.ephemeral_port()
@@ -217,7 +218,9 @@ def run_size(ls: Any, login: Any, root: Path, n: int, seed: int, work_dir: Path)
         shutil.copytree(root / "runtime-cache", model_dir / "runtime-cache")
     if (work_dir / "text-encoders").is_dir():
         shutil.copytree(work_dir / "text-encoders", model_dir / "text-encoders")
-    server = lsb.BackendServer(backend_env(ls.url, login.token, model_dir), root / f"backend-{n}.log",
+    # --local-files: the backend reads Label Studio's document root itself (same host), not through Label Studio
+    extra = {"LOCAL_FILES_DOCUMENT_ROOT": str(work_dir / "files")} if local_files else {}
+    server = lsb.BackendServer(backend_env(ls.url, login.token, model_dir, **extra), root / f"backend-{n}.log",
                                port=port, cwd=ROOT)
     server.start()
     base = server.url
@@ -405,6 +408,9 @@ def main(argv: list[str] | None = None) -> int:
                              "directory, removed at the end)")
     parser.add_argument("--label-studio-env", nargs="*", default=[], metavar="KEY=VALUE",
                         help="extra environment of Label Studio (e.g. one of its feature flags)")
+    parser.add_argument("--local-files", action="store_true",
+                        help="the backend reads Local Files images from Label Studio's document root on this host "
+                             "(LOCAL_FILES_DOCUMENT_ROOT) instead of downloading them through Label Studio")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "scale.json")
     parser.add_argument("--summarise", action="store_true",
                         help="recompute the summary keys of --out from its measured detail, measure nothing")
@@ -422,7 +428,8 @@ def main(argv: list[str] | None = None) -> int:
     earlier = json.loads(args.out.read_text()) if (args.skip_runtime or args.skip_workers) and args.out.exists() \
         else {}
     result: dict[str, Any] = {**earlier, "created_at": earlier.get("created_at", now), "cpu_count": os.cpu_count(),
-                              "load_at_start": load(), "label_studio_env": args.label_studio_env}
+                              "load_at_start": load(), "label_studio_env": args.label_studio_env,
+                              "backend_reads_local_files": args.local_files}
     if args.skip_runtime and earlier:
         result["sizes_merged_without_runtime"] = {"sizes_measured_at": now, "indexing_and_runtime_from": earlier.get(
             "created_at")}
@@ -453,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             sizes = {}
             for n in args.sizes:
-                sizes[str(n)] = run_size(ls, login, root, n, seed=0, work_dir=work_dir)
+                sizes[str(n)] = run_size(ls, login, root, n, seed=0, work_dir=work_dir, local_files=args.local_files)
                 print(json.dumps(sizes[str(n)]), flush=True)
                 # every size as soon as it is measured: a long run stopped later keeps what it measured
                 result["sizes"] = {**earlier.get("sizes", {}), **sizes}

@@ -299,6 +299,7 @@ def make_backend(fake_ls: FakeLabelStudio) -> Callable[..., BackendParts]:
                 max_image_bytes=config.max_image_bytes,
                 default_url=config.label_studio_url,
                 default_api_key=config.label_studio_api_key,
+                local_files_root=config.local_files_document_root,
             ),
             jobs=jobs if jobs is not None else InlineJobRunner(),
             metrics=BackendMetrics(),
