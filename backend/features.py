@@ -38,11 +38,11 @@ CLAIM_WAIT_SECONDS = 300.0
 NOT_READY = "not ready yet: the image is being downloaded and embedded in the background"
 WEAK_ANNOTATOR_CACHE_SIZE = 64
 STORE_READ_BATCH = 2048
+"""Vectors read from the store at a time: its float32 answer is packed into float16 rows batch by batch, so a read
+of a whole project never holds every vector as a float32 array of its own."""
 RESIDENT_MIN_ROWS = 1024
 """A read of at least this many vectors (an index, a fit, a push: a whole project) is kept in memory for the next
 one; smaller reads (a /predict batch) use what is kept without replacing it."""
-"""Vectors read from the store at a time: its float32 answer is packed into float16 rows batch by batch, so a read
-of a whole project never holds every vector as a float32 array of its own."""
 
 
 # --- component protocols (the model library implements them; tests inject small fakes) ------------------------

@@ -311,7 +311,6 @@ class LabelStudioClient:
         return self._fetcher.fetch(target, external_redirects=cloud)
 
 
-
 def read_local_file(root: Path, target: str, max_bytes: int) -> bytes | None:
     """A Local Files image (request target ``/data/local-files/?d=<path>``) read from ``root``, Label Studio's
     LOCAL_FILES_DOCUMENT_ROOT as mounted here (resolved); None when the target is not one or the file is not on
