@@ -92,6 +92,16 @@ def build_fake_label_studio(n_tasks: int, n_labeled: int) -> tuple[Flask, dict]:
         record["imports"] += 1
         return jsonify(created=len(request.get_json())), 201
 
+    @app.post("/api/dm/actions/")
+    def action():
+        # No model is connected to this project here: Label Studio answers the Retrieve predictions action and
+        # saves nothing, so the backend imports the queue head instead.
+        return jsonify(processed_items=len(request.get_json()["selectedItems"]["included"]), detail="Retrieved")
+
+    @app.get("/api/predictions/")
+    def predictions():
+        return jsonify([])
+
     @app.delete("/api/projects/<int:pid>/model-versions/")
     def delete_version(pid):
         return jsonify(deleted=1)
