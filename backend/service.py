@@ -686,11 +686,16 @@ class MLBackend:
         not with the project), then the project's model_version. When Label Studio saved none (no ML backend of
         the project reached this one), ``import_instead`` imports the head."""
         state = self.state(project_id)
-        client.retrieve_predictions(project_id, task_ids)
-        if model_version not in client.prediction_versions(task_ids[0]):
-            logger.warning("project %s: Label Studio's retrieve_tasks_predictions saved no prediction of %s (is this "
-                           "backend the project's connected model, reachable from Label Studio?); importing the "
-                           "head instead", project_id, model_version)
+        try:
+            client.retrieve_predictions(project_id, task_ids)
+            retrieved = model_version in client.prediction_versions(task_ids[0])
+            why = "it saved no prediction of it (is this backend the project's connected model, reachable from " \
+                  "Label Studio?)"
+        except LabelStudioError as exc:  # e.g. a Label Studio without the action, or a key without its permission
+            retrieved, why = False, str(exc)
+        if not retrieved:
+            logger.warning("project %s: Label Studio did not retrieve the head of %s: %s; importing it instead",
+                           project_id, model_version, why)
             import_instead()
             return
         state.record_pushed(model_version, task_ids, replace=True)

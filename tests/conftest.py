@@ -123,6 +123,8 @@ class FakeLabelStudio:
     drop_predictions: int = 0
     ml_url: str | None = None
     """The ML backend connected to the project, which the "Retrieve predictions" action asks (None: none)."""
+    refuse_actions: bool = False
+    """Answer Data Manager actions 403, as for a key without that permission."""
     retrieved: list[list[dict[str, Any]]] = field(default_factory=list)
     """Predictions saved by each "Retrieve predictions" action, as the connected backend's /predict gave them."""
     requests: list[str] = field(default_factory=list)
@@ -205,6 +207,8 @@ class FakeLabelStudio:
 
         @app.post("/api/dm/actions/")
         def action():
+            if self.refuse_actions:
+                return jsonify(detail="You do not have permission to perform this action."), 403
             if request.args.get("id") != "retrieve_tasks_predictions":
                 return jsonify(detail="unknown action"), 404
             pid = int(request.args["project"])

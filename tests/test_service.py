@@ -237,9 +237,23 @@ def test_a_head_label_studio_did_not_retrieve_is_imported_and_a_short_count_logg
     with caplog.at_level("WARNING"):
         assert parts.backend.run_fit(PROJECT_ID) == "vlm-al-v1"
     assert fake_ls.retrieved == [[]] and len(fake_ls.imports) == 1 and len(fake_ls.imports[0]) == 8
-    assert any("saved no prediction of vlm-al-v1" in r.getMessage() for r in caplog.records)
+    assert any("did not retrieve the head of vlm-al-v1: it saved no prediction" in r.getMessage()
+               for r in caplog.records)
     assert any("created 6 of 8 predictions" in r.getMessage() for r in caplog.records)
     assert fake_ls.patches[-1] == {"model_version": "vlm-al-v1"}
+
+
+def test_a_refused_retrieve_action_imports_the_head(fake_ls, make_config, make_backend, caplog):
+    add_pool(fake_ls, 3)
+    annotate_some(fake_ls, 1)
+    parts = make_backend(make_config())
+    fake_ls.refuse_actions = True
+    with caplog.at_level("WARNING"):
+        assert parts.backend.run_fit(PROJECT_ID) == "vlm-al-v1"
+    assert fake_ls.retrieved == [] and [len(batch) for batch in fake_ls.imports] == [8]
+    assert any("did not retrieve the head of vlm-al-v1" in r.getMessage() and "403" in r.getMessage()
+               for r in caplog.records)
+    assert fake_ls.project_model_version == "vlm-al-v1"
 
 
 def test_restart_serves_the_last_model_at_once(fake_ls, make_config, make_backend):
