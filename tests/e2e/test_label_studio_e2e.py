@@ -6,6 +6,7 @@ The last one runs `vlm-al demo` with its own servers.
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -85,6 +86,14 @@ def test_predictions_refreshed_for_unlabeled_tasks(project: LabeledProject) -> N
     # /setup (which Label Studio calls on ml.get) reports the same version, so "Retrieve predictions"
     # does not re-predict everything.
     assert project.client.ml.get(project.connect()).model_version == version
+
+
+def test_the_fits_queue_head_came_through_label_studios_retrieve_action(project: LabeledProject) -> None:
+    """Label Studio asked /predict for the head (its Retrieve predictions action) and saved it: no fallback import."""
+    version = project.wait_for_fit(n_fine=N_ANNOTATED)
+    log = project.stack.backend.log_path.read_text(errors="replace")
+    assert re.search(rf"Label Studio retrieved the \d+-task head of {re.escape(version)}", log), log[-3000:]
+    assert "did not retrieve the head" not in log
 
 
 def test_next_task_is_the_backends_first_pick(project: LabeledProject) -> None:
