@@ -70,6 +70,9 @@ class JobRunner(Protocol):
     def shared_connection(self, project_id: int) -> tuple[str | None, str | None]:
         """(hostname, access token) a web process shared for the project; (None, None) if none."""
 
+    def is_pending(self, kind: str, project_id: int) -> bool:
+        """Whether a job of this kind for the project is submitted and has not started yet."""
+
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Block until nothing is pending or running; False on timeout."""
 
@@ -194,10 +197,10 @@ class ThreadJobRunner:
     def inflight_claims(self) -> None:
         return None  # one process: backend.features.LocalInflightClaims
 
-    def is_busy(self, key: str) -> bool:
+    def is_pending(self, kind: str, project_id: int) -> bool:
         with self._cond:
-            state = self._states.get(key)
-            return bool(state and (state.pending or state.running))
+            state = self._states.get(NamedJob(kind, int(project_id)).key)
+            return bool(state and state.pending)
 
     def state(self) -> dict[str, Any]:
         now = time.monotonic()
@@ -313,6 +316,9 @@ class InlineJobRunner:
 
     def state(self) -> dict[str, Any]:
         return job_state_summary("inline", [], [], [])
+
+    def is_pending(self, kind: str, project_id: int) -> bool:
+        return False  # every job runs when it is submitted
 
     def inflight_claims(self) -> None:
         return None

@@ -135,6 +135,10 @@ class RQJobRunner:
         )
         self.jobs_enqueued += 1
 
+    def is_pending(self, kind: str, project_id: int) -> bool:
+        """A job of this kind is enqueued (or waiting out its debounce) and has not read Label Studio yet."""
+        return bool(self.redis.exists(_keys(kind, project_id)[0]))
+
     # --- worker side -----------------------------------------------------------------------------------------
 
     def run(self, kind: str, project_id: int, params: Mapping[str, Any], job_id: str | None) -> Any:

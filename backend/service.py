@@ -645,6 +645,12 @@ class MLBackend:
         moved = serving is not None
         for start in range(0, len(positions), self.config.push_batch_tasks):
             if serving is not None:
+                if self.jobs.is_pending("fit", project_id):
+                    # A fit is due: it will push its own queue, and on a default Label Studio every import batch
+                    # recounts the whole project, which would slow that fit's head push. A fit that makes no new
+                    # version lets this push go on (``_resume_push``).
+                    logger.info("project %s: the push of %s stops for a coming fit", project_id, model_version)
+                    break
                 with serving() as current:
                     if not current:
                         break
@@ -807,6 +813,7 @@ class MLBackend:
         labels = collect_labels(labeling, tasks, usable, project_id)
         if not np.any(labels.fine != MISSING_LABEL):
             logger.info("project %s: no fine labels yet; the cold-start queue stays", project_id)
+            self._resume_push(project_id, state)
             return None
         digest = self._inputs_digest(label_config, tasks, usable, features, labels)
         current = state.current()
@@ -814,6 +821,7 @@ class MLBackend:
             # Nothing new since the served version: keep it, push nothing, prune nothing.
             logger.info("project %s: nothing new since %s (same labels, images and config); no retrain",
                         project_id, current.model_version)
+            self._resume_push(project_id, state)
             return None
         embeddings = features.pool_embeddings(usable)
         dim = int(embeddings.shape[1])
@@ -873,6 +881,13 @@ class MLBackend:
         if self.config.push_predictions and len(old) >= self.config.prune_label_studio_every:
             self.jobs.submit("prune", project_id, {"versions": old})
         return new_version
+
+    def _resume_push(self, project_id: int, state: ProjectState) -> None:
+        """After a fit that made no version: the served queue's push job may have stopped for it; it goes on (and
+        pushes nothing when everything was pushed)."""
+        priorities_version, _ = state.priorities()
+        if self.config.push_predictions and priorities_version is not None:
+            self.jobs.submit("push", project_id, {"model_version": priorities_version})
 
     def _inputs_digest(
         self,

@@ -191,3 +191,28 @@ def test_the_push_job_holds_no_lock_while_label_studio_imports_and_stops_for_a_n
     v2_tasks = {p["task"] for batch in fake_ls.retrieved + fake_ls.imports if batch[0]["model_version"] == "vlm-al-v2"
                 for p in batch}
     assert v2_tasks == set(range(10, 31)) == state.pushed_tasks("vlm-al-v2")
+
+
+def test_a_push_job_stops_for_a_coming_fit_and_a_fit_without_a_new_version_resumes_it(
+        fake_ls, make_config, make_backend):
+    add_tasks(fake_ls, 1, 30)
+    parts = make_backend(make_config(push_head_tasks=5, push_batch_tasks=4))
+    backend = parts.backend
+    backend.run_index(PROJECT_ID)
+    annotate(fake_ls, range(1, 9))
+    real_submit, held_back = backend.jobs.submit, []
+
+    def hold_back_pushes(kind, project_id, params=None):
+        return held_back.append(params) if kind == "push" else real_submit(kind, project_id, params)
+
+    backend.jobs.submit = hold_back_pushes
+    version = backend.run_fit(PROJECT_ID)
+    assert held_back == [{"model_version": version}]
+    fake_ls.imports.clear()
+    backend.jobs.is_pending = lambda kind, project_id: kind == "fit"  # a webhook's fit is waiting out its debounce
+    assert backend.run_push(PROJECT_ID, version) == 0 and fake_ls.imports == []
+    del backend.jobs.is_pending
+    backend.jobs.submit = real_submit
+    assert backend.run_fit(PROJECT_ID) is None  # nothing new: no version, and the stopped push goes on
+    assert [len(batch) for batch in fake_ls.imports] == [4, 4, 4, 4, 1]
+    assert {p["model_version"] for batch in fake_ls.imports for p in batch} == {version}

@@ -216,3 +216,20 @@ def test_health_and_metrics_show_the_job_state_of_the_backend(fake_ls, make_conf
     assert state["oldest_queued_seconds"] > 0
     metrics = client.get("/metrics").get_data(as_text=True)
     assert 'vlm_al_jobs{state="queued"} 1.0' in metrics
+
+
+def test_a_submitted_job_is_pending_until_it_starts(runner):
+    started, release = threading.Event(), threading.Event()
+
+    def fit(project_id, params):
+        started.set()
+        release.wait(5)
+
+    runner.bind(Handlers(fit=fit))
+    runner.submit("fit", 3)
+    assert runner.is_pending("fit", 3) and not runner.is_pending("fit", 4) and not runner.is_pending("push", 3)
+    assert started.wait(5)
+    assert not runner.is_pending("fit", 3)  # running, no longer waiting
+    release.set()
+    assert runner.wait_idle(timeout=5)
+    assert not InlineJobRunner().is_pending("fit", 3)

@@ -94,9 +94,11 @@ def test_submits_from_two_web_processes_become_one_job_with_one_run(redis, redis
     worker_runner.bind(recorder)
     run_burst(worker_runner, monkeypatch)
     assert recorder.calls == [("fit", 5, {})]
+    assert not web_a.is_pending("fit", 5)
     assert web_a.wait_idle(timeout=5)
     web_a.submit("fit", 5)  # after the run: a new job
     assert web_a.queue.count == 1
+    assert web_b.is_pending("fit", 5) and not web_b.is_pending("push", 5)  # any process sees it
 
 
 def test_a_submit_after_the_job_started_working_enqueues_exactly_one_more(redis, monkeypatch):
