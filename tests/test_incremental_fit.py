@@ -142,13 +142,30 @@ def test_pushes_go_in_bounded_batches_head_first_and_a_cut_short_push_resumes(fa
     assert backend.run_push(PROJECT_ID, version) == 0  # everything pushed: nothing again
 
 
-def test_the_push_job_holds_no_lock_while_label_studio_imports_and_stops_for_a_newer_version(
-        fake_ls, make_config, make_backend):
+def indexed_with_eight_labels(fake_ls, make_config, make_backend):
+    """30 tasks indexed (heads of 5, batches of 4), the first 8 labelled: the backend, ready to fit."""
     add_tasks(fake_ls, 1, 30)
-    parts = make_backend(make_config(push_head_tasks=5, push_batch_tasks=4))
-    backend = parts.backend
+    backend = make_backend(make_config(push_head_tasks=5, push_batch_tasks=4)).backend
     backend.run_index(PROJECT_ID)
     annotate(fake_ls, range(1, 9))
+    return backend
+
+
+def hold_back_pushes(backend) -> list:
+    """Push jobs are recorded, not run (the inline runner would run them inside the fit's lock); the list of their
+    parameters."""
+    real_submit, held_back = backend.jobs.submit, []
+
+    def submit(kind, project_id, params=None):
+        return held_back.append(params) if kind == "push" else real_submit(kind, project_id, params)
+
+    backend.jobs.submit = submit
+    return held_back
+
+
+def test_the_push_job_holds_no_lock_while_label_studio_imports_and_stops_for_a_newer_version(
+        fake_ls, make_config, make_backend):
+    backend = indexed_with_eight_labels(fake_ls, make_config, make_backend)
     real_client = backend._client
     newer: list[str | None] = []
 
@@ -171,14 +188,9 @@ def test_the_push_job_holds_no_lock_while_label_studio_imports_and_stops_for_a_n
         def __getattr__(self, name):
             return getattr(self._client, name)
 
-    real_submit, held_back = backend.jobs.submit, []
-
-    def hold_back_pushes(kind, project_id, params=None):  # the test runner would run it inside the fit's lock
-        return held_back.append(params) if kind == "push" else real_submit(kind, project_id, params)
-
-    backend.jobs.submit = hold_back_pushes
+    held_back = hold_back_pushes(backend)
     version = backend.run_fit(PROJECT_ID)
-    backend.jobs.submit = real_submit
+    del backend.jobs.submit
     assert version == "vlm-al-v1" and held_back == [{"model_version": version}]
     backend._client = lambda project_id: FitDuringImport(real_client(project_id))
     backend.run_push(PROJECT_ID, version)  # as the job runner runs it: after the fit, outside its lock
@@ -195,24 +207,14 @@ def test_the_push_job_holds_no_lock_while_label_studio_imports_and_stops_for_a_n
 
 def test_a_push_job_stops_for_a_coming_fit_and_a_fit_without_a_new_version_resumes_it(
         fake_ls, make_config, make_backend):
-    add_tasks(fake_ls, 1, 30)
-    parts = make_backend(make_config(push_head_tasks=5, push_batch_tasks=4))
-    backend = parts.backend
-    backend.run_index(PROJECT_ID)
-    annotate(fake_ls, range(1, 9))
-    real_submit, held_back = backend.jobs.submit, []
-
-    def hold_back_pushes(kind, project_id, params=None):
-        return held_back.append(params) if kind == "push" else real_submit(kind, project_id, params)
-
-    backend.jobs.submit = hold_back_pushes
+    backend = indexed_with_eight_labels(fake_ls, make_config, make_backend)
+    held_back = hold_back_pushes(backend)
     version = backend.run_fit(PROJECT_ID)
     assert held_back == [{"model_version": version}]
     fake_ls.imports.clear()
     backend.jobs.is_pending = lambda kind, project_id: kind == "fit"  # a webhook's fit is waiting out its debounce
     assert backend.run_push(PROJECT_ID, version) == 0 and fake_ls.imports == []
-    del backend.jobs.is_pending
-    backend.jobs.submit = real_submit
+    del backend.jobs.is_pending, backend.jobs.submit
     assert backend.run_fit(PROJECT_ID) is None  # nothing new: no version, and the stopped push goes on
     assert [len(batch) for batch in fake_ls.imports] == [4, 4, 4, 4, 1]
     assert {p["model_version"] for batch in fake_ls.imports for p in batch} == {version}
