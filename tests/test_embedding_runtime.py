@@ -15,12 +15,13 @@ from PIL import Image
 
 import model.runtime as runtime
 from backend.config import DEVICES, EMBEDDING_RUNTIMES, Config, ConfigError
-from model.embeddings import TimmBackbone, create_backbone
+from model.embeddings import TimmBackbone
 from model.errors import ModelInputError
 from model.runtime import (
     EmbeddingRuntimeError,
     OnnxRuntimeBackbone,
     build_backbone,
+    create_backbone,
     device_plan,
     fidelity_passes,
     measure_fidelity,
@@ -309,7 +310,7 @@ def test_any_failure_of_the_fast_path_falls_back_under_auto(monkeypatch, tmp_pat
 _FRESH_PROCESS = """
 import json, sys
 from PIL import Image
-from model.embeddings import create_backbone
+from model.runtime import create_backbone
 backbone = create_backbone("timm:efficientnet_lite0:random", image_size=32, runtime=sys.argv[2], device="auto",
                            cache_dir=sys.argv[1], threads=1)
 images = [Image.new("RGB", (40 + 9 * i, 30), (40 * i, 100, 200 - 30 * i)) for i in range(3)]

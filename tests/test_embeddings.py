@@ -9,10 +9,10 @@ from model.embeddings import (
     OpenClipImageBackbone,
     TimmBackbone,
     configure_torch_threads,
-    create_backbone,
     load_packaged_imagenet_weights,
 )
 from model.errors import ModelInputError
+from model.runtime import create_backbone
 
 skimage_data = pytest.importorskip("skimage.data", reason="scikit-image provides the real test photos")
 

