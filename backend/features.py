@@ -41,8 +41,10 @@ STORE_READ_BATCH = 2048
 """Vectors read from the store at a time: its float32 answer is packed into float16 rows batch by batch, so a read
 of a whole project never holds every vector as a float32 array of its own."""
 RESIDENT_MIN_ROWS = 1024
-"""A read of at least this many vectors (an index, a fit, a push: a whole project) is kept in memory for the next
-one; smaller reads (a /predict batch) use what is kept without replacing it."""
+"""A read of at least this many vectors (an index, a fit, a push: a whole project) goes through the namespace's
+ResidentVectors and adds to it; smaller reads (a /predict batch) use what is kept without adding to it."""
+RESIDENT_READS_KEPT = 16
+"""Large reads after which a kept row that none of them asked for counts as unused (see ResidentVectors)."""
 
 
 # --- component protocols (the model library implements them; tests inject small fakes) ------------------------
@@ -118,15 +120,25 @@ class PackedVectors(Mapping[str, np.ndarray]):
     """Vectors by content key as rows of one float16 matrix: the store's own precision, no Python object per vector.
 
     A read gives the row as float32 (the values the store gives back, bit for bit). A 1,280-d embedding costs 2.5 KB
-    here, against 5.2 KB as a float32 array of its own in a dict."""
+    here, against 5.2 KB as a float32 array of its own in a dict.
+
+    Rows are only ever added, each written before its key is published, so readers in other threads need no lock:
+    a grown matrix is filled before it replaces the old one. ``select`` gives some keys as a PackedVectors that reads
+    this matrix (no copy) and adds the vectors it is given here."""
 
     def __init__(self, capacity: int = 0) -> None:
         self._rows: dict[str, int] = {}
         self._capacity = max(int(capacity), 1)
         self._matrix: np.ndarray | None = None
+        self._source: PackedVectors | None = None
+        """The PackedVectors whose matrix a selection reads; None when this one owns its matrix."""
+        self._lock = threading.Lock()
+
+    def _array(self) -> np.ndarray | None:
+        return self._source._matrix if self._source is not None else self._matrix
 
     def __getitem__(self, key: str) -> np.ndarray:
-        return self._matrix[self._rows[key]].astype(np.float32)  # type: ignore[index]
+        return self._array()[self._rows[key]].astype(np.float32)  # type: ignore[index]
 
     def __contains__(self, key: object) -> bool:
         return key in self._rows
@@ -138,51 +150,123 @@ class PackedVectors(Mapping[str, np.ndarray]):
         return len(self._rows)
 
     def update(self, vectors: Mapping[str, np.ndarray]) -> None:
-        for key, vector in vectors.items():
-            row = self._rows.get(key)
-            if row is None:
-                row = self._rows[key] = len(self._rows)
-                self._reserve(row + 1, np.shape(vector))
-            self._matrix[row] = vector  # type: ignore[index]
+        if self._source is not None:
+            self._source.update(vectors)
+            for key in vectors:
+                self._rows[key] = self._source._rows[key]
+            return
+        with self._lock:
+            for key, vector in vectors.items():
+                row = self._rows.get(key)
+                if row is None:
+                    row = len(self._rows)
+                    self._reserve(row + 1, np.shape(vector))
+                self._matrix[row] = vector  # type: ignore[index]
+                self._rows[key] = row  # published after its row is written
 
     def _reserve(self, n_rows: int, shape: tuple[int, ...]) -> None:
         if self._matrix is None:
             self._matrix = np.empty((max(self._capacity, n_rows), *shape), dtype=np.float16)
         elif n_rows > self._matrix.shape[0]:
-            grown = np.empty((max(2 * self._matrix.shape[0], n_rows), *self._matrix.shape[1:]), dtype=np.float16)
-            grown[: self._matrix.shape[0]] = self._matrix
+            # 1.5x: amortised appends with at most half a matrix of slack (a whole one at 2x is 128 MB at 100k)
+            grown = np.empty((max(self._matrix.shape[0] * 3 // 2, n_rows), *self._matrix.shape[1:]),
+                             dtype=np.float16)
+            grown[: len(self._rows)] = self._matrix[: len(self._rows)]
             self._matrix = grown
+
+    def select(self, keys: Iterable[str]) -> PackedVectors:
+        """The vectors of ``keys`` (each held here), in that order, reading this matrix: no copy."""
+        owner = self._source or self
+        selection = PackedVectors()
+        selection._source = owner
+        selection._rows = {key: self._rows[key] for key in keys}
+        return selection
+
+    def row_indices(self, keys: Sequence[str]) -> np.ndarray:
+        return np.fromiter((self._rows[k] for k in keys), dtype=np.int64, count=len(keys))
 
     def rows(self, keys: Sequence[str]) -> np.ndarray:
         """float32 rows of ``keys`` in that order, converted block by block (no float16 copy of them all first)."""
-        dim = self._matrix.shape[1:] if self._matrix is not None else (0,)
+        matrix = self._array()
+        dim = matrix.shape[1:] if matrix is not None else (0,)
         out = np.empty((len(keys), *dim), dtype=np.float32)
-        index = np.fromiter((self._rows[k] for k in keys), dtype=np.int64, count=len(keys))
+        index = self.row_indices(keys)
         for start in range(0, len(keys), STORE_READ_BATCH):
             block = index[start : start + STORE_READ_BATCH]
-            out[start : start + len(block)] = self._matrix[block]  # type: ignore[index]
+            out[start : start + len(block)] = matrix[block]  # type: ignore[index]
         return out
 
-    def starts_with(self, keys: Sequence[str]) -> bool:
-        """Whether ``keys`` are these vectors' first rows, in order (then ``half_rows(keys)`` is a view)."""
-        return len(keys) <= len(self._rows) and all(a == b for a, b in zip(self._rows, keys))
-
     def half_row(self, key: str) -> np.ndarray:
-        return self._matrix[self._rows[key]]  # type: ignore[index]
+        return self._array()[self._rows[key]]  # type: ignore[index]
 
     def half_rows(self, keys: Sequence[str]) -> np.ndarray:
         """float16 rows of ``keys`` in that order: a view of the matrix when they are its first rows in order (a
         fit's whole project), else a float16 copy; half a float32 copy either way."""
-        index = np.fromiter((self._rows[k] for k in keys), dtype=np.int64, count=len(keys))
-        if self._matrix is None:
+        index = self.row_indices(keys)
+        matrix = self._array()
+        if matrix is None:
             return np.empty((0, 0), dtype=np.float16)
         if np.array_equal(index, np.arange(index.size)):
-            return self._matrix[: index.size]
-        return self._matrix[index]
+            return matrix[: index.size]
+        return matrix[index]
 
     def nbytes(self) -> int:
-        """Bytes held, matrix slack included (what a caller keeps alive by keeping these vectors)."""
-        return 0 if self._matrix is None else int(self._matrix.nbytes)
+        """Bytes of the matrix held, slack included (what a caller keeps alive by keeping these vectors)."""
+        matrix = self._array()
+        return 0 if matrix is None else int(matrix.nbytes)
+
+
+class ResidentVectors:
+    """One store namespace's vectors kept in memory between large reads (a fit, an index, a push: RESIDENT_MIN_ROWS
+    or more), so the next read takes only new keys from the store (at 100k tasks a full read takes about 6 s) and
+    concurrent reads of a project share one matrix instead of holding a copy each.
+
+    Content keys name immutable vectors, so a kept row is never stale. Rows that no large read asked for in the last
+    RESIDENT_READS_KEPT reads (deleted tasks, a project gone) are dropped when they are half the rows."""
+
+    def __init__(self, capacity: int) -> None:
+        self.vectors = PackedVectors(capacity)
+        self._last_read = np.zeros(0, dtype=np.int64)
+        self._reads = 0
+
+    def read(self, keys: Sequence[str], load: Callable[[Sequence[str]], Mapping[str, np.ndarray]]) -> PackedVectors:
+        """The vectors of ``keys`` that this or the store (``load``, a batch at a time) holds, in that order."""
+        missing = [key for key in keys if key not in self.vectors]
+        for start in range(0, len(missing), STORE_READ_BATCH):
+            batch = missing[start : start + STORE_READ_BATCH]
+            found = load(batch)
+            self.vectors.update({key: found[key] for key in batch if key in found})  # rows in the order asked
+        held = [key for key in keys if key in self.vectors]
+        self._reads += 1
+        self._stamps()[self.vectors.row_indices(held)] = self._reads
+        return self.vectors.select(held)
+
+    def _stamps(self) -> np.ndarray:
+        """Per row, the read that last asked for it; a row added since (a computed vector) counts as read now."""
+        n_rows = len(self.vectors)
+        if self._last_read.size < n_rows:
+            self._last_read = np.concatenate(
+                [self._last_read, np.full(n_rows - self._last_read.size, self._reads, dtype=np.int64)])
+        return self._last_read[:n_rows]
+
+    def _live(self) -> np.ndarray:
+        return self._stamps() > self._reads - RESIDENT_READS_KEPT
+
+    def unread_rows(self) -> int:
+        return int(np.count_nonzero(~self._live()))
+
+    def compacted(self) -> ResidentVectors:
+        """A copy holding only the rows read lately (selections of this one keep reading this one)."""
+        with self.vectors._lock:  # a selection may be adding computed vectors meanwhile
+            rows = list(self.vectors._rows.items())
+        live = self._live()
+        keys = [key for key, row in rows if row < live.size and live[row]]
+        kept = ResidentVectors(len(keys))
+        for start in range(0, len(keys), STORE_READ_BATCH):
+            kept.vectors.update({key: self.vectors.half_row(key) for key in keys[start : start + STORE_READ_BATCH]})
+        kept._reads = self._reads
+        kept._last_read = self._stamps()[self.vectors.row_indices(keys)]
+        return kept
 
 
 @dataclass
@@ -382,11 +466,10 @@ class FeatureExtractor:
         self._compute_slot = threading.Semaphore(1)
         """The backbone runs one chunk at a time in this process: it already uses every core it is given, and a
         second concurrent run would only double its working memory."""
-        self._resident: dict[str, PackedVectors] = {}
-        """Per store namespace, the last whole-project read (RESIDENT_MIN_ROWS): the next fit of that project reads
-        only new keys from the store (at 100k tasks a full read takes about 6 s). Content keys name immutable
-        vectors, so a kept row is never stale; a kept PackedVectors is never changed, only replaced."""
+        self._resident: dict[str, ResidentVectors] = {}
+        """Per store namespace, the vectors of the large reads (see ResidentVectors)."""
         self._resident_lock = threading.Lock()
+        """One large read at a time: a fit and a push that read together read the store once, into one matrix."""
 
     def features(
         self,
@@ -534,10 +617,6 @@ class FeatureExtractor:
         for i, message in sorted(errors.items()):
             if i not in pending:
                 logger.debug("project %s task %s: %s", project_id, tasks[i].get("id"), message)
-        if len(present) >= RESIDENT_MIN_ROWS:
-            self._keep(self.backbone.name, embeddings)
-            if namespace:
-                self._keep(namespace, weak)
         weak_classes = tuple(weak_annotator.coarse_classes) if weak_annotator is not None else None
         return TaskFeatures(
             keys=keys, errors=errors, embeddings=embeddings, weak_probabilities=weak, weak_classes=weak_classes,
@@ -545,26 +624,23 @@ class FeatureExtractor:
         )
 
     def _read_packed(self, namespace: str, keys: Sequence[str]) -> PackedVectors:
-        """The vectors of ``keys`` in that order (those the store has): from the kept read where it has them."""
-        with self._resident_lock:
-            resident = self._resident.get(namespace)
-        if resident is not None and len(keys) >= RESIDENT_MIN_ROWS and resident.starts_with(keys):
-            return resident
+        """The vectors of ``keys`` in that order (those the store has): a large read through the namespace's
+        ResidentVectors (a selection of its matrix), a small one copied from it and the store."""
+        if len(keys) >= RESIDENT_MIN_ROWS:
+            with self._resident_lock:
+                resident = self._resident.get(namespace)
+                if resident is None:
+                    resident = self._resident[namespace] = ResidentVectors(len(keys))
+                elif resident.unread_rows() > max(RESIDENT_MIN_ROWS, len(resident.vectors) // 2):
+                    resident = self._resident[namespace] = resident.compacted()
+                return resident.read(keys, lambda batch: self.store.get_many(namespace, batch))
+        kept = self._resident.get(namespace)
+        resident = kept.vectors if kept is not None else PackedVectors()
         packed = PackedVectors(len(keys))
-        for start in range(0, len(keys), STORE_READ_BATCH):
-            batch = keys[start : start + STORE_READ_BATCH]
-            kept = {key: resident.half_row(key) for key in batch if key in resident} if resident is not None else {}
-            found = self.store.get_many(namespace, [key for key in batch if key not in kept]) if len(kept) < len(
-                batch) else {}
-            packed.update({key: kept[key] if key in kept else found[key]
-                           for key in batch if key in kept or key in found})  # rows in the order asked
+        found = self.store.get_many(namespace, [key for key in keys if key not in resident])
+        packed.update({key: resident.half_row(key) if key in resident else found[key]
+                       for key in keys if key in resident or key in found})  # rows in the order asked
         return packed
-
-    def _keep(self, namespace: str, packed: PackedVectors) -> None:
-        """Keep a whole-project read for the next one; ``packed`` is not changed afterwards (``_compute`` only adds
-        keys that are missing, and a kept read that has all of a later read's keys comes back as it is)."""
-        with self._resident_lock:
-            self._resident[namespace] = packed
 
     def _download(
         self,

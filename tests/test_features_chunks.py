@@ -7,6 +7,7 @@ import threading
 import time
 
 import numpy as np
+import pytest
 from conftest import PROJECT_ID, counter_value
 
 from backend import features as features_module
@@ -140,3 +141,81 @@ def test_a_whole_project_read_is_kept_and_the_next_reads_only_new_vectors(fake_l
     asked.clear()
     third = backend.extractor.features(PROJECT_ID, tasks, labeling)
     assert asked == [] and third.pool_embeddings(list(range(26))).base is not None  # a view of the kept matrix
+
+
+def test_a_push_of_part_of_the_project_and_the_next_fit_share_the_kept_matrix(fake_ls, make_config, make_backend,
+                                                                              monkeypatch):
+    """A push reads the tasks it has not pushed, in queue order; a fit reads them all. Both select rows of the one
+    kept matrix: neither copies it, and the push's read does not replace what the fit reads next."""
+    monkeypatch.setattr(features_module, "RESIDENT_MIN_ROWS", 16)
+    add_tasks(fake_ls, 24)
+    parts = make_backend(make_config(push_predictions=False))
+    backend = parts.backend
+    backend.run_index(PROJECT_ID)
+    labeling = backend.labeling(fake_ls.label_config)
+    store = backend.extractor.store
+    asked: list[str] = []
+    real_get_many = store.get_many
+    monkeypatch.setattr(store, "get_many", lambda namespace, keys: asked.extend(keys) or real_get_many(namespace,
+                                                                                                          keys))
+    queue_order = list(reversed(fake_ls.tasks[4:]))
+    pushed = backend.extractor.features(PROJECT_ID, queue_order, labeling)
+    whole = backend.extractor.features(PROJECT_ID, fake_ls.tasks, labeling)
+    assert asked == []
+    whole_rows = whole.pool_embeddings(list(range(24)))
+    assert whole_rows.base is not None  # a view, not a copy
+    pushed_rows = pushed.pool_embeddings(list(range(20)))  # out of the matrix's order: gathered
+    assert np.shares_memory(whole_rows, whole.pool_embeddings([0]))
+    np.testing.assert_array_equal(pushed_rows, whole_rows[4:][::-1])
+
+
+def test_large_reads_at_once_read_the_store_once(fake_ls, make_config, make_backend, monkeypatch):
+    """A fit and a push that read a project at the same time wait for one read of the store, into one matrix."""
+    monkeypatch.setattr(features_module, "RESIDENT_MIN_ROWS", 16)
+    add_tasks(fake_ls, 24)
+    parts = make_backend(make_config(push_predictions=False))
+    backend = parts.backend
+    backend.run_index(PROJECT_ID)
+    backend.extractor._resident.clear()  # as after a restart: the vectors are in the store only
+    store = backend.extractor.store
+    asked: list[str] = []
+    real_get_many = store.get_many
+
+    def slow_get_many(namespace, keys):
+        keys = list(keys)
+        asked.extend(key for key in keys if namespace == backend.backbone.name)
+        time.sleep(0.2)
+        return real_get_many(namespace, keys)
+
+    monkeypatch.setattr(store, "get_many", slow_get_many)
+    labeling = backend.labeling(fake_ls.label_config)
+    results = []
+    readers = [threading.Thread(target=lambda: results.append(
+        backend.extractor.features(PROJECT_ID, fake_ls.tasks, labeling))) for _ in range(2)]
+    for reader in readers:
+        reader.start()
+    for reader in readers:
+        reader.join()
+    assert len(results) == 2 and sorted(asked) == sorted(set(results[0].keys))  # each key read once
+    assert np.shares_memory(results[0].pool_embeddings(list(range(24))),
+                            results[1].pool_embeddings(list(range(24))))
+
+
+def test_rows_no_large_read_asks_for_are_dropped(monkeypatch):
+    """Vectors of deleted tasks leave the kept matrix once RESIDENT_READS_KEPT large reads went without them."""
+    monkeypatch.setattr(features_module, "RESIDENT_READS_KEPT", 3)
+    rng = np.random.default_rng(0)
+    vectors = {f"k{i}": rng.standard_normal(4).astype(np.float32) for i in range(30)}
+    resident = features_module.ResidentVectors(30)
+    first = resident.read(list(vectors), lambda batch: {key: vectors[key] for key in batch})
+    assert len(first) == 30 and resident.unread_rows() == 0
+    kept_keys = [f"k{i}" for i in range(10)]
+    for _ in range(3):
+        resident.read(kept_keys, lambda batch: pytest.fail("every key is held"))
+    assert resident.unread_rows() == 20
+    compact = resident.compacted()
+    assert list(compact.vectors) == kept_keys and compact.unread_rows() == 0
+    np.testing.assert_array_equal(compact.vectors.rows(kept_keys), first.rows(kept_keys))
+    np.testing.assert_array_equal(first.rows(["k29"]), [vectors["k29"].astype(np.float16)])  # old selections read on
+    compact.read(kept_keys, lambda batch: pytest.fail("every key is held"))
+    assert compact.unread_rows() == 0
