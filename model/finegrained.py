@@ -211,24 +211,16 @@ def _finite_float32_chunk(array: np.ndarray, start: int) -> tuple[np.ndarray, np
     return chunk, norms
 
 
-def _normalised_rows_and_mean(array: np.ndarray, used: np.ndarray, copied: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """One pass over ``array`` in contiguous ROW_CHUNK slices, in row order (no random gather from the pool): every
-    row is converted to float32, checked finite and L2-normalised once. Returns the normalised rows listed in
-    ``copied`` (in that order) centred by the mean, and the float32 mean of the normalised rows where ``used`` is
-    True (float32 rows summed in float64)."""
-    out = np.empty((copied.size, array.shape[1]), dtype=np.float32)
-    order = np.argsort(copied)  # out[order[k]] is pool row sorted_rows[k]
-    sorted_rows = copied[order]
+def _normalised_mean(array: np.ndarray, used: np.ndarray) -> np.ndarray:
+    """One pass over ``array`` in contiguous ROW_CHUNK slices, in row order: every row is converted to float32 and
+    checked finite, and the float32 mean of the L2-normalised rows where ``used`` is True is returned (float32 rows
+    summed in float64)."""
     total = np.zeros(array.shape[1], dtype=np.float64)
     for start in range(0, array.shape[0], ROW_CHUNK):
         chunk = _l2_normalise_(*_finite_float32_chunk(array, start))
         selected = used[start : start + ROW_CHUNK]
         total += (chunk if selected.all() else chunk[selected]).sum(axis=0, dtype=np.float64)
-        lo, hi = np.searchsorted(sorted_rows, [start, start + chunk.shape[0]])
-        out[order[lo:hi]] = chunk[sorted_rows[lo:hi] - start]
-    mean = (total / max(int(np.count_nonzero(used)), 1)).astype(np.float32)
-    out -= mean
-    return out, mean
+    return (total / max(int(np.count_nonzero(used)), 1)).astype(np.float32)
 
 
 def _validated_labels(name: str, labels: np.ndarray | None, n_samples: int, n_classes: int) -> np.ndarray:
@@ -267,11 +259,15 @@ def _visited_rows(size: int, chunk_size: int, steps: int) -> int:
 
 @dataclass(frozen=True)
 class _LabelGroup:
-    """Normalised, centred float32 rows of one label type with their targets, shuffled once. Only the leading rows
-    the optimiser visits are kept (``embeddings`` may be shorter than ``targets``): at 100k weak labels, 100 steps of
-    512 rows see about half of them."""
+    """One label type: its pool rows shuffled once, with their targets. Only the leading rows the optimiser visits
+    are listed (``rows`` may be shorter than ``targets``: at 100k weak labels, 100 steps of 512 rows see about half
+    of them), and a step's rows are normalised and centred when the step reaches them. Training holds no copy of
+    the rows: a type larger than its steps visit sees each row once, and a smaller one is cheap to redo."""
 
-    embeddings: np.ndarray
+    pool: np.ndarray
+    """The caller's (n, d) rows (float16 or float32), already checked finite by ``_normalised_mean``."""
+    mean: np.ndarray
+    rows: np.ndarray
     targets: np.ndarray
 
     @property
@@ -279,12 +275,19 @@ class _LabelGroup:
         return int(self.targets.shape[0])
 
     def chunks(self, chunk_size: int, steps: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        """The chunks ``steps`` steps visit, in order (each type cycles through its own chunks)."""
+        """(pool rows, targets) of the chunks ``steps`` steps visit, in order (each type cycles through its own)."""
         bounds = _chunk_bounds(self.size, chunk_size)
         return [
-            (self.embeddings[start:stop], self.targets[start:stop])
+            (self.rows[start:stop], self.targets[start:stop])
             for start, stop in list(zip(bounds[:-1], bounds[1:]))[:steps]
         ]
+
+    def features(self, rows: np.ndarray) -> np.ndarray:
+        """The normalised, centred float32 rows ``rows`` of the pool."""
+        with np.errstate(over="ignore"):  # as in _finite_float32_chunk: a float64 row beyond float32's range
+            x = _l2_normalise_(np.asarray(self.pool[rows], dtype=np.float32))
+        x -= self.mean
+        return x
 
 
 @dataclass(frozen=True)
@@ -298,7 +301,8 @@ def _batches(groups: dict[str, _LabelGroup], chunk_size: int, steps: int) -> Ite
     """One batch per step: the next chunk of every label type, each type cycling through its own chunks."""
     chunks = {name: group.chunks(chunk_size, steps) for name, group in groups.items()}
     for step in range(steps):
-        yield _Batch(**{name: parts[step % len(parts)] for name, parts in chunks.items()})
+        parts = {name: group_chunks[step % len(group_chunks)] for name, group_chunks in chunks.items()}
+        yield _Batch(**{name: (groups[name].features(rows), targets) for name, (rows, targets) in parts.items()})
 
 
 class FineGrainedClassifier:
@@ -372,16 +376,13 @@ class FineGrainedClassifier:
         used = np.zeros(n, dtype=bool)
         for index in rows.values():
             used[index] = True
-        # The mean is taken over every labelled row; a float32 copy is kept of only the rows the optimiser visits.
-        visited = {
-            name: index[: _visited_rows(index.size, self.config.batch_size, self.config.epochs)]
-            for name, index in rows.items()
-        }
-        features, feature_mean = _normalised_rows_and_mean(array, used, np.concatenate(list(visited.values())))
-        bounds = np.cumsum([0, *(index.size for index in visited.values())])
+        # The mean is taken over every labelled row; of each type only the rows the optimiser visits are listed.
+        feature_mean = _normalised_mean(array, used)
         groups = {
-            name: _LabelGroup(features[lo:hi], targets[name][rows[name]])
-            for name, lo, hi in zip(visited, bounds[:-1], bounds[1:])
+            name: _LabelGroup(array, feature_mean,
+                              index[: _visited_rows(index.size, self.config.batch_size, self.config.epochs)],
+                              targets[name][index])
+            for name, index in rows.items()
         }
         return groups, feature_mean
 

@@ -21,7 +21,7 @@ UNLABELED, WEAK, FULL = 0, 1, 2
 _BUDGET_EPSILON = 1e-9
 """Budgets are sums of float costs: 150 * 0.02 must still buy 150 weak labels."""
 _DISTANCE_CHUNK = 4096
-ROW_CHUNK = 8192
+ROW_CHUNK = 4096
 """Pool rows converted to float32 (checked, normalised, projected, predicted) at a time: a float16 pool of a large
 project is never copied whole to float32, outside a classifier's training rows."""
 _MIN_DISTANCE = 1e-300
