@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from backend.features import TaskFeatures
 from backend.label_config import RECOMMENDED_CONFIDENCE_NAME, ProjectLabeling, build_prediction
 
+if TYPE_CHECKING:
+    from model.learner import Classifier
+
 
 def build_predictions(
     tasks: Sequence[Mapping[str, Any]],
     labeling: ProjectLabeling,
     features: TaskFeatures,
-    model: Any,
+    model: Classifier | None,
     model_version: str,
     queue_scores: Mapping[int, float],
     fine_confidence_threshold: float,
@@ -31,9 +34,9 @@ def build_predictions(
     weak_rows = features.weak_matrix(usable, hierarchy)
     fine_rows = coarse_rows = None
     if model is not None and usable:
-        matrix = features.embedding_matrix(usable)
-        fine_rows = np.asarray(model.predict_fine_proba(matrix), dtype=np.float32)
-        coarse_rows = np.asarray(model.predict_coarse_proba(matrix), dtype=np.float32)
+        # float16 rows (the classifier converts them chunk by chunk), both heads from one pass
+        fine, coarse = model.predict_fine_and_coarse_proba(features.pool_embeddings(usable))
+        fine_rows, coarse_rows = np.asarray(fine, dtype=np.float32), np.asarray(coarse, dtype=np.float32)
 
     # Per-row choices computed for the whole batch at once; the loop below only assembles predictions.
     weak_answered = weak_rows.sum(axis=1) > 0
