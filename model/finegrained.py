@@ -257,37 +257,60 @@ def _visited_rows(size: int, chunk_size: int, steps: int) -> int:
     return int(bounds[min(len(bounds) - 1, steps)])
 
 
+def _normalised_centred(pool: np.ndarray, rows: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """The pool's ``rows`` as float32, L2-normalised and centred by ``mean``."""
+    with np.errstate(over="ignore"):  # as in _finite_float32_chunk: a float64 row beyond float32's range
+        x = _l2_normalise_(np.asarray(pool[rows], dtype=np.float32))
+    x -= mean
+    return x
+
+
 @dataclass(frozen=True)
 class _LabelGroup:
     """One label type: its pool rows shuffled once, with their targets. Only the leading rows the optimiser visits
     are listed (``rows`` may be shorter than ``targets``: at 100k weak labels, 100 steps of 512 rows see about half
-    of them), and a step's rows are normalised and centred when the step reaches them. Training holds no copy of
-    the rows: a type larger than its steps visit sees each row once, and a smaller one is cheap to redo."""
+    of them).
+
+    A type whose steps cycle through its chunks more than once has its visited rows normalised and centred once,
+    into a float32 copy (``prepared``): converting a 512-row float16 chunk costs about as much as the step's
+    matrix products. A larger type's steps see each row once, so each step prepares its own rows and training holds
+    no copy of them (at 100k tasks that copy was 260 MB, the largest thing a fit held)."""
 
     pool: np.ndarray
     """The caller's (n, d) rows (float16 or float32), already checked finite by ``_normalised_mean``."""
     mean: np.ndarray
     rows: np.ndarray
     targets: np.ndarray
+    prepared: np.ndarray | None
+    """``_normalised_centred(pool, rows, mean)``, or None when each visited row is used once."""
+
+    @classmethod
+    def of(cls, pool: np.ndarray, mean: np.ndarray, rows: np.ndarray, targets: np.ndarray, chunk_size: int,
+           steps: int) -> _LabelGroup:
+        visited = rows[: _visited_rows(rows.size, chunk_size, steps)]
+        revisited = len(_chunk_bounds(rows.size, chunk_size)) - 1 < steps
+        prepared = None
+        if revisited:
+            prepared = np.empty((visited.size, pool.shape[1]), dtype=np.float32)
+            for start in range(0, visited.size, ROW_CHUNK):
+                prepared[start : start + ROW_CHUNK] = _normalised_centred(pool, visited[start : start + ROW_CHUNK],
+                                                                          mean)
+        return cls(pool, mean, visited, targets, prepared)
 
     @property
     def size(self) -> int:
         return int(self.targets.shape[0])
 
-    def chunks(self, chunk_size: int, steps: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        """(pool rows, targets) of the chunks ``steps`` steps visit, in order (each type cycles through its own)."""
+    def chunks(self, chunk_size: int, steps: int) -> list[tuple[int, int]]:
+        """Bounds (in visit order) of the chunks ``steps`` steps visit, in order (each type cycles through its own)."""
         bounds = _chunk_bounds(self.size, chunk_size)
-        return [
-            (self.rows[start:stop], self.targets[start:stop])
-            for start, stop in list(zip(bounds[:-1], bounds[1:]))[:steps]
-        ]
+        return [(int(start), int(stop)) for start, stop in list(zip(bounds[:-1], bounds[1:]))[:steps]]
 
-    def features(self, rows: np.ndarray) -> np.ndarray:
-        """The normalised, centred float32 rows ``rows`` of the pool."""
-        with np.errstate(over="ignore"):  # as in _finite_float32_chunk: a float64 row beyond float32's range
-            x = _l2_normalise_(np.asarray(self.pool[rows], dtype=np.float32))
-        x -= self.mean
-        return x
+    def chunk(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """(normalised, centred float32 rows, targets) of visit positions ``start:stop``."""
+        if self.prepared is not None:
+            return self.prepared[start:stop], self.targets[start:stop]
+        return _normalised_centred(self.pool, self.rows[start:stop], self.mean), self.targets[start:stop]
 
 
 @dataclass(frozen=True)
@@ -301,8 +324,8 @@ def _batches(groups: dict[str, _LabelGroup], chunk_size: int, steps: int) -> Ite
     """One batch per step: the next chunk of every label type, each type cycling through its own chunks."""
     chunks = {name: group.chunks(chunk_size, steps) for name, group in groups.items()}
     for step in range(steps):
-        parts = {name: group_chunks[step % len(group_chunks)] for name, group_chunks in chunks.items()}
-        yield _Batch(**{name: (groups[name].features(rows), targets) for name, (rows, targets) in parts.items()})
+        yield _Batch(**{name: groups[name].chunk(*group_chunks[step % len(group_chunks)])
+                        for name, group_chunks in chunks.items()})
 
 
 class FineGrainedClassifier:
@@ -379,9 +402,8 @@ class FineGrainedClassifier:
         # The mean is taken over every labelled row; of each type only the rows the optimiser visits are listed.
         feature_mean = _normalised_mean(array, used)
         groups = {
-            name: _LabelGroup(array, feature_mean,
-                              index[: _visited_rows(index.size, self.config.batch_size, self.config.epochs)],
-                              targets[name][index])
+            name: _LabelGroup.of(array, feature_mean, index, targets[name][index], self.config.batch_size,
+                                 self.config.epochs)
             for name, index in rows.items()
         }
         return groups, feature_mean

@@ -185,6 +185,25 @@ def test_training_reaches_the_parameters_torch_reaches(variant: str) -> None:
         assert np.abs(fitted[name] - classifier._initial_parameters()[name]).max() > 1e-2  # it did train
 
 
+def test_a_label_type_its_steps_cycle_through_is_prepared_once_and_a_larger_one_step_by_step() -> None:
+    embeddings, fine_labels, weak, human_coarse = fit_inputs()
+    cycled = FineGrainedClassifier(HIERARCHY, DIM, TrainingConfig(epochs=40, batch_size=64))
+    once = FineGrainedClassifier(HIERARCHY, DIM, TrainingConfig(epochs=5, batch_size=64))
+    cycled_groups, cycled_mean = cycled._training_set(embeddings, fine_labels, weak, human_coarse)
+    once_groups, once_mean = once._training_set(embeddings, fine_labels, weak, human_coarse)
+    weak_rows = cycled_groups["weak"].size
+    assert weak_rows > 5 * 64  # 5 steps see each weak row once at most; 40 steps go round them several times
+    prepared = cycled_groups["weak"].prepared
+    assert prepared is not None and prepared.shape == (weak_rows, DIM) and prepared.dtype == np.float32
+    assert once_groups["weak"].prepared is None and once_groups["weak"].rows.size < weak_rows  # what 5 steps see
+    np.testing.assert_array_equal(cycled_mean, once_mean)
+    for step, (a, b) in enumerate(zip(_batches(cycled_groups, 64, 5), _batches(once_groups, 64, 5))):
+        for name in ("full", "human_coarse", "weak"):
+            (a_rows, a_targets), (b_rows, b_targets) = getattr(a, name), getattr(b, name)
+            np.testing.assert_allclose(a_rows, b_rows, rtol=0, atol=1e-6, err_msg=f"{name} step {step}")
+            np.testing.assert_array_equal(a_targets, b_targets)
+
+
 def test_initial_weights_are_seeded_standard_normal_times_a_hundredth() -> None:
     classifier = FineGrainedClassifier(HIERARCHY, 4000, TrainingConfig(variant="reference", seed=5))
     first, again = classifier._initial_parameters(), classifier._initial_parameters()

@@ -181,9 +181,10 @@ def test_a_classifier_trains_without_a_float32_copy_of_its_training_rows(monkeyp
     config = TrainingConfig(epochs=30, batch_size=512)  # 30 steps visit 15,360 of the 19,960 weak rows
     classifier, peak = traced_peak(lambda: FineGrainedClassifier(hierarchy, dim, config).fit(pool, fine, weak))
     float32_copy = n * dim * 4
-    # Each step normalises the rows it reaches; a float32 copy of the rows the steps visit (what the classifier
-    # kept until now) was 0.77 of a copy of every row. What is left is the label arrays (about ten int64 arrays of n)
-    # and one chunk. tracemalloc sees every numpy buffer (numpy's 130 KB casting buffer for float64 sums included).
+    # 30 steps see each weak row once at most, so each step normalises the rows it reaches; a float32 copy of the
+    # rows the steps visit (what the classifier kept until now) was 0.77 of a copy of every row. What is left is the
+    # label arrays (about ten int64 arrays of n) and one chunk. tracemalloc sees every numpy buffer (numpy's 130 KB
+    # casting buffer for float64 sums included).
     assert peak < 0.25 * float32_copy, peak / float32_copy
     rows = pool.astype(np.float64)
     rows /= np.linalg.norm(rows, axis=1, keepdims=True)
