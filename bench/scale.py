@@ -152,15 +152,42 @@ class Project:
         return self.client.projects.get(self.project_id).model_version
 
 
+FASHION_MNIST_RENDERINGS = (("train", 0.15, ""), ("test", 0.15, "test"), ("train", 0.3, "train-wide-margin"))
+"""(split, margin, subdirectory): distinct task images for up to 130k tasks. The train split as the demo draws it
+(60k: every size up to that, with the same files and URLs as before), then the test split, then the train split
+again with a wider margin (other bytes and other embeddings: a distinct image, not a cached duplicate)."""
+
+
+def task_images(document_root: Path, n: int, seed: int) -> tuple[list[Path], list[str]]:
+    """n distinct Fashion-MNIST PNGs under ``fmnist-<n>-<seed>`` and their fine class names, in task order."""
+    from model.datasets import load_fashion_mnist
+
+    top = document_root / f"fmnist-{n}-{seed}"
+    paths: list[Path] = []
+    classes: list[str] = []
+    for split, margin, subdirectory in FASHION_MNIST_RENDERINGS:
+        take = min(n - len(paths), len(load_fashion_mnist(split)[1]))  # type: ignore[arg-type]
+        if take <= 0:
+            break
+        images = lsb.write_fashion_mnist_pngs(top / subdirectory if subdirectory else top, take, split=split,
+                                              seed=seed, pad_fraction=margin)
+        paths += images.paths
+        classes += images.class_names
+    if len(paths) < n:
+        raise ValueError(f"{n} tasks need more than the {len(paths)} distinct images these renderings give")
+    return paths, classes
+
+
 def make_project(client: Any, n: int, document_root: Path, title: str, seed: int) -> Project:
     config = recommended_label_config(fashion_mnist_hierarchy())
-    images = lsb.write_fashion_mnist_pngs(document_root / f"fmnist-{n}-{seed}", n, split="train", seed=seed)
+    paths, classes = task_images(document_root, n, seed)
     project_id = lsb.create_project(client, title, config)
-    lsb.connect_local_files_storage(client, project_id, images.paths[0].parent, document_root)
+    # one storage over the top directory: Label Studio serves the files of its subdirectories too
+    lsb.connect_local_files_storage(client, project_id, paths[0].parent, document_root)
     task_ids: list[int] = []
     for start in range(0, n, 1000):
-        task_ids += lsb.import_image_tasks(client, project_id, images.paths[start : start + 1000], document_root)
-    return Project(client, project_id, task_ids, images.class_names, parse_label_config(config))
+        task_ids += lsb.import_image_tasks(client, project_id, paths[start : start + 1000], document_root)
+    return Project(client, project_id, task_ids, classes, parse_label_config(config))
 
 
 def fitted_on_every_label(project: Project, model_dir: Path) -> str | None:
@@ -232,11 +259,11 @@ def run_size(ls: Any, login: Any, root: Path, n: int, seed: int, work_dir: Path,
         started = time.monotonic()
         lsb.connect_ml_backend(client, project.project_id, base)
         if not cached:
-            wait(lambda: metric(base, "vlm_al_embeddings_computed_total") >= n, 3600, "indexing", 0.5)
+            wait(lambda: metric(base, "vlm_al_embeddings_computed_total") >= n, max(3600, n / 10), "indexing", 0.5)
             out["index_seconds"] = round(time.monotonic() - started, 1)
             out["index_images_per_s"] = round(n / out["index_seconds"], 1)
             out["load_after_index"] = load()
-        wait(lambda: project.model_version() == "vlm-al-v0", 1800, "the cold-start push", 0.5)
+        wait(lambda: project.model_version() == "vlm-al-v0", max(1800, n / 20), "the cold-start push", 0.5)
         out["index_and_cold_start_push_seconds"] = round(time.monotonic() - started, 1)
         out["embeddings_computed"] = metric(base, "vlm_al_embeddings_computed_total")
         rounds = []
