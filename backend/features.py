@@ -637,7 +637,8 @@ class FeatureExtractor:
         kept = self._resident.get(namespace)
         resident = kept.vectors if kept is not None else PackedVectors()
         packed = PackedVectors(len(keys))
-        found = self.store.get_many(namespace, [key for key in keys if key not in resident])
+        missing = [key for key in keys if key not in resident]
+        found = self.store.get_many(namespace, missing) if missing else {}
         packed.update({key: resident.half_row(key) if key in resident else found[key]
                        for key in keys if key in resident or key in found})  # rows in the order asked
         return packed

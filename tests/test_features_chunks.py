@@ -106,25 +106,32 @@ def test_local_claims_wait_for_the_holder():
     claims.wait(1, ["c"], timeout=0.1)  # held by this caller: gives up at the timeout
 
 
-def test_a_whole_project_read_is_kept_and_the_next_reads_only_new_vectors(fake_ls, make_config, make_backend,
-                                                                          monkeypatch):
-    """A fit reads every task's vectors; the next fit of the project reads from the store only what is new."""
+def indexed_with_counted_store_reads(fake_ls, make_config, make_backend, monkeypatch, delay_s: float = 0.0):
+    """A backend that indexed 24 tasks (large reads from 16 vectors up), the project's labeling, the (namespace,
+    key) pairs each later store read asks for, and the store's own read."""
     monkeypatch.setattr(features_module, "RESIDENT_MIN_ROWS", 16)
     add_tasks(fake_ls, 24)
-    parts = make_backend(make_config(push_predictions=False))
-    backend = parts.backend
+    backend = make_backend(make_config(push_predictions=False)).backend
     backend.run_index(PROJECT_ID)
-    labeling = backend.labeling(fake_ls.label_config)
     store = backend.extractor.store
-    asked: list[str] = []
+    asked: list[tuple[str, str]] = []
     real_get_many = store.get_many
 
     def counting_get_many(namespace, keys):
         keys = list(keys)
-        asked.extend(keys)
+        asked.extend((namespace, key) for key in keys)
+        time.sleep(delay_s)
         return real_get_many(namespace, keys)
 
     monkeypatch.setattr(store, "get_many", counting_get_many)
+    return backend, backend.labeling(fake_ls.label_config), asked, real_get_many
+
+
+def test_a_whole_project_read_is_kept_and_the_next_reads_only_new_vectors(fake_ls, make_config, make_backend,
+                                                                          monkeypatch):
+    """A fit reads every task's vectors; the next fit of the project reads from the store only what is new."""
+    backend, labeling, asked, real_get_many = indexed_with_counted_store_reads(fake_ls, make_config, make_backend,
+                                                                               monkeypatch)
     first = backend.extractor.features(PROJECT_ID, fake_ls.tasks, labeling)
     assert asked == [] and len(first.usable_positions()) == 24  # the index's read was kept
     fake_ls.add_task(25, FINES[0])
@@ -133,7 +140,7 @@ def test_a_whole_project_read_is_kept_and_the_next_reads_only_new_vectors(fake_l
     second = backend.extractor.features(PROJECT_ID, tasks, labeling)
     assert len(second.usable_positions()) == 26
     new_keys = {second.keys[24], second.keys[25]}
-    assert set(asked) <= new_keys  # the store was read for the two new images only (they were just computed)
+    assert {key for _, key in asked} <= new_keys  # the store was read for the two new images only (they were just computed)
     assert second.pool_embeddings(list(range(26))).shape == (26, first.pool_embeddings([0]).shape[1])
     fresh = real_get_many(backend.backbone.name, [second.keys[0], second.keys[25]])
     np.testing.assert_array_equal(second.embedding_matrix([0, 25]), np.stack([fresh[second.keys[0]],
@@ -147,17 +154,7 @@ def test_a_push_of_part_of_the_project_and_the_next_fit_share_the_kept_matrix(fa
                                                                               monkeypatch):
     """A push reads the tasks it has not pushed, in queue order; a fit reads them all. Both select rows of the one
     kept matrix: neither copies it, and the push's read does not replace what the fit reads next."""
-    monkeypatch.setattr(features_module, "RESIDENT_MIN_ROWS", 16)
-    add_tasks(fake_ls, 24)
-    parts = make_backend(make_config(push_predictions=False))
-    backend = parts.backend
-    backend.run_index(PROJECT_ID)
-    labeling = backend.labeling(fake_ls.label_config)
-    store = backend.extractor.store
-    asked: list[str] = []
-    real_get_many = store.get_many
-    monkeypatch.setattr(store, "get_many", lambda namespace, keys: asked.extend(keys) or real_get_many(namespace,
-                                                                                                          keys))
+    backend, labeling, asked, _ = indexed_with_counted_store_reads(fake_ls, make_config, make_backend, monkeypatch)
     queue_order = list(reversed(fake_ls.tasks[4:]))
     pushed = backend.extractor.features(PROJECT_ID, queue_order, labeling)
     whole = backend.extractor.features(PROJECT_ID, fake_ls.tasks, labeling)
@@ -171,24 +168,9 @@ def test_a_push_of_part_of_the_project_and_the_next_fit_share_the_kept_matrix(fa
 
 def test_large_reads_at_once_read_the_store_once(fake_ls, make_config, make_backend, monkeypatch):
     """A fit and a push that read a project at the same time wait for one read of the store, into one matrix."""
-    monkeypatch.setattr(features_module, "RESIDENT_MIN_ROWS", 16)
-    add_tasks(fake_ls, 24)
-    parts = make_backend(make_config(push_predictions=False))
-    backend = parts.backend
-    backend.run_index(PROJECT_ID)
+    backend, labeling, asked, _ = indexed_with_counted_store_reads(fake_ls, make_config, make_backend, monkeypatch,
+                                                                   delay_s=0.2)
     backend.extractor._resident.clear()  # as after a restart: the vectors are in the store only
-    store = backend.extractor.store
-    asked: list[str] = []
-    real_get_many = store.get_many
-
-    def slow_get_many(namespace, keys):
-        keys = list(keys)
-        asked.extend(key for key in keys if namespace == backend.backbone.name)
-        time.sleep(0.2)
-        return real_get_many(namespace, keys)
-
-    monkeypatch.setattr(store, "get_many", slow_get_many)
-    labeling = backend.labeling(fake_ls.label_config)
     results = []
     readers = [threading.Thread(target=lambda: results.append(
         backend.extractor.features(PROJECT_ID, fake_ls.tasks, labeling))) for _ in range(2)]
@@ -196,7 +178,8 @@ def test_large_reads_at_once_read_the_store_once(fake_ls, make_config, make_back
         reader.start()
     for reader in readers:
         reader.join()
-    assert len(results) == 2 and sorted(asked) == sorted(set(results[0].keys))  # each key read once
+    backbone_reads = sorted(key for namespace, key in asked if namespace == backend.backbone.name)
+    assert len(results) == 2 and backbone_reads == sorted(set(results[0].keys))  # each key read once
     assert np.shares_memory(results[0].pool_embeddings(list(range(24))),
                             results[1].pool_embeddings(list(range(24))))
 
