@@ -211,16 +211,24 @@ def _finite_float32_chunk(array: np.ndarray, start: int) -> tuple[np.ndarray, np
     return chunk, norms
 
 
-def _normalised_mean(array: np.ndarray, used: np.ndarray) -> np.ndarray:
-    """One pass over ``array`` in contiguous ROW_CHUNK slices, in row order: every row is converted to float32 and
-    checked finite, and the float32 mean of the L2-normalised rows where ``used`` is True is returned (float32 rows
-    summed in float64)."""
+def _normalised_rows_and_mean(array: np.ndarray, used: np.ndarray, copied: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One pass over ``array`` in contiguous ROW_CHUNK slices, in row order (no random gather from the pool): every
+    row is converted to float32, checked finite and L2-normalised once. Returns the normalised rows listed in
+    ``copied`` (in that order) centred by the mean, and the float32 mean of the normalised rows where ``used`` is
+    True (float32 rows summed in float64)."""
+    out = np.empty((copied.size, array.shape[1]), dtype=np.float32)
+    order = np.argsort(copied)  # out[order[k]] is pool row sorted_rows[k]
+    sorted_rows = copied[order]
     total = np.zeros(array.shape[1], dtype=np.float64)
     for start in range(0, array.shape[0], ROW_CHUNK):
         chunk = _l2_normalise_(*_finite_float32_chunk(array, start))
         selected = used[start : start + ROW_CHUNK]
         total += (chunk if selected.all() else chunk[selected]).sum(axis=0, dtype=np.float64)
-    return (total / max(int(np.count_nonzero(used)), 1)).astype(np.float32)
+        lo, hi = np.searchsorted(sorted_rows, [start, start + chunk.shape[0]])
+        out[order[lo:hi]] = chunk[sorted_rows[lo:hi] - start]
+    mean = (total / max(int(np.count_nonzero(used)), 1)).astype(np.float32)
+    out -= mean
+    return out, mean
 
 
 def _validated_labels(name: str, labels: np.ndarray | None, n_samples: int, n_classes: int) -> np.ndarray:
@@ -277,25 +285,12 @@ class _LabelGroup:
     no copy of them (at 100k tasks that copy was 260 MB, the largest thing a fit held)."""
 
     pool: np.ndarray
-    """The caller's (n, d) rows (float16 or float32), already checked finite by ``_normalised_mean``."""
+    """The caller's (n, d) rows (float16 or float32), already checked finite by ``_normalised_rows_and_mean``."""
     mean: np.ndarray
     rows: np.ndarray
     targets: np.ndarray
     prepared: np.ndarray | None
     """``_normalised_centred(pool, rows, mean)``, or None when each visited row is used once."""
-
-    @classmethod
-    def of(cls, pool: np.ndarray, mean: np.ndarray, rows: np.ndarray, targets: np.ndarray, chunk_size: int,
-           steps: int) -> _LabelGroup:
-        visited = rows[: _visited_rows(rows.size, chunk_size, steps)]
-        revisited = len(_chunk_bounds(rows.size, chunk_size)) - 1 < steps
-        prepared = None
-        if revisited:
-            prepared = np.empty((visited.size, pool.shape[1]), dtype=np.float32)
-            for start in range(0, visited.size, ROW_CHUNK):
-                prepared[start : start + ROW_CHUNK] = _normalised_centred(pool, visited[start : start + ROW_CHUNK],
-                                                                          mean)
-        return cls(pool, mean, visited, targets, prepared)
 
     @property
     def size(self) -> int:
@@ -399,11 +394,18 @@ class FineGrainedClassifier:
         used = np.zeros(n, dtype=bool)
         for index in rows.values():
             used[index] = True
-        # The mean is taken over every labelled row; of each type only the rows the optimiser visits are listed.
-        feature_mean = _normalised_mean(array, used)
+        # The mean is taken over every labelled row; of each type only the rows the optimiser visits are listed, and
+        # those of a type the steps go round more than once are copied out, prepared, in the same pass.
+        steps, batch_size = self.config.epochs, self.config.batch_size
+        visited = {name: index[: _visited_rows(index.size, batch_size, steps)] for name, index in rows.items()}
+        prepared_names = [name for name, index in rows.items()
+                          if len(_chunk_bounds(index.size, batch_size)) - 1 < steps]
+        prepared, feature_mean = _normalised_rows_and_mean(
+            array, used, np.concatenate([visited[name] for name in prepared_names] or [np.zeros(0, dtype=np.int64)]))
+        bounds = np.cumsum([0, *(visited[name].size for name in prepared_names)])
+        prepared_rows = {name: prepared[lo:hi] for name, lo, hi in zip(prepared_names, bounds[:-1], bounds[1:])}
         groups = {
-            name: _LabelGroup.of(array, feature_mean, index, targets[name][index], self.config.batch_size,
-                                 self.config.epochs)
+            name: _LabelGroup(array, feature_mean, visited[name], targets[name][index], prepared_rows.get(name))
             for name, index in rows.items()
         }
         return groups, feature_mean
