@@ -265,6 +265,11 @@ def _visited_rows(size: int, chunk_size: int, steps: int) -> int:
     return int(bounds[min(len(bounds) - 1, steps)])
 
 
+def _steps_go_round(size: int, chunk_size: int, steps: int) -> bool:
+    """Whether ``steps`` steps visit some rows of a label type more than once (it has fewer chunks than steps)."""
+    return len(_chunk_bounds(size, chunk_size)) - 1 < steps
+
+
 def _normalised_centred(pool: np.ndarray, rows: np.ndarray, mean: np.ndarray) -> np.ndarray:
     """The pool's ``rows`` as float32, L2-normalised and centred by ``mean``."""
     with np.errstate(over="ignore"):  # as in _finite_float32_chunk: a float64 row beyond float32's range
@@ -398,8 +403,7 @@ class FineGrainedClassifier:
         # those of a type the steps go round more than once are copied out, prepared, in the same pass.
         steps, batch_size = self.config.epochs, self.config.batch_size
         visited = {name: index[: _visited_rows(index.size, batch_size, steps)] for name, index in rows.items()}
-        prepared_names = [name for name, index in rows.items()
-                          if len(_chunk_bounds(index.size, batch_size)) - 1 < steps]
+        prepared_names = [name for name, index in rows.items() if _steps_go_round(index.size, batch_size, steps)]
         prepared, feature_mean = _normalised_rows_and_mean(
             array, used, np.concatenate([visited[name] for name in prepared_names] or [np.zeros(0, dtype=np.int64)]))
         bounds = np.cumsum([0, *(visited[name].size for name in prepared_names)])
