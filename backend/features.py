@@ -602,9 +602,15 @@ class FeatureExtractor:
             redownload = [i for i in missing_positions.values() if i not in downloaded]
             if redownload:
                 self._download(project_id, tasks, urls, redownload, client, downloaded, errors)
-            with self._compute_slot:  # one chunk computes at a time; the other chunk in flight downloads
-                n_embedded = self._compute(weak_annotator, namespace, missing_positions, downloaded, embeddings,
-                                           weak, errors)
+            plan = self._compute_plan(weak_annotator)
+            items = [(key, i) for key, i in missing_positions.items() if i in downloaded]
+            for start in range(0, len(items), FEATURE_CHUNK):
+                # Decoding and preprocessing run before the slot, beside the other chunk's forward pass.
+                prepared = self._prepare(items[start : start + FEATURE_CHUNK], downloaded, errors, plan)
+                if not prepared.keys:
+                    continue
+                with self._compute_slot:  # one forward pass at a time; the other chunk in flight downloads
+                    n_embedded += self._compute(weak_annotator, namespace, plan, prepared, embeddings, weak)
         for i, key in enumerate(keys):
             if key is not None and key not in embeddings and i not in errors and i not in pending:
                 failed = next((errors[j] for j, k in enumerate(keys) if k == key and j in errors), "no embedding")
@@ -673,81 +679,123 @@ class FeatureExtractor:
                 downloaded[i] = data_bytes  # type: ignore[assignment]
                 self.metrics.images_downloaded.inc()
 
+    def _compute_plan(self, weak_annotator: WeakAnnotator | None) -> _ComputePlan:
+        shares_backbone = weak_annotator is not None and getattr(weak_annotator, "backbone", None) is self.backbone
+        pixels = hasattr(self.backbone, "forward_pixels")
+        weak_from_logits = (
+            shares_backbone
+            and (pixels or hasattr(self.backbone, "embed_and_logits"))
+            and hasattr(weak_annotator, "annotate_logits")
+        )
+        weak_from_embeddings = shares_backbone and hasattr(weak_annotator, "annotate_embeddings")
+        # Decoded images are kept past preprocessing only for a weak annotator that reads images itself.
+        keep_images = not pixels or (
+            weak_annotator is not None and not weak_from_embeddings and not weak_from_logits
+        )
+        return _ComputePlan(pixels, weak_from_logits, weak_from_embeddings, keep_images)
+
+    def _prepare(
+        self,
+        items: Sequence[tuple[str, int]],
+        downloaded: Mapping[int, bytes],
+        errors: dict[int, str],
+        plan: _ComputePlan,
+    ) -> _PreparedChunk:
+        """Decode one chunk's downloaded images and, for a backbone with array preprocessing, preprocess them."""
+        images, keys = [], []
+        for key, i in items:
+            try:
+                images.append(self.codec.decode(downloaded[i]))
+                keys.append(key)
+            except (ModelInputError, OSError, ValueError) as exc:
+                errors[i] = f"unreadable image: {exc}"
+        pixels = self.backbone.preprocess_batch(images) if plan.pixels and images else None  # type: ignore[attr-defined]
+        return _PreparedChunk(keys, images if plan.keep_images else [], pixels)
+
+    def _forward(
+        self, prepared: _PreparedChunk, rows: Sequence[int], with_logits: bool
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """The backbone's embeddings (and logits) of the chunk's ``rows``, from pixels when it has them."""
+        self.metrics.forward_images.labels(model=self.backbone.name).inc(len(rows))
+        if prepared.pixels is not None:
+            vectors, logits = self.backbone.forward_pixels(  # type: ignore[attr-defined]
+                prepared.pixels[list(rows)], with_logits=with_logits)
+            return vectors, logits if with_logits else None
+        images = [prepared.images[j] for j in rows]
+        if with_logits:
+            return self.backbone.embed_and_logits(images)  # type: ignore[attr-defined]
+        return np.asarray(self.backbone.embed(images), dtype=np.float32), None
+
     def _compute(
         self,
         weak_annotator: WeakAnnotator | None,
         namespace: str | None,
-        missing_positions: Mapping[str, int],
-        downloaded: Mapping[int, bytes],
+        plan: _ComputePlan,
+        prepared: _PreparedChunk,
         embeddings: PackedVectors,
         weak: PackedVectors,
-        errors: dict[int, str],
     ) -> int:
-        """Embed (and weakly label) the downloaded images in chunks; returns how many embeddings it computed."""
-        shares_backbone = weak_annotator is not None and getattr(weak_annotator, "backbone", None) is self.backbone
-        weak_from_logits = (
-            shares_backbone
-            and hasattr(self.backbone, "embed_and_logits")
-            and hasattr(weak_annotator, "annotate_logits")
-        )
-        weak_from_embeddings = shares_backbone and hasattr(weak_annotator, "annotate_embeddings")
-        items = [(key, i) for key, i in missing_positions.items() if i in downloaded]
+        """Embed (and weakly label) one prepared chunk; returns how many embeddings it computed."""
+        keys = prepared.keys
         computed = 0
-        for start in range(0, len(items), FEATURE_CHUNK):
-            chunk = items[start : start + FEATURE_CHUNK]
-            images, chunk_keys = [], []
-            for key, i in chunk:
-                try:
-                    images.append(self.codec.decode(downloaded[i]))
-                    chunk_keys.append(key)
-                except (ModelInputError, OSError, ValueError) as exc:
-                    errors[i] = f"unreadable image: {exc}"
-            if not images:
-                continue
-            need_embedding = [j for j, key in enumerate(chunk_keys) if key not in embeddings]
-            if need_embedding and weak_from_logits:
-                # One forward pass gives the embedding and the ImageNet logits the label map reads.
-                vectors, logits = self.backbone.embed_and_logits([images[j] for j in need_embedding])
-                self.metrics.forward_images.labels(model=self.backbone.name).inc(len(need_embedding))
-                new = {chunk_keys[j]: np.asarray(vectors[row], np.float32) for row, j in enumerate(need_embedding)}
-                self.store.put_many(self.backbone.name, new)
-                embeddings.update(new)  # packed as float16, like the store: a fresh result equals the cached one
-                self.metrics.embeddings_computed.inc(len(new))
-                computed += len(new)
-                missing_weak = [row for row, j in enumerate(need_embedding) if chunk_keys[j] not in weak]
+        need_embedding = [j for j, key in enumerate(keys) if key not in embeddings]
+        if need_embedding:
+            # With a label map on the backbone's logits, one forward pass gives both.
+            vectors, logits = self._forward(prepared, need_embedding, with_logits=plan.weak_from_logits)
+            new = {keys[j]: np.asarray(vectors[row], np.float32) for row, j in enumerate(need_embedding)}
+            self.store.put_many(self.backbone.name, new)
+            embeddings.update(new)  # packed as float16, like the store: a fresh result equals the cached one
+            self.metrics.embeddings_computed.inc(len(new))
+            computed = len(new)
+            if logits is not None:
+                missing_weak = [row for row, j in enumerate(need_embedding) if keys[j] not in weak]
                 if missing_weak:
-                    answers = weak_annotator.annotate_logits(np.asarray(logits)[missing_weak])
-                    new_weak = {
-                        chunk_keys[need_embedding[row]]: np.asarray(answers.coarse_probabilities[k], np.float32)
-                        for k, row in enumerate(missing_weak)
-                    }
-                    self.store.put_many(namespace, new_weak)
-                    weak.update(new_weak)
-                    self.metrics.weak_labels_computed.inc(len(new_weak))
-                need_embedding = []
-            if need_embedding:
-                vectors = np.asarray(self.backbone.embed([images[j] for j in need_embedding]), dtype=np.float32)
-                self.metrics.forward_images.labels(model=self.backbone.name).inc(len(need_embedding))
-                new = {chunk_keys[j]: vectors[row] for row, j in enumerate(need_embedding)}
-                self.store.put_many(self.backbone.name, new)
-                embeddings.update(new)
-                self.metrics.embeddings_computed.inc(len(new))
-                computed += len(new)
-            if weak_annotator is not None and namespace is not None:
-                need_weak = [j for j, key in enumerate(chunk_keys) if key not in weak]
-                if need_weak:
-                    if weak_from_embeddings:
-                        answers = weak_annotator.annotate_embeddings(
-                            np.stack([embeddings[chunk_keys[j]] for j in need_weak])
-                        )
-                    else:
-                        answers = weak_annotator.annotate([images[j] for j in need_weak])
-                        # A local model's own pass (an API VLM is counted under its annotator's name).
-                        model = getattr(getattr(weak_annotator, "backbone", None), "name", weak_annotator.name)
-                        self.metrics.forward_images.labels(model=model).inc(len(need_weak))
-                    probabilities = np.asarray(answers.coarse_probabilities, dtype=np.float32)
-                    new_weak = {chunk_keys[j]: probabilities[row] for row, j in enumerate(need_weak)}
-                    self.store.put_many(namespace, new_weak)
-                    weak.update(new_weak)
-                    self.metrics.weak_labels_computed.inc(len(new_weak))
+                    answers = weak_annotator.annotate_logits(np.asarray(logits)[missing_weak])  # type: ignore[union-attr]
+                    self._store_weak(namespace, weak, {keys[need_embedding[row]]: answers.coarse_probabilities[k]
+                                                       for k, row in enumerate(missing_weak)})
+        if weak_annotator is None or namespace is None:
+            return computed
+        need_weak = [j for j, key in enumerate(keys) if key not in weak]
+        if not need_weak:
+            return computed
+        if plan.weak_from_embeddings:
+            answers = weak_annotator.annotate_embeddings(  # type: ignore[attr-defined]
+                np.stack([embeddings[keys[j]] for j in need_weak]))
+        elif plan.weak_from_logits:  # the embeddings were cached, the answers were not
+            answers = weak_annotator.annotate_logits(  # type: ignore[attr-defined]
+                self._forward(prepared, need_weak, with_logits=True)[1])
+        else:
+            answers = weak_annotator.annotate([prepared.images[j] for j in need_weak])
+            # A local model's own pass (an API VLM is counted under its annotator's name).
+            model = getattr(getattr(weak_annotator, "backbone", None), "name", weak_annotator.name)
+            self.metrics.forward_images.labels(model=model).inc(len(need_weak))
+        self._store_weak(namespace, weak, {keys[j]: answers.coarse_probabilities[row]
+                                           for row, j in enumerate(need_weak)})
         return computed
+
+    def _store_weak(self, namespace: str | None, weak: PackedVectors, answers: Mapping[str, Any]) -> None:
+        new_weak = {key: np.asarray(probabilities, np.float32) for key, probabilities in answers.items()}
+        self.store.put_many(namespace, new_weak)  # type: ignore[arg-type]
+        weak.update(new_weak)
+        self.metrics.weak_labels_computed.inc(len(new_weak))
+
+
+@dataclass(frozen=True)
+class _ComputePlan:
+    """How a chunk is computed with this backbone and weak annotator."""
+
+    pixels: bool
+    """The backbone preprocesses to arrays (preprocess_batch) and runs on them (forward_pixels)."""
+    weak_from_logits: bool
+    """The weak annotator maps the backbone's own logits (one forward pass gives both)."""
+    weak_from_embeddings: bool
+    """The weak annotator reads the backbone's embeddings."""
+    keep_images: bool
+    """Decoded images are needed after preprocessing (a backbone without arrays, or an annotator reading images)."""
+
+
+@dataclass
+class _PreparedChunk:
+    keys: list[str]
+    images: list[Any]
+    pixels: np.ndarray | None

@@ -7,7 +7,7 @@ import hashlib
 import json
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -219,15 +219,9 @@ class TimmBackbone:
         """``preprocess`` as a float32 (3, size, size) numpy array (``ImagePreprocessing``)."""
         return self.preprocessing.array(image)
 
-    def _batches(self, images: Sequence[Image.Image]):
-        import torch
-
-        for start in range(0, len(images), self.batch_size):
-            batch = torch.stack([self.preprocess(im) for im in images[start : start + self.batch_size]])
-            if self.channels_last:
-                yield batch.to(self.device, memory_format=torch.channels_last)
-            else:
-                yield batch.to(self.device)
+    def preprocess_batch(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """``preprocess_array`` of each image, stacked: float32 (n, 3, size, size), the input of forward_pixels."""
+        return self.preprocessing.batch(images)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         import torch
@@ -254,16 +248,33 @@ class TimmBackbone:
     def num_classes(self) -> int:
         return int(getattr(self.model, "num_classes", 0) or 0)
 
+    def forward_pixels(self, pixels: np.ndarray, with_logits: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Embeddings and (``with_logits``) logits of a preprocess_batch result: the forward pass alone, so a
+        pipeline can prepare the next images while it runs."""
+        pixels = self.preprocessing.check_batch(pixels)
+        if with_logits and self.num_classes == 0:
+            raise ModelInputError(f"{self.name} has no classifier head, so it gives no logits")
+        size = self.batch_size
+        return self._forward(len(pixels), (pixels[s : s + size] for s in range(0, len(pixels), size)), with_logits)
+
     def _run(self, images: Sequence[Image.Image], with_logits: bool) -> tuple[np.ndarray, np.ndarray]:
+        images, size = list(images), self.batch_size
+        batches = (self.preprocess_batch(images[s : s + size]) for s in range(0, len(images), size))
+        return self._forward(len(images), batches, with_logits)
+
+    def _forward(
+        self, n_images: int, pixel_batches: Iterator[np.ndarray], with_logits: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
         import torch
 
-        images = list(images)
-        embeddings = np.zeros((len(images), self.dim), dtype=np.float32)
-        logits = np.zeros((len(images), self.num_classes if with_logits else 0), dtype=np.float32)
+        embeddings = np.zeros((n_images, self.dim), dtype=np.float32)
+        logits = np.zeros((n_images, self.num_classes if with_logits else 0), dtype=np.float32)
         classifier = self.model.get_classifier() if with_logits else None
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
         row = 0
         with torch.inference_mode(), self._autocast():
-            for batch in self._batches(images):
+            for pixels in pixel_batches:
+                batch = torch.from_numpy(pixels).to(self.device, memory_format=layout)
                 pooled = self.model.forward_head(self.model.forward_features(batch), pre_logits=True)
                 embeddings[row : row + len(batch)] = pooled.float().cpu().numpy()
                 if classifier is not None:

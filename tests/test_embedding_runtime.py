@@ -115,6 +115,40 @@ def test_embed_and_logits_agree_with_eager(fast, eager, photos):
     assert empty_embeddings.shape == (0, 1280) and empty_logits.shape == (0, 1000)
 
 
+def test_a_cpu_session_runs_small_batches_with_the_same_vectors(fast, eager, cache_dir, photos):
+    """ONNX Runtime on a CPU runs ONNX_CPU_BATCH_SIZE images per run (faster than one large batch) unless a batch
+    size is given; the rows do not depend on how the images were batched."""
+    assert fast.batch_size == runtime.ONNX_CPU_BATCH_SIZE == 4
+    built = create_backbone("timm:efficientnet_lite0", image_size=SIZE, runtime="auto", cache_dir=cache_dir)
+    assert isinstance(built, OnnxRuntimeBackbone) and built.batch_size == runtime.ONNX_CPU_BATCH_SIZE
+    assert create_backbone("timm:efficientnet_lite0", image_size=SIZE, runtime="auto", cache_dir=cache_dir,
+                           batch_size=16).batch_size == 16
+    assert create_backbone("timm:efficientnet_lite0", image_size=SIZE, runtime="torch").batch_size == 64
+    runs: list[int] = []
+    session_run = fast._session.run
+
+    def counting(names, feeds):
+        runs.append(len(feeds["pixels"]))
+        return session_run(names, feeds)
+
+    fast._session = _SessionSpy(fast._session, counting)
+    try:
+        small, _ = fast.embed_and_logits(photos)
+    finally:
+        fast._session = fast._session.inner
+    assert runs == [4, 1]
+    whole, _ = OnnxRuntimeBackbone.from_eager(eager, cache_dir=cache_dir, batch_size=64).embed_and_logits(photos)
+    np.testing.assert_allclose(small, whole, atol=1e-4)
+
+
+class _SessionSpy:
+    def __init__(self, inner, run):
+        self.inner, self.run = inner, run
+
+    def get_outputs(self):
+        return self.inner.get_outputs()
+
+
 def test_session_does_not_spin_and_uses_the_given_threads(fast):
     options = fast._session.get_session_options()
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"

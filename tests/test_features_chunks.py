@@ -8,11 +8,13 @@ import time
 
 import numpy as np
 import pytest
-from conftest import PROJECT_ID, counter_value
+from conftest import PROJECT_ID, FakeBackbone, counter_value
 
 from backend import features as features_module
 from backend.features import LocalInflightClaims
 from backend.ls_client import LabelStudioClient
+from model.embedding_store import content_key
+from model.images import decode_image
 
 FINES = ["T-shirt", "Shirt", "Sneaker", "Boot"]
 
@@ -67,6 +69,48 @@ def test_indexing_works_in_chunks_and_downloads_while_it_computes(fake_ls, make_
     assert overlapped, "no download ran during an embedding call"
     # and the work is not done all-downloads-first: the first embedding starts before the last download
     assert min(start for start, _ in timeline.embeds) < max(timeline.downloads)
+
+
+def test_a_chunk_is_decoded_and_preprocessed_while_another_runs_its_forward_pass(fake_ls, make_config, make_backend,
+                                                                                   monkeypatch):
+    """A backbone with array preprocessing (preprocess_batch + forward_pixels, as both timm runtimes have): the
+    forward pass alone holds the compute slot, so the next chunk's preparation overlaps it, and the vectors are the
+    ones the image path gives."""
+    monkeypatch.setattr(features_module, "FEATURE_CHUNK", 8)
+    add_tasks(fake_ls, 48)
+    parts = make_backend(make_config(push_predictions=False))
+    backbone = parts.backbone
+    prepared: list[tuple[float, float]] = []
+    forwards: list[tuple[float, float]] = []
+    lock = threading.Lock()
+
+    def preprocess_batch(images):
+        began = time.monotonic()
+        pixels = np.stack([np.asarray(image, dtype=np.float32).reshape(-1, 3).mean(axis=0) / 255.0
+                           for image in images])
+        with lock:
+            prepared.append((began, time.monotonic()))
+        return pixels
+
+    def forward_pixels(pixels, with_logits=False):
+        began = time.monotonic()
+        time.sleep(0.15)
+        with lock:
+            forwards.append((began, time.monotonic()))
+        return np.concatenate([pixels, 1.0 - pixels], axis=1).astype(np.float32), None
+
+    monkeypatch.setattr(backbone, "preprocess_batch", preprocess_batch, raising=False)
+    monkeypatch.setattr(backbone, "forward_pixels", forward_pixels, raising=False)
+    parts.backend.run_index(PROJECT_ID)
+    assert counter_value(parts.backend, "vlm_al_embeddings_computed_total") == 48
+    assert backbone.images_embedded == 0 and len(forwards) == len(prepared) == 6  # the pixel path, chunk by chunk
+    assert any(start < began < end for began, _ in prepared for start, end in forwards), \
+        "no chunk was prepared while another ran its forward pass"
+    files = list(fake_ls.files.values())
+    stored = parts.store.get_many(backbone.name, [content_key(data) for data in files])
+    assert len(stored) == 48
+    np.testing.assert_allclose(np.stack([stored[content_key(data)] for data in files]),
+                               FakeBackbone().embed([decode_image(data) for data in files]), atol=1e-3)
 
 
 def test_predict_during_indexing_never_embeds_an_image_twice(fake_ls, make_config, make_backend, monkeypatch):
