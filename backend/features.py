@@ -11,7 +11,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 
@@ -55,6 +55,15 @@ class Backbone(Protocol):
     dim: int
 
     def embed(self, images: Sequence[Any]) -> np.ndarray: ...
+
+
+class PixelBackbone(Backbone, Protocol):
+    """A backbone whose preprocessing is an array step of its own (both timm runtimes): a chunk is prepared outside
+    the compute slot, beside another chunk's forward pass."""
+
+    def preprocess_batch(self, images: Sequence[Any]) -> np.ndarray: ...
+
+    def forward_pixels(self, pixels: np.ndarray, with_logits: bool = False) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 class WeakAnnotator(Protocol):
@@ -709,7 +718,7 @@ class FeatureExtractor:
                 keys.append(key)
             except (ModelInputError, OSError, ValueError) as exc:
                 errors[i] = f"unreadable image: {exc}"
-        pixels = self.backbone.preprocess_batch(images) if plan.pixels and images else None  # type: ignore[attr-defined]
+        pixels = cast(PixelBackbone, self.backbone).preprocess_batch(images) if plan.pixels and images else None
         return _PreparedChunk(keys, images if plan.keep_images else [], pixels)
 
     def _forward(
@@ -718,8 +727,8 @@ class FeatureExtractor:
         """The backbone's embeddings (and logits) of the chunk's ``rows``, from pixels when it has them."""
         self.metrics.forward_images.labels(model=self.backbone.name).inc(len(rows))
         if prepared.pixels is not None:
-            vectors, logits = self.backbone.forward_pixels(  # type: ignore[attr-defined]
-                prepared.pixels[list(rows)], with_logits=with_logits)
+            pixels = prepared.pixels if len(rows) == len(prepared.pixels) else prepared.pixels[list(rows)]
+            vectors, logits = cast(PixelBackbone, self.backbone).forward_pixels(pixels, with_logits=with_logits)
             return vectors, logits if with_logits else None
         images = [prepared.images[j] for j in rows]
         if with_logits:
@@ -750,7 +759,8 @@ class FeatureExtractor:
             if logits is not None:
                 missing_weak = [row for row, j in enumerate(need_embedding) if keys[j] not in weak]
                 if missing_weak:
-                    answers = weak_annotator.annotate_logits(np.asarray(logits)[missing_weak])  # type: ignore[union-attr]
+                    answers = weak_annotator.annotate_logits(  # type: ignore[union-attr]
+                        np.asarray(logits)[missing_weak])
                     self._store_weak(namespace, weak, {keys[need_embedding[row]]: answers.coarse_probabilities[k]
                                                        for k, row in enumerate(missing_weak)})
         if weak_annotator is None or namespace is None:

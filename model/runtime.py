@@ -69,9 +69,9 @@ EXPORT_CHILD_TIMEOUT_S = 900.0
 CPU_BATCH_SIZE = 64
 CUDA_BATCH_SIZE = 256
 ONNX_CPU_BATCH_SIZE = 4
-"""Images per ONNX Runtime run on a CPU. Small batches keep a layer's activations in cache and its buffers small
-(the session has no memory arena, so every run allocates them afresh): efficientnet_lite0 at 224 px on 2 cores ran
-about 1.7x faster in batches of 2-4 than of 64, and 1-4 were within noise (interleaved, medians of 4)."""
+"""Images per ONNX Runtime run on a CPU. Small batches keep a layer's activations in cache and the session's memory
+arena small: efficientnet_lite0 at 224 px on 2 cores ran about 1.7x faster in batches of 2-4 than of 64 without an
+arena, and 1-4 were within noise (interleaved, medians of 4)."""
 _FIDELITY_CHUNK = 3
 """The fidelity check runs the export in batches of 3 (the export's example has 2): the batch axis is dynamic."""
 
@@ -544,8 +544,11 @@ def _embed_only(embed: Callable[[Sequence[Image.Image]], np.ndarray]):
 
 # ----------------------------------------------------------------------------------------------- onnxruntime
 
-def make_session(model: bytes | str | Path, providers: Sequence[str], threads: int | None) -> Any:
-    """An ONNX Runtime session whose idle threads sleep instead of spinning (cores are shared with the server)."""
+def make_session(
+    model: bytes | str | Path, providers: Sequence[str], threads: int | None, *, memory_arena: bool = True
+) -> Any:
+    """An ONNX Runtime session whose idle threads sleep instead of spinning (cores are shared with the server).
+    ``memory_arena=False`` for a session whose runs vary in size (its buffers then go back to the heap each run)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -555,9 +558,11 @@ def make_session(model: bytes | str | Path, providers: Sequence[str], threads: i
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    # No CPU memory arena: the arena keeps the largest batch's activations resident for the process's life (+450 MB
-    # RSS after batches of 64 at 224 px, against +12 MB without it), in a server that embeds between fits.
-    options.enable_cpu_mem_arena = False
+    # The CPU memory arena keeps the largest run's activations for the session's life: +450 MB RSS after batches of
+    # 64 at 224 px, about 35 MB in the runs of ONNX_CPU_BATCH_SIZE images a backbone session gets. Without it every
+    # run allocates afresh, and under the server's heap settings (backend.memory: blocks of 16 MB or more are
+    # mmapped) a run's largest activations are mapped and page-faulted anew each time: the backbone ran at 0.6-0.8x.
+    options.enable_cpu_mem_arena = memory_arena
     options.log_severity_level = 3  # errors only
     source = model if isinstance(model, bytes) else str(model)
     try:

@@ -152,6 +152,7 @@ class _SessionSpy:
 def test_session_does_not_spin_and_uses_the_given_threads(fast):
     options = fast._session.get_session_options()
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert options.enable_cpu_mem_arena  # small batches keep it small; without it runs page-fault their buffers
     assert options.intra_op_num_threads == 2
     assert fast.providers == ["CPUExecutionProvider"]
 

@@ -208,7 +208,8 @@ class OnnxTextEncoder:
             missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
             if missing:
                 if self.session is None:
-                    self.session = make_session(self._export, ["CPUExecutionProvider"], self._threads)
+                    self.session = make_session(self._export, ["CPUExecutionProvider"], self._threads,
+                                                memory_arena=False)
                 try:
                     vectors = self._run(missing)
                 finally:
