@@ -7,7 +7,7 @@ import ipaddress
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import parse_qs, quote, urlsplit
@@ -49,6 +49,8 @@ class LabelStudioAPI(Protocol):
     """What the service needs from Label Studio (a fake implements it in tests)."""
 
     def fetch_tasks(self, project_id: int) -> list[dict[str, Any]]: ...
+
+    def task_pages(self, project_id: int) -> Iterator[list[dict[str, Any]]]: ...
 
     def fetch_annotated_tasks(self, project_id: int) -> list[dict[str, Any]]: ...
 
@@ -152,8 +154,13 @@ class LabelStudioClient:
         return self._sdk._client_wrapper._tokens_client.api_key
 
     def fetch_tasks(self, project_id: int) -> list[dict[str, Any]]:
-        """All tasks of the project with their annotations, page by page (only ``TASK_FIELDS_READ`` of each)."""
-        tasks: list[dict[str, Any]] = []
+        """All tasks of the project with their annotations (only ``TASK_FIELDS_READ`` of each)."""
+        return [task for page in self.task_pages(project_id) for task in page]
+
+    def task_pages(self, project_id: int) -> Iterator[list[dict[str, Any]]]:
+        """The project's tasks with their annotations, a page of TASK_PAGE_SIZE at a time, each page requested
+        when the one before has been consumed (only ``TASK_FIELDS_READ`` of each task)."""
+        listed = 0
         page = 1
         while True:
             response = self._http.request(
@@ -162,19 +169,21 @@ class LabelStudioClient:
                 params={"project": int(project_id), "fields": "all", "page": page, "page_size": TASK_PAGE_SIZE},
             )
             if response.status_code == 404 and page > 1:
-                break  # past the last page
+                return  # past the last page
             _raise_for_status(response, f"GET /api/tasks?project={project_id}&page={page}")
             body = response.json()
             batch = body.get("tasks", []) if isinstance(body, dict) else body
             # Label Studio sends ~30 fields per task (drafts, predictions, timestamps, …); the backend reads these
             # three, and a listing of a large project is held while it is indexed.
-            tasks.extend({k: task[k] for k in TASK_FIELDS_READ if k in task} if isinstance(task, dict) else task
-                         for task in batch)
+            tasks = [{k: task[k] for k in TASK_FIELDS_READ if k in task} if isinstance(task, dict) else task
+                     for task in batch]
+            listed += len(tasks)
+            if tasks:
+                yield tasks
             total = body.get("total") if isinstance(body, dict) else None
-            if not batch or (total is not None and len(tasks) >= int(total)) or len(batch) < TASK_PAGE_SIZE:
-                break
+            if not batch or (total is not None and listed >= int(total)) or len(batch) < TASK_PAGE_SIZE:
+                return
             page += 1
-        return tasks
 
     def fetch_annotated_tasks(self, project_id: int) -> list[dict[str, Any]]:
         """Only the tasks that have annotations, with them (Label Studio's JSON export without unlabeled tasks):

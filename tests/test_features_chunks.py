@@ -113,6 +113,33 @@ def test_a_chunk_is_decoded_and_preprocessed_while_another_runs_its_forward_pass
                                FakeBackbone().embed([decode_image(data) for data in files]), atol=1e-3)
 
 
+def test_indexing_embeds_a_page_of_tasks_while_the_next_is_listed(fake_ls, make_config, make_backend, monkeypatch):
+    """Label Studio lists a large project slowly: the index embeds each page as it comes, not after the last."""
+    from backend import ls_client
+
+    monkeypatch.setattr(ls_client, "TASK_PAGE_SIZE", 10)
+    add_tasks(fake_ls, 40)
+    parts = make_backend(make_config(push_predictions=False))
+    timeline = Timeline()
+    instrument(monkeypatch, parts, timeline, embed_seconds=0.05)
+    listed: list[float] = []
+    real_pages = LabelStudioClient.task_pages
+
+    def slow_pages(self, project_id):
+        for page in real_pages(self, project_id):
+            time.sleep(0.2)  # a Label Studio that takes its time over each page
+            listed.append(time.monotonic())
+            yield page
+
+    monkeypatch.setattr(LabelStudioClient, "task_pages", slow_pages)
+    parts.backend.run_index(PROJECT_ID)
+    assert len(listed) == 4 and counter_value(parts.backend, "vlm_al_embeddings_computed_total") == 40
+    first_embedding = min(start for start, _ in timeline.embeds)
+    assert first_embedding < listed[-1], "the first page was embedded only after the whole project was listed"
+    assert sum(1 for t in listed if t > first_embedding) >= 2  # later pages were listed while pages were embedded
+    assert [int(t) for t in parts.backend.state(PROJECT_ID).task_list().ids] == list(range(1, 41))
+
+
 def test_predict_during_indexing_never_embeds_an_image_twice(fake_ls, make_config, make_backend, monkeypatch):
     monkeypatch.setattr(features_module, "FEATURE_CHUNK", 8)
     add_tasks(fake_ls, 40)
