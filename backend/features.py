@@ -29,8 +29,6 @@ DOWNLOAD_THREADS = 4
 """Concurrent downloads per project: each project has its own pool, so slow images of one never block another."""
 DOWNLOAD_POOLS = 64
 """Projects with a download pool at a time (least recently used pools are closed beyond it)."""
-CHUNKS_IN_FLIGHT = 2
-"""Chunks worked on at once by one features() call: one downloads while the other computes."""
 CLAIM_ATTEMPTS = 3
 """Rounds of claim, work and wait before what is still missing is left pending."""
 CLAIM_WAIT_SECONDS = 300.0
@@ -472,9 +470,14 @@ class FeatureExtractor:
         self._client_for = client_for
         self._downloads = ProjectDownloadPools(DOWNLOAD_THREADS, DOWNLOAD_POOLS)
         self.claims = claims or LocalInflightClaims()
-        self._compute_slot = threading.Semaphore(1)
-        """The backbone runs one chunk at a time in this process: it already uses every core it is given, and a
-        second concurrent run would only double its working memory."""
+        runs = max(1, int(getattr(backbone, "concurrent_runs", 1)))
+        self._compute_slot = threading.Semaphore(runs)
+        """Forward passes at once in this process: as many as the backbone wants (``concurrent_runs``: an ONNX
+        Runtime session on a CPU runs one thread per run, one run per core), one for a backbone whose single run
+        uses every core it is given (a second would only double its working memory)."""
+        self._chunks_in_flight = runs + 1
+        """Chunks worked on at once by one features() call: one more than the forward passes, so a chunk is always
+        downloading, decoding and preprocessing while the others run."""
         self._resident: dict[str, ResidentVectors] = {}
         """Per store namespace, the vectors of the large reads (see ResidentVectors)."""
         self._resident_lock = threading.Lock()
@@ -491,9 +494,9 @@ class FeatureExtractor:
         """Embeddings and weak answers of the tasks' images: cache first, download and compute what is missing.
 
         ``fetch=False`` answers from the caches only; the other tasks are listed in ``pending``. Missing work is
-        done in chunks of FEATURE_CHUNK images, two chunks in flight (one downloads while the other computes, one
-        computation at a time in the process),
-        each chunk's image bytes freed when it is done. Each chunk's image URLs are claimed first (``claims``:
+        done in chunks of FEATURE_CHUNK images, one more chunk in flight than the backbone's concurrent forward
+        passes (one is downloaded, decoded and preprocessed while the others run), each chunk's image bytes freed
+        when it is done. Each chunk's image URLs are claimed first (``claims``:
         this process, or every replica through Redis): a URL another caller is working on is waited for and
         read from the cache, never downloaded or embedded twice."""
         started = time.monotonic()
@@ -509,7 +512,8 @@ class FeatureExtractor:
             chunks = [work[i : i + FEATURE_CHUNK] for i in range(0, len(work), FEATURE_CHUNK)]
             waiting: list[str] = []
             # Each call has its own two threads: /predict never queues behind an index job's chunks.
-            with ThreadPoolExecutor(min(CHUNKS_IN_FLIGHT, len(chunks)), thread_name_prefix="vlm-al-chunk") as pipeline:
+            with ThreadPoolExecutor(min(self._chunks_in_flight, len(chunks)),
+                                    thread_name_prefix="vlm-al-chunk") as pipeline:
                 done = list(pipeline.map(lambda chunk: self._claimed_chunk(project_id, tasks, chunk, labeling, client),
                                          chunks))
             for errors, others, n_downloaded, n_embedded in done:
@@ -618,7 +622,7 @@ class FeatureExtractor:
                 prepared = self._prepare(items[start : start + FEATURE_CHUNK], downloaded, errors, plan)
                 if not prepared.keys:
                     continue
-                with self._compute_slot:  # one forward pass at a time; the other chunk in flight downloads
+                with self._compute_slot:  # the backbone's forward passes at once; another chunk is prepared
                     n_embedded += self._compute(weak_annotator, namespace, plan, prepared, embeddings, weak)
         for i, key in enumerate(keys):
             if key is not None and key not in embeddings and i not in errors and i not in pending:

@@ -1,6 +1,6 @@
 """Scale: indexing speed, the fit loop, memory and /health during a fit with a real Label Studio; RQ workers.
 
-Usage: python bench/scale.py [--sizes 2000 5000 20000] [--runtime-images 128] [--worker-images 200]
+Usage: python bench/scale.py [--sizes 2000 5000 20000] [--runtime-images 384] [--worker-images 200]
                              [--skip-runtime] [--skip-workers] [--work-dir DIR] [--out bench/results/scale.json]
 
 ``--skip-runtime --skip-workers`` re-measures only the sizes (fit loop, memory, /health during a fit) and merges
@@ -12,8 +12,10 @@ image content) in DIR across runs: a rerun writes no image and embeds none, so t
 re-measured in minutes. Such a size's indexing is marked ``"index_cached": true`` and left out of the indexing
 speed.
 
-1. Runtime alone: the server's backbone (EMBEDDING_RUNTIME=auto, whatever it picks here) and eager torch fp32 on the
-   same decoded Fashion-MNIST images, in chunks of the indexing chunk size.
+1. Runtime alone: the server's backbone (EMBEDDING_RUNTIME=auto, whatever it picks here, with as many callers at once
+   as it runs in the server), ONNX Runtime as one run on every core, and eager torch fp32, on the same decoded
+   Fashion-MNIST images, in chunks of the indexing chunk size. The ratio's denominator is the fastest of the first
+   two.
 2. Per size n: a fresh Label Studio project of n Fashion-MNIST tasks and a fresh `vlm-al serve` (defaults, jobs on
    in-process threads). Connecting the backend starts the index; end-to-end indexing speed is n over the time from
    the connection to the last embedding (from /metrics). Then two rounds of: annotate 10 tasks through Label
@@ -42,6 +44,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -110,20 +113,44 @@ class RssSampler:
 
 
 def runtime_alone(images: list[Any], cache_dir: Path) -> dict[str, Any]:
+    """Images per second of each runtime on decoded images, in chunks of the indexing chunk size, with as many
+    callers at once as the backbone wants (``concurrent_runs``, as a FeatureExtractor runs it): the server's
+    choice (auto), ONNX Runtime as one run on every core, and eager torch fp32."""
     from backend.features import FEATURE_CHUNK
-    from model.runtime import create_backbone
+    from model.backbone_spec import IMAGENET_PACKAGE
+    from model.runtime import OnnxRuntimeBackbone, TimmExportSpec, create_backbone, find_cached_export
 
+    def one_run() -> Any:  # after auto: its export is cached
+        export = find_cached_export(TimmExportSpec("efficientnet_lite0", IMAGENET_PACKAGE, 224), cache_dir)
+        assert export is not None, "the auto backbone exports first"
+        return OnnxRuntimeBackbone.from_export(export, parallel_runs=False)
+
+    builders = {
+        "auto": lambda: create_backbone("timm:efficientnet_lite0", runtime="auto", cache_dir=cache_dir, device="cpu"),
+        "onnxruntime_one_run": one_run,
+        "torch": lambda: create_backbone("timm:efficientnet_lite0", runtime="torch", cache_dir=cache_dir,
+                                         device="cpu"),
+    }
+    chunks = [images[start : start + FEATURE_CHUNK] for start in range(0, len(images), FEATURE_CHUNK)]
     out: dict[str, Any] = {}
-    for label, runtime in (("auto", "auto"), ("torch", "torch")):
-        backbone = create_backbone("timm:efficientnet_lite0", runtime=runtime, cache_dir=cache_dir, device="cpu")
+    for label, build in builders.items():
+        if label == "onnxruntime_one_run" and out["auto"]["concurrent_runs"] == 1:
+            continue  # auto already is one run (eager torch, or a single core)
+        backbone = build()
         backbone.embed_and_logits(images[:8])  # warm-up (and the ONNX export, once)
+        callers = int(getattr(backbone, "concurrent_runs", 1))
         started = time.perf_counter()
-        for start in range(0, len(images), FEATURE_CHUNK):
-            backbone.embed_and_logits(images[start : start + FEATURE_CHUNK])
+        with ThreadPoolExecutor(callers) as pool:
+            list(pool.map(backbone.embed_and_logits, chunks))
         seconds = time.perf_counter() - started
         out[label] = {"images_per_s": round(len(images) / seconds, 1), "name": backbone.name,
-                      "runtime": type(backbone).__name__}
+                      "runtime": type(backbone).__name__, "concurrent_runs": callers}
     return out
+
+
+def fastest_runtime(alone: dict[str, Any]) -> str:
+    """The label of the fastest correct runtime measured alone (not eager torch, the reference)."""
+    return max((label for label in alone if label != "torch"), key=lambda label: alone[label]["images_per_s"])
 
 
 # --- Label Studio projects ----------------------------------------------------------------------------------------
@@ -405,9 +432,10 @@ def summarise(result: dict[str, Any], sizes_run: list[int]) -> None:
         indexed = sum(s["n_tasks"] for s in embedded) / sum(s["index_seconds"] for s in embedded)
         result["indexing"] = {
             "end_to_end_images_per_s": round(indexed, 1),  # every size's images over every size's indexing time
-            "runtime_alone_images_per_s": alone["auto"]["images_per_s"],
+            "runtime_alone_images_per_s": alone[fastest_runtime(alone)]["images_per_s"],
             "eager_torch_images_per_s": alone["torch"]["images_per_s"],
-            "runtime": alone["auto"]["runtime"],
+            "runtime": alone[fastest_runtime(alone)]["runtime"],
+            "runtime_alone_layout": fastest_runtime(alone),
             "load_average": first["load_after_index"],
         }
     result["fit_loop_seconds"] = {
@@ -430,7 +458,7 @@ def summarise(result: dict[str, Any], sizes_run: list[int]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[2000, 5000])
-    parser.add_argument("--runtime-images", type=int, default=128)
+    parser.add_argument("--runtime-images", type=int, default=384)
     parser.add_argument("--worker-images", type=int, default=200)
     parser.add_argument("--skip-workers", action="store_true",
                         help="keep the workers figures of --out instead of measuring them")

@@ -149,12 +149,18 @@ class _SessionSpy:
         return self.inner.get_outputs()
 
 
-def test_session_does_not_spin_and_uses_the_given_threads(fast):
+def test_session_does_not_spin_and_uses_the_given_threads(fast, eager, cache_dir):
+    """On a CPU the given threads become concurrent single-threaded runs (a FeatureExtractor runs that many), or,
+    asked for, one run on every thread."""
     options = fast._session.get_session_options()
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     assert options.enable_cpu_mem_arena  # small batches keep it small; without it runs page-fault their buffers
-    assert options.intra_op_num_threads == 2
+    assert (options.intra_op_num_threads, fast.concurrent_runs) == (1, 2)
     assert fast.providers == ["CPUExecutionProvider"]
+    one_run = OnnxRuntimeBackbone.from_export(
+        runtime.find_cached_export(runtime.TimmExportSpec.of(eager), cache_dir), threads=2, parallel_runs=False)
+    assert (one_run._session.get_session_options().intra_op_num_threads, one_run.concurrent_runs) == (2, 1)
+    assert runtime.cpu_run_layout(3) == runtime.CpuRunLayout(threads_per_run=1, concurrent_runs=3)
 
 
 def test_second_construction_reads_the_cache_without_exporting(fast, cache_dir, count_exports):

@@ -140,6 +140,25 @@ def test_indexing_embeds_a_page_of_tasks_while_the_next_is_listed(fake_ls, make_
     assert [int(t) for t in parts.backend.state(PROJECT_ID).task_list().ids] == list(range(1, 41))
 
 
+@pytest.mark.parametrize("concurrent_runs", [1, 2])
+def test_as_many_forward_passes_run_at_once_as_the_backbone_wants(fake_ls, make_config, make_backend, monkeypatch,
+                                                                   concurrent_runs):
+    """A backbone's ``concurrent_runs`` (an ONNX Runtime CPU session: one per core) is how many chunks embed at
+    once; without it, one."""
+    monkeypatch.setattr(features_module, "FEATURE_CHUNK", 8)
+    if concurrent_runs > 1:
+        monkeypatch.setattr(FakeBackbone, "concurrent_runs", concurrent_runs, raising=False)
+    add_tasks(fake_ls, 48)
+    parts = make_backend(make_config(push_predictions=False))
+    timeline = Timeline()
+    instrument(monkeypatch, parts, timeline, embed_seconds=0.15)
+    parts.backend.run_index(PROJECT_ID)
+    assert counter_value(parts.backend, "vlm_al_embeddings_computed_total") == 48 and len(timeline.embeds) == 6
+    most_at_once = max(sum(1 for start, end in timeline.embeds if start <= moment < end)
+                       for moment, _ in timeline.embeds)
+    assert most_at_once == concurrent_runs
+
+
 def test_predict_during_indexing_never_embeds_an_image_twice(fake_ls, make_config, make_backend, monkeypatch):
     monkeypatch.setattr(features_module, "FEATURE_CHUNK", 8)
     add_tasks(fake_ls, 40)
