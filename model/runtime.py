@@ -140,9 +140,9 @@ class CpuRunLayout:
 
 def cpu_run_layout(threads: int | None, parallel_runs: bool = True) -> CpuRunLayout:
     """One thread per run and as many runs as cores (``parallel_runs``), or one run on every core. Parallel runs
-    never wait on each other inside an operator: with decoding on the same 2 cores, an offline probe embedded 180
-    images/s that way against 161 with one two-threaded run, while on decoded images alone both ran alike
-    (185 and 191)."""
+    never wait on each other inside an operator: on 2 cores they embedded 207.8 images/s against 177.2 for one
+    two-threaded run (bench/scale.py, runtime alone), and 180 against 161 with decoding on the same cores (an
+    offline probe)."""
     cores = int(threads or default_threads())
     return CpuRunLayout(1, cores) if parallel_runs else CpuRunLayout(cores, 1)
 
