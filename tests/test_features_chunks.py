@@ -54,13 +54,19 @@ def instrument(monkeypatch, parts, timeline: Timeline, embed_seconds: float) -> 
     monkeypatch.setattr(parts.backbone, "embed", embed)
 
 
-def test_indexing_works_in_chunks_and_downloads_while_it_computes(fake_ls, make_config, make_backend, monkeypatch):
+def index_48_tasks_in_chunks_of_8(fake_ls, make_config, make_backend, monkeypatch) -> tuple[object, Timeline]:
+    """Index 48 tasks, 8 per chunk, with a backbone that takes 0.15 s per chunk; the backend and its timeline."""
     monkeypatch.setattr(features_module, "FEATURE_CHUNK", 8)
     add_tasks(fake_ls, 48)
     parts = make_backend(make_config(push_predictions=False))
     timeline = Timeline()
     instrument(monkeypatch, parts, timeline, embed_seconds=0.15)
     parts.backend.run_index(PROJECT_ID)
+    return parts, timeline
+
+
+def test_indexing_works_in_chunks_and_downloads_while_it_computes(fake_ls, make_config, make_backend, monkeypatch):
+    parts, timeline = index_48_tasks_in_chunks_of_8(fake_ls, make_config, make_backend, monkeypatch)
     assert counter_value(parts.backend, "vlm_al_embeddings_computed_total") == 48
     assert len(fake_ls.downloads) == 48
     assert len(timeline.embeds) == 6  # one call per chunk of 8
@@ -145,14 +151,9 @@ def test_as_many_forward_passes_run_at_once_as_the_backbone_wants(fake_ls, make_
                                                                    concurrent_runs):
     """A backbone's ``concurrent_runs`` (an ONNX Runtime CPU session: one per core) is how many chunks embed at
     once; without it, one."""
-    monkeypatch.setattr(features_module, "FEATURE_CHUNK", 8)
     if concurrent_runs > 1:
         monkeypatch.setattr(FakeBackbone, "concurrent_runs", concurrent_runs, raising=False)
-    add_tasks(fake_ls, 48)
-    parts = make_backend(make_config(push_predictions=False))
-    timeline = Timeline()
-    instrument(monkeypatch, parts, timeline, embed_seconds=0.15)
-    parts.backend.run_index(PROJECT_ID)
+    parts, timeline = index_48_tasks_in_chunks_of_8(fake_ls, make_config, make_backend, monkeypatch)
     assert counter_value(parts.backend, "vlm_al_embeddings_computed_total") == 48 and len(timeline.embeds) == 6
     most_at_once = max(sum(1 for start, end in timeline.embeds if start <= moment < end)
                        for moment, _ in timeline.embeds)
