@@ -511,7 +511,7 @@ class FeatureExtractor:
             work = sorted(result.pending)
             chunks = [work[i : i + FEATURE_CHUNK] for i in range(0, len(work), FEATURE_CHUNK)]
             waiting: list[str] = []
-            # Each call has its own two threads: /predict never queues behind an index job's chunks.
+            # Each call has its own threads: /predict never queues behind an index job's chunks.
             with ThreadPoolExecutor(min(self._chunks_in_flight, len(chunks)),
                                     thread_name_prefix="vlm-al-chunk") as pipeline:
                 done = list(pipeline.map(lambda chunk: self._claimed_chunk(project_id, tasks, chunk, labeling, client),
