@@ -624,7 +624,7 @@ class MLBackend:
         self, project_id: int, client: LabelStudioAPI, labeling: ProjectLabeling
     ) -> list[dict[str, Any]]:
         """Every task of the project, each page's images embedded while Label Studio lists the next page: listing
-        is Label Studio's slowest answer (5,000 tasks took 12.5 s here, before the first embedding when serial)."""
+        is Label Studio's slowest answer, and when it was serial all of it came before the first embedding."""
         tasks: list[dict[str, Any]] = []
         pages = client.task_pages(project_id)
         with ThreadPoolExecutor(1, thread_name_prefix=f"vlm-al-list-{project_id}") as lister:

@@ -68,7 +68,7 @@ class ImagePreprocessing:
             raise ModelInputError(f"expected a PIL image, got {type(image).__name__}")
         resized = image.convert("RGB").resize((self.image_size, self.image_size), INTERPOLATIONS[self.interpolation])
         # In place on the (size, size, 3) copy, then one transposing copy: the same operations in the same order
-        # as on (3, size, size), so the same bits, at 0.65x the time of the allocating version.
+        # as on (3, size, size), so the same bits, with fewer temporary arrays than the allocating version.
         pixels = np.array(resized, dtype=np.float32)
         pixels /= np.float32(255.0)
         pixels -= self._mean_hwc  # type: ignore[attr-defined]

@@ -70,8 +70,8 @@ CPU_BATCH_SIZE = 64
 CUDA_BATCH_SIZE = 256
 ONNX_CPU_BATCH_SIZE = 4
 """Images per ONNX Runtime run on a CPU. Small batches keep a layer's activations in cache and the session's memory
-arena small: efficientnet_lite0 at 224 px on 2 cores ran about 1.7x faster in batches of 2-4 than of 64 without an
-arena, and 1-4 were within noise (interleaved, medians of 4)."""
+arena small: efficientnet_lite0 at 224 px on 2 cores ran 1.69x faster in runs of 4 than of 64 without an arena
+(bench/results/onnx_cpu_layout.json)."""
 _FIDELITY_CHUNK = 3
 """The fidelity check runs the export in batches of 3 (the export's example has 2): the batch axis is dynamic."""
 
@@ -141,8 +141,8 @@ class CpuRunLayout:
 def cpu_run_layout(threads: int | None, parallel_runs: bool = True) -> CpuRunLayout:
     """One thread per run and as many runs as cores (``parallel_runs``), or one run on every core. Parallel runs
     never wait on each other inside an operator: on 2 cores they embedded 207.8 images/s against 177.2 for one
-    two-threaded run (bench/scale.py, runtime alone), and 180 against 161 with decoding on the same cores (an
-    offline probe)."""
+    two-threaded run (bench/results/scale_local_files.json, runtime alone), and 1.13x as fast with decoding on the
+    same cores (bench/results/onnx_cpu_layout.json, whose rounds vary widely)."""
     cores = int(threads or default_threads())
     return CpuRunLayout(1, cores) if parallel_runs else CpuRunLayout(cores, 1)
 
@@ -579,7 +579,8 @@ def make_session(
     # The CPU memory arena keeps the largest run's activations for the session's life: +450 MB RSS after batches of
     # 64 at 224 px, about 35 MB in the runs of ONNX_CPU_BATCH_SIZE images a backbone session gets. Without it every
     # run allocates afresh, and under the server's heap settings (backend.memory: blocks of 16 MB or more are
-    # mmapped) a run's largest activations are mapped and page-faulted anew each time: the backbone ran at 0.6-0.8x.
+    # mmapped) a run's largest activations are mapped and page-faulted anew each time: the backbone ran at 0.61x
+    # (bench/results/onnx_cpu_layout.json).
     options.enable_cpu_mem_arena = memory_arena
     options.log_severity_level = 3  # errors only
     source = model if isinstance(model, bytes) else str(model)

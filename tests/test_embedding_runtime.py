@@ -322,6 +322,26 @@ def test_benchmark_script_writes_speed_ratio_and_cosine(tmp_path):
     assert {"load_average_before", "machine", "model_only"} <= set(result)
 
 
+@pytest.mark.bench
+def test_layout_benchmark_measures_every_configuration_in_its_own_process(tmp_path):
+    """bench/onnx_cpu_layout.py: each configuration (batch size, arena under the server's heap settings, one run or
+    parallel runs with decoding) runs in a child and lands in the file with the ratios the README quotes."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "onnx_cpu_layout.json"
+    subprocess.run([sys.executable, str(root / "bench" / "onnx_cpu_layout.py"), "--out", str(out), "--images", "16",
+                    "--rounds", "1"], check=True, cwd=root, timeout=600)
+    result = json.loads(out.read_text())
+    assert set(result["median_images_per_s"]) == set(result["configurations"]) == {
+        "batch_64", "batch_4", "server_heap_no_arena", "server_heap_arena", "decoding_one_run",
+        "decoding_parallel_runs"}
+    assert all(len(rates) == 1 and rates[0] > 0 for rates in result["images_per_s_per_round"].values())
+    assert set(result["ratios_of_medians"]) == {"batch_4_over_64", "arena_over_no_arena_under_server_heap",
+                                                "parallel_runs_over_one_run_with_decoding"}
+
+
 def test_numpy_preprocessing_is_bit_identical_to_the_torch_formula(eager, photos):
     """Cached embeddings are keyed by the backbone's name: the faster numpy preprocessing must not move them."""
     rng = np.random.default_rng(3)
