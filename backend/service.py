@@ -7,7 +7,8 @@ import hashlib
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -52,6 +53,8 @@ logger = logging.getLogger(__name__)
 
 MAX_QUEUED_PREDICT_BATCHES = 2
 """Per project: /predict batches whose missing features may wait for the project's worker at a time."""
+INDEX_PAGES_IN_FLIGHT = 2
+"""Pages of the task list an index job embeds at once (see MLBackend._list_and_embed)."""
 HANDLED_FIT_EVENTS = frozenset({"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED", "START_TRAINING"})
 TASK_LIST_EVENTS = frozenset({"TASKS_CREATED", "TASKS_DELETED"})
 
@@ -624,15 +627,25 @@ class MLBackend:
         self, project_id: int, client: LabelStudioAPI, labeling: ProjectLabeling
     ) -> list[dict[str, Any]]:
         """Every task of the project, each page's images embedded while Label Studio lists the next page: listing
-        is Label Studio's slowest answer, and when it was serial all of it came before the first embedding."""
+        is Label Studio's slowest answer, and when it was serial all of it came before the first embedding.
+
+        Two pages are embedded at once (INDEX_PAGES_IN_FLIGHT): a page's last chunks run their forward passes
+        while the next page's first chunks are downloaded and decoded, so the backbone never waits at a page's
+        end for the next page to be prepared."""
         tasks: list[dict[str, Any]] = []
         pages = client.task_pages(project_id)
-        with ThreadPoolExecutor(1, thread_name_prefix=f"vlm-al-list-{project_id}") as lister:
+        embedding: deque[Future[Any]] = deque()
+        with ThreadPoolExecutor(1, thread_name_prefix=f"vlm-al-list-{project_id}") as lister, \
+                ThreadPoolExecutor(INDEX_PAGES_IN_FLIGHT, thread_name_prefix=f"vlm-al-page-{project_id}") as pager:
             upcoming = lister.submit(next, pages, None)
             while (page := upcoming.result()) is not None:
                 upcoming = lister.submit(next, pages, None)
-                self.extractor.features(project_id, page, labeling, client)
+                if len(embedding) == INDEX_PAGES_IN_FLIGHT:
+                    embedding.popleft().result()
+                embedding.append(pager.submit(self.extractor.features, project_id, page, labeling, client))
                 tasks.extend(page)
+            while embedding:
+                embedding.popleft().result()
         return tasks
 
     def _push(

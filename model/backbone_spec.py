@@ -39,7 +39,11 @@ class ImagePreprocessing:
     """What a timm backbone does to an image before its forward pass: resize to ``image_size`` squared (no crop:
     objects often fill the frame), scale to [0, 1] and normalise per channel. Computed in numpy: the same float32
     operations as in torch (bit-identical), without torch's per-operation overhead on a busy CPU (about 15x faster).
-    Plain values, so an ONNX export carries them and a process without torch preprocesses alike."""
+    Plain values, so an ONNX export carries them and a process without torch preprocesses alike.
+
+    A channel's output depends only on its input byte, so the float32 formula is evaluated once per channel for all
+    256 bytes (``_byte_values``) and an image is one table lookup per channel: the same bits as computing it per
+    pixel, in about a third of the time (indexing preprocesses every image of a project)."""
 
     image_size: int
     mean: tuple[float, float, float]
@@ -51,8 +55,13 @@ class ImagePreprocessing:
             raise ModelInputError(f"interpolation must be one of {sorted(INTERPOLATIONS)}, got {self.interpolation!r}")
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
-        object.__setattr__(self, "_mean_hwc", np.asarray(self.mean, dtype=np.float32))
-        object.__setattr__(self, "_std_hwc", np.asarray(self.std, dtype=np.float32))
+        mean = np.asarray(self.mean, dtype=np.float32)[:, None]
+        std = np.asarray(self.std, dtype=np.float32)[:, None]
+        # (byte / 255 - mean) / std in float32, in torch's order: (3, 256), row c = channel c's value of each byte
+        byte_values = np.arange(256, dtype=np.float32)[None, :] / np.float32(255.0)
+        byte_values = (byte_values - mean) / std
+        byte_values.setflags(write=False)
+        object.__setattr__(self, "_byte_values", byte_values)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ImagePreprocessing:
@@ -67,15 +76,12 @@ class ImagePreprocessing:
         if not isinstance(image, Image.Image):
             raise ModelInputError(f"expected a PIL image, got {type(image).__name__}")
         resized = image.convert("RGB").resize((self.image_size, self.image_size), INTERPOLATIONS[self.interpolation])
-        # In place on the (size, size, 3) copy, then one transposing copy: the same operations in the same order
-        # as on (3, size, size), so the same bits, with fewer temporary arrays than the allocating version.
-        pixels = np.array(resized, dtype=np.float32)
-        pixels /= np.float32(255.0)
-        pixels -= self._mean_hwc  # type: ignore[attr-defined]
-        pixels /= self._std_hwc  # type: ignore[attr-defined]
         if out is None:
-            return np.ascontiguousarray(pixels.transpose(2, 0, 1))
-        out[...] = pixels.transpose(2, 0, 1)
+            out = np.empty((3, self.image_size, self.image_size), dtype=np.float32)
+        byte_values: np.ndarray = self._byte_values  # type: ignore[attr-defined]
+        for channel, band in enumerate(resized.split()):
+            # mode="clip": bytes are always in range, and the default mode would buffer the output
+            np.take(byte_values[channel], np.asarray(band), out=out[channel], mode="clip")
         return out
 
     def batch(self, images: Sequence[Image.Image]) -> np.ndarray:

@@ -345,8 +345,10 @@ def test_layout_benchmark_measures_every_configuration_in_its_own_process(tmp_pa
 def test_numpy_preprocessing_is_bit_identical_to_the_torch_formula(eager, photos):
     """Cached embeddings are keyed by the backbone's name: the faster numpy preprocessing must not move them."""
     rng = np.random.default_rng(3)
+    every_byte = (np.arange(SIZE * SIZE * 3) % 256).astype(np.uint8).reshape(SIZE, SIZE, 3)  # kept by the resize
     images = photos + [Image.fromarray(rng.integers(0, 256, (37, 91, 4), dtype=np.uint8), "RGBA"),
-                       Image.fromarray(rng.integers(0, 256, (300, 20), dtype=np.uint8), "L")]
+                       Image.fromarray(rng.integers(0, 256, (300, 20), dtype=np.uint8), "L"),
+                       Image.fromarray(every_byte, "RGB")]
     mean = torch.tensor(eager.preprocessing.mean).reshape(3, 1, 1)
     std = torch.tensor(eager.preprocessing.std).reshape(3, 1, 1)
     for image in images:

@@ -146,6 +146,27 @@ def test_indexing_embeds_a_page_of_tasks_while_the_next_is_listed(fake_ls, make_
     assert [int(t) for t in parts.backend.state(PROJECT_ID).task_list().ids] == list(range(1, 41))
 
 
+def test_the_next_page_is_downloaded_while_a_page_runs_its_forward_pass(fake_ls, make_config, make_backend,
+                                                                       monkeypatch):
+    """Pages of one chunk each: the backbone does not wait at a page's end for the next page's downloads."""
+    from backend import ls_client
+
+    monkeypatch.setattr(ls_client, "TASK_PAGE_SIZE", 8)
+    monkeypatch.setattr(features_module, "FEATURE_CHUNK", 8)
+    add_tasks(fake_ls, 32)
+    parts = make_backend(make_config(push_predictions=False))
+    timeline = Timeline()
+    instrument(monkeypatch, parts, timeline, embed_seconds=0.15)
+    parts.backend.run_index(PROJECT_ID)
+    assert counter_value(parts.backend, "vlm_al_embeddings_computed_total") == 32 and len(timeline.embeds) == 4
+    overlapped = [t for t in timeline.downloads if any(start < t < end for start, end in timeline.embeds)]
+    assert overlapped, "each page was downloaded only after the previous page's forward pass"
+    most_at_once = max(sum(1 for start, end in timeline.embeds if start <= moment < end)
+                       for moment, _ in timeline.embeds)
+    assert most_at_once == 1  # two pages in flight, still the backbone's one forward pass at a time
+    assert [int(t) for t in parts.backend.state(PROJECT_ID).task_list().ids] == list(range(1, 33))
+
+
 @pytest.mark.parametrize("concurrent_runs", [1, 2])
 def test_as_many_forward_passes_run_at_once_as_the_backbone_wants(fake_ls, make_config, make_backend, monkeypatch,
                                                                    concurrent_runs):
