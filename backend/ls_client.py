@@ -31,6 +31,8 @@ logger = logging.getLogger(__name__)
 TASK_PAGE_SIZE = 500
 TASK_FIELDS_READ = ("id", "data", "annotations")
 """What the backend reads of a listed task; the other fields are dropped page by page."""
+TASK_COUNTS_READ = ("total_annotations", "cancelled_annotations")
+"""What the backend reads of a task listed without its annotations, beside its id and data."""
 # One import/predictions request per project is the fast way (section 5 of the protocol notes); give it time.
 PUSH_TIMEOUT_SECONDS = 600.0
 DEFAULT_DOWNLOAD_TIMEOUT_SECONDS = 30.0
@@ -50,7 +52,7 @@ class LabelStudioAPI(Protocol):
 
     def fetch_tasks(self, project_id: int) -> list[dict[str, Any]]: ...
 
-    def task_pages(self, project_id: int) -> Iterator[list[dict[str, Any]]]: ...
+    def task_pages(self, project_id: int, annotations: bool = True) -> Iterator[list[dict[str, Any]]]: ...
 
     def fetch_annotated_tasks(self, project_id: int) -> list[dict[str, Any]]: ...
 
@@ -157,26 +159,31 @@ class LabelStudioClient:
         """All tasks of the project with their annotations (only ``TASK_FIELDS_READ`` of each)."""
         return [task for page in self.task_pages(project_id) for task in page]
 
-    def task_pages(self, project_id: int) -> Iterator[list[dict[str, Any]]]:
+    def task_pages(self, project_id: int, annotations: bool = True) -> Iterator[list[dict[str, Any]]]:
         """The project's tasks with their annotations, a page of TASK_PAGE_SIZE at a time, each page requested
-        when the one before has been consumed (only ``TASK_FIELDS_READ`` of each task)."""
+        when the one before has been consumed (only ``TASK_FIELDS_READ`` of each task).
+
+        ``annotations=False``: Label Studio's ``task_only`` listing, each task with its annotation counts
+        (``TASK_COUNTS_READ``) instead of its annotations. Label Studio then serialises no annotations and no
+        predictions: 16.9 s against 26.9 s for 10k tasks in the measured protocol notes (shared/), with the
+        predictions of several versions stored."""
+        fields, kept = ("all", TASK_FIELDS_READ) if annotations else ("task_only", ("id", "data", *TASK_COUNTS_READ))
         listed = 0
         page = 1
         while True:
             response = self._http.request(
                 "api/tasks/",
                 method="GET",
-                params={"project": int(project_id), "fields": "all", "page": page, "page_size": TASK_PAGE_SIZE},
+                params={"project": int(project_id), "fields": fields, "page": page, "page_size": TASK_PAGE_SIZE},
             )
             if response.status_code == 404 and page > 1:
                 return  # past the last page
             _raise_for_status(response, f"GET /api/tasks?project={project_id}&page={page}")
             body = response.json()
             batch = body.get("tasks", []) if isinstance(body, dict) else body
-            # Label Studio sends ~30 fields per task (drafts, predictions, timestamps, …); the backend reads these
-            # three, and a listing of a large project is held while it is indexed.
-            tasks = [{k: task[k] for k in TASK_FIELDS_READ if k in task} if isinstance(task, dict) else task
-                     for task in batch]
+            # Label Studio sends ~30 fields per task (drafts, predictions, timestamps, …); the backend reads a
+            # few, and a listing of a large project is held while it is indexed.
+            tasks = [{k: task[k] for k in kept if k in task} if isinstance(task, dict) else task for task in batch]
             listed += len(tasks)
             if tasks:
                 yield tasks

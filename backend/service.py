@@ -7,8 +7,8 @@ import hashlib
 import logging
 import threading
 import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from concurrent.futures import TimeoutError as FutureTimeout
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -34,7 +34,7 @@ from backend.features import (
 )
 from backend.jobs import JobRunner, JobStateCollector, ThreadJobRunner
 from backend.label_config import LabelConfigError, ProjectLabeling, task_labels
-from backend.ls_client import LabelStudioAPI, LabelStudioClientFactory, LabelStudioError
+from backend.ls_client import TASK_COUNTS_READ, LabelStudioAPI, LabelStudioClientFactory, LabelStudioError
 from backend.memory import bound_heap_growth, keep_triton_out, release_free_heap
 from backend.metrics import BackendMetrics
 from backend.multilabel import MultiLabelProjects, is_multilabel
@@ -633,19 +633,23 @@ class MLBackend:
         while the next page's first chunks are downloaded and decoded, so the backbone never waits at a page's
         end for the next page to be prepared."""
         tasks: list[dict[str, Any]] = []
-        pages = client.task_pages(project_id)
-        embedding: deque[Future[Any]] = deque()
+        pages = client.task_pages(project_id, annotations=False)  # images need no annotations: listed after
+        embedding: set[Future[Any]] = set()
         with ThreadPoolExecutor(1, thread_name_prefix=f"vlm-al-list-{project_id}") as lister, \
                 ThreadPoolExecutor(INDEX_PAGES_IN_FLIGHT, thread_name_prefix=f"vlm-al-page-{project_id}") as pager:
             upcoming = lister.submit(next, pages, None)
             while (page := upcoming.result()) is not None:
                 upcoming = lister.submit(next, pages, None)
                 if len(embedding) == INDEX_PAGES_IN_FLIGHT:
-                    embedding.popleft().result()
-                embedding.append(pager.submit(self.extractor.features, project_id, page, labeling, client))
+                    # whichever page is done first (the backbone may have taken the later page's chunks first)
+                    done, embedding = wait_futures(embedding, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        future.result()
+                embedding.add(pager.submit(self.extractor.features, project_id, page, labeling, client))
                 tasks.extend(page)
-            while embedding:
-                embedding.popleft().result()
+            for future in embedding:
+                future.result()
+        _attach_annotations(client, project_id, tasks)
         return tasks
 
     def _push(
@@ -977,3 +981,25 @@ def _required_project(data: Mapping[str, Any]) -> Any:
     if project is None:
         raise InvalidInput("the webhook body has no 'project'")
     return project
+
+
+def _attach_annotations(client: LabelStudioAPI, project_id: int, tasks: list[dict[str, Any]]) -> None:
+    """Give tasks listed without annotations (with their counts) their annotations, from Label Studio's export of
+    the annotated tasks only, whose cost grows with the annotations, not with the project. A task whose listing
+    says nothing of its annotations counts as possibly annotated."""
+
+    def maybe_annotated(task: Mapping[str, Any]) -> bool:
+        if task.get("annotations"):
+            return True
+        counts = [task[name] for name in TASK_COUNTS_READ if name in task]
+        if not counts:
+            return "annotations" not in task
+        return any(not isinstance(count, int) or count > 0 for count in counts)
+
+    annotated = any(maybe_annotated(task) for task in tasks)
+    exported = client.fetch_annotated_tasks(project_id) if annotated else []
+    annotations = {task["id"]: task.get("annotations") or [] for task in exported if isinstance(task, dict)}
+    for task in tasks:
+        for name in TASK_COUNTS_READ:
+            task.pop(name, None)
+        task["annotations"] = annotations.get(task.get("id"), [])

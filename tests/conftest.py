@@ -129,6 +129,8 @@ class FakeLabelStudio:
     """Predictions saved by each "Retrieve predictions" action, as the connected backend's /predict gave them."""
     requests: list[str] = field(default_factory=list)
     """Every API path called (images excluded), in order."""
+    listed_fields: list[str] = field(default_factory=list)
+    """The ``fields`` asked by each task-list request (Label Studio's default: task_only)."""
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add_task(self, task_id: int, fine: str | None, jitter: int = 0, image: bytes | None = None) -> dict[str, Any]:
@@ -182,6 +184,13 @@ class FakeLabelStudio:
             chunk = self.tasks[(page - 1) * size : page * size]
             if page > 1 and not chunk:
                 return jsonify(detail="Invalid page."), 404
+            with self.lock:
+                self.listed_fields.append(request.args.get("fields", "task_only"))
+            if request.args.get("fields", "task_only") != "all":  # Label Studio's default: counts, no annotations
+                chunk = [{**{k: v for k, v in task.items() if k not in ("annotations", "predictions")},
+                          "total_annotations": sum(not a.get("was_cancelled") for a in task["annotations"]),
+                          "cancelled_annotations": sum(bool(a.get("was_cancelled")) for a in task["annotations"])}
+                         for task in chunk]
             return jsonify(tasks=chunk, total=len(self.tasks), total_annotations=0, total_predictions=0)
 
         @app.get("/api/projects/<int:pid>/export")
