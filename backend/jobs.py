@@ -29,6 +29,16 @@ JobFinished = Callable[[str, "BaseException | None", float], None]
 
 JOB_STATES = ("queued", "running", "failed")
 
+SHORT_DEBOUNCE_SECONDS: Mapping[str, float] = {"index": 0.5}
+"""Kinds debounced for at most this long, not the runner's debounce (sized for a burst of annotation webhooks).
+Label Studio calls /setup twice when a backend is connected, about 0.1 s apart (the first call queues the
+index): a longer wait only delays the first embeddings and the cold-start queue."""
+
+
+def debounce_seconds_of(kind: str, debounce_seconds: float) -> float:
+    """How long a submit of ``kind`` waits for quiet on a runner whose debounce is ``debounce_seconds``."""
+    return min(debounce_seconds, SHORT_DEBOUNCE_SECONDS.get(kind, debounce_seconds))
+
 
 @dataclass(frozen=True)
 class NamedJob:
@@ -186,7 +196,8 @@ class ThreadJobRunner:
             if not state.pending:
                 state.pending = True
                 state.first_submit = now
-            state.due = min(now + self.debounce_seconds, state.first_submit + self.max_delay_seconds)
+            state.due = min(now + debounce_seconds_of(kind, self.debounce_seconds),
+                            state.first_submit + self.max_delay_seconds)
             self._cond.notify_all()
 
     @contextmanager

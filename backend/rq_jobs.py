@@ -41,6 +41,7 @@ from backend.jobs import (
     JobFinished,
     JobHandler,
     NamedJob,
+    debounce_seconds_of,
     job_state_summary,
 )
 
@@ -146,7 +147,7 @@ class RQJobRunner:
         if self._handler is None:
             raise RuntimeError("no job handler bound to the runner")
         pending_key, last_key, first_key = _keys(kind, project_id)
-        self._debounce(last_key, first_key)
+        self._debounce(debounce_seconds_of(kind, self.debounce_seconds), last_key, first_key)
         started = time.monotonic()
         error: BaseException | None = None
         try:
@@ -164,13 +165,13 @@ class RQJobRunner:
                 except Exception:
                     logger.exception("job finish hook failed for %s:%s", kind, project_id)
 
-    def _debounce(self, last_key: str, first_key: str) -> None:
+    def _debounce(self, debounce_seconds: float, last_key: str, first_key: str) -> None:
         while True:
             last, first = self.redis.mget(last_key, first_key)
             now = time.time()
-            last_at = float(last) if last else now - self.debounce_seconds
+            last_at = float(last) if last else now - debounce_seconds
             first_at = float(first) if first else last_at
-            wait = min(last_at + self.debounce_seconds, first_at + self.max_delay_seconds) - now
+            wait = min(last_at + debounce_seconds, first_at + self.max_delay_seconds) - now
             if wait <= 0:
                 return
             time.sleep(min(wait, 0.5))

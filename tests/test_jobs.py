@@ -11,6 +11,7 @@ import pytest
 from filelock import Timeout
 
 from backend.jobs import (
+    SHORT_DEBOUNCE_SECONDS,
     InlineJobRunner,
     JobStateCollector,
     ThreadJobRunner,
@@ -150,6 +151,28 @@ def test_a_steady_stream_still_runs_within_the_max_delay():
             time.sleep(0.03)
         assert runner.wait_idle(timeout=5)
         assert len(runs) >= 2
+    finally:
+        runner.shutdown()
+
+
+def test_an_index_waits_only_its_short_debounce_and_a_fit_the_runners():
+    """Label Studio's two /setup calls at connection are 0.1 s apart: the index need not wait out the debounce sized
+    for a burst of annotation webhooks."""
+    runner = ThreadJobRunner(debounce_seconds=2.0)
+    began: dict[str, float] = {}
+    handlers = Handlers(index=lambda project, params: began.setdefault("index", time.monotonic()),
+                        fit=lambda project, params: began.setdefault("fit", time.monotonic()))
+    runner.bind(handlers)
+    try:
+        submitted = time.monotonic()
+        runner.submit("index", 1)
+        runner.submit("fit", 1)
+        time.sleep(0.1)
+        runner.submit("index", 1)  # the second /setup: the same run
+        assert runner.wait_idle(timeout=10)
+        assert SHORT_DEBOUNCE_SECONDS["index"] <= began["index"] - submitted < 1.5
+        assert began["fit"] - submitted >= 2.0
+        assert [kind for kind, _, _ in handlers.calls] == ["index", "fit"]
     finally:
         runner.shutdown()
 

@@ -141,6 +141,19 @@ def test_the_debounce_waits_for_quiet_before_the_job_reads(redis, monkeypatch):
     assert len(recorder.calls) <= 2
 
 
+def test_an_index_job_waits_only_its_short_debounce(redis, monkeypatch):
+    web = RQJobRunner(redis, 3.0)
+    web.submit("index", 4)
+    started_at: list[float] = []
+    recorder = Recorder(lambda kind, project, params: started_at.append(time.monotonic()))
+    worker_runner = RQJobRunner(redis, 3.0)
+    worker_runner.bind(recorder)
+    began = time.monotonic()
+    run_burst(worker_runner, monkeypatch)
+    assert [c[:2] for c in recorder.calls] == [("index", 4)]
+    assert started_at[0] - began < 2.0  # not the runner's 3 s
+
+
 def test_the_project_lock_is_exclusive_across_connections_and_frees_itself_when_its_holder_dies(
         redis, redis_port, monkeypatch):
     monkeypatch.setattr(rq_jobs, "LOCK_TTL_SECONDS", 1)
