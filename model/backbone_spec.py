@@ -75,7 +75,10 @@ class ImagePreprocessing:
         """A float32 (3, size, size) C-contiguous array; written into ``out`` (a row of a batch) when given."""
         if not isinstance(image, Image.Image):
             raise ModelInputError(f"expected a PIL image, got {type(image).__name__}")
-        resized = image.convert("RGB").resize((self.image_size, self.image_size), INTERPOLATIONS[self.interpolation])
+        # An RGB image of the input size is used as it is: convert and resize would each return a copy of it.
+        rgb = image if image.mode == "RGB" else image.convert("RGB")
+        size = (self.image_size, self.image_size)
+        resized = rgb if rgb.size == size else rgb.resize(size, INTERPOLATIONS[self.interpolation])
         if out is None:
             out = np.empty((3, self.image_size, self.image_size), dtype=np.float32)
         byte_values: np.ndarray = self._byte_values  # type: ignore[attr-defined]

@@ -63,7 +63,8 @@ def decode_image(data: bytes, limits: ImageLimits | None = None) -> Image.Image:
                     f"image is {width}x{height} = {width * height} pixels; the limit is {limits.max_pixels}"
                 )
             image.load()
-            return to_rgb_on_white(ImageOps.exif_transpose(image))
+            ImageOps.exif_transpose(image, in_place=True)  # without an orientation tag no copy is made
+            return to_rgb_on_white(image)
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
