@@ -14,8 +14,8 @@ speed.
 
 1. Runtime alone: the server's backbone (EMBEDDING_RUNTIME=auto, whatever it picks here, with as many callers at once
    as it runs in the server), ONNX Runtime as one run on every core, and eager torch fp32, on the same decoded
-   Fashion-MNIST images, in chunks of the indexing chunk size. The ratio's denominator is the fastest of the first
-   two.
+   Fashion-MNIST images, in chunks of the indexing chunk size; three rounds with the runtimes in turn, each
+   runtime's median kept. The ratio's denominator is the fastest of the first two.
 2. Per size n: a fresh Label Studio project of n Fashion-MNIST tasks and a fresh `vlm-al serve` (defaults, jobs on
    in-process threads). Connecting the backend starts the index; end-to-end indexing speed is n over the time from
    the connection to the last embedding (from /metrics). Then two rounds of: annotate 10 tasks through Label
@@ -61,6 +61,7 @@ from model.datasets import fashion_mnist_hierarchy  # noqa: E402
 from model.io import atomic_write_json  # noqa: E402
 
 LABELS_PER_ROUND = 10
+RUNTIME_ROUNDS = 3
 HEALTH_POLL_S = 0.02
 
 
@@ -112,10 +113,12 @@ class RssSampler:
 # --- 1. the runtime alone ---------------------------------------------------------------------------------------
 
 
-def runtime_alone(images: list[Any], cache_dir: Path) -> dict[str, Any]:
+def runtime_alone(images: list[Any], cache_dir: Path, rounds: int = RUNTIME_ROUNDS) -> dict[str, Any]:
     """Images per second of each runtime on decoded images, in chunks of the indexing chunk size, with as many
     callers at once as the backbone wants (``concurrent_runs``, as a FeatureExtractor runs it): the server's
-    choice (auto), ONNX Runtime as one run on every core, and eager torch fp32."""
+    choice (auto), ONNX Runtime as one run on every core, and eager torch fp32. ``rounds`` rounds, the runtimes
+    taken in turn within each, and each runtime's median: one round lasts a few seconds, and on shared cores a
+    single one swung by a fifth between runs while indexing end to end, which lasts a minute, did not."""
     from backend.features import FEATURE_CHUNK
     from model.backbone_spec import IMAGENET_PACKAGE
     from model.runtime import OnnxRuntimeBackbone, TimmExportSpec, create_backbone, find_cached_export
@@ -132,20 +135,24 @@ def runtime_alone(images: list[Any], cache_dir: Path) -> dict[str, Any]:
                                          device="cpu"),
     }
     chunks = [images[start : start + FEATURE_CHUNK] for start in range(0, len(images), FEATURE_CHUNK)]
-    out: dict[str, Any] = {}
+    backbones: dict[str, Any] = {}
     for label, build in builders.items():
-        if label == "onnxruntime_one_run" and out["auto"]["concurrent_runs"] == 1:
+        if label == "onnxruntime_one_run" and int(getattr(backbones["auto"], "concurrent_runs", 1)) == 1:
             continue  # auto already is one run (eager torch, or a single core)
-        backbone = build()
-        backbone.embed_and_logits(images[:8])  # warm-up (and the ONNX export, once)
-        callers = int(getattr(backbone, "concurrent_runs", 1))
-        started = time.perf_counter()
-        with ThreadPoolExecutor(callers) as pool:
-            list(pool.map(backbone.embed_and_logits, chunks))
-        seconds = time.perf_counter() - started
-        out[label] = {"images_per_s": round(len(images) / seconds, 1), "name": backbone.name,
-                      "runtime": type(backbone).__name__, "concurrent_runs": callers}
-    return out
+        backbones[label] = build()
+        backbones[label].embed_and_logits(images[:8])  # warm-up (and the ONNX export, once)
+    rates: dict[str, list[float]] = {label: [] for label in backbones}
+    for _round in range(rounds):
+        for label, backbone in backbones.items():
+            callers = int(getattr(backbone, "concurrent_runs", 1))
+            started = time.perf_counter()
+            with ThreadPoolExecutor(callers) as pool:
+                list(pool.map(backbone.embed_and_logits, chunks))
+            rates[label].append(round(len(images) / (time.perf_counter() - started), 1))
+    return {label: {"images_per_s": round(statistics.median(rates[label]), 1), "rounds": rates[label],
+                    "name": backbone.name, "runtime": type(backbone).__name__,
+                    "concurrent_runs": int(getattr(backbone, "concurrent_runs", 1))}
+            for label, backbone in backbones.items()}
 
 
 def fastest_runtime(alone: dict[str, Any]) -> str:

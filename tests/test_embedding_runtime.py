@@ -342,6 +342,22 @@ def test_layout_benchmark_measures_every_configuration_in_its_own_process(tmp_pa
                                                 "parallel_runs_over_one_run_with_decoding"}
 
 
+@pytest.mark.bench
+def test_scale_benchmark_measures_the_runtime_alone_in_rounds_and_keeps_the_median(tmp_path, photos, monkeypatch):
+    """bench/scale.py's denominator: every runtime in each round, in turn, and each one's median of the rounds."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    import scale
+
+    alone = scale.runtime_alone([photo.resize((224, 224)) for photo in photos] * 2, tmp_path, rounds=3)
+    assert {"auto", "torch"} <= set(alone)
+    for measured in alone.values():
+        assert len(measured["rounds"]) == 3 and min(measured["rounds"]) > 0
+        assert measured["images_per_s"] == round(float(np.median(measured["rounds"])), 1)
+    assert scale.fastest_runtime(alone) != "torch"
+
+
 def test_numpy_preprocessing_is_bit_identical_to_the_torch_formula(eager, photos):
     """Cached embeddings are keyed by the backbone's name: the faster numpy preprocessing must not move them."""
     rng = np.random.default_rng(3)
