@@ -996,10 +996,11 @@ def _attach_annotations(client: LabelStudioAPI, project_id: int, tasks: list[dic
             return "annotations" not in task
         return any(not isinstance(count, int) or count > 0 for count in counts)
 
-    annotated = any(maybe_annotated(task) for task in tasks)
+    listed = [task for task in tasks if isinstance(task, dict)]  # anything else fails where the list is kept
+    annotated = any(maybe_annotated(task) for task in listed)
     exported = client.fetch_annotated_tasks(project_id) if annotated else []
-    annotations = {task["id"]: task.get("annotations") or [] for task in exported if isinstance(task, dict)}
-    for task in tasks:
+    annotations = {task.get("id"): task.get("annotations") or [] for task in exported if isinstance(task, dict)}
+    for task in listed:
         for name in TASK_COUNTS_READ:
             task.pop(name, None)
         task["annotations"] = annotations.get(task.get("id"), [])
