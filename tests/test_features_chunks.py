@@ -54,6 +54,20 @@ def instrument(monkeypatch, parts, timeline: Timeline, embed_seconds: float) -> 
     monkeypatch.setattr(parts.backbone, "embed", embed)
 
 
+def paged_backend(fake_ls, make_config, make_backend, monkeypatch, n_tasks: int, page_size: int,
+                  embed_seconds: float) -> tuple[object, Timeline]:
+    """A backend (no push) over ``n_tasks`` tasks that Label Studio lists ``page_size`` at a time, its backbone
+    taking ``embed_seconds`` per call, and the timeline of its downloads and embeddings."""
+    from backend import ls_client
+
+    monkeypatch.setattr(ls_client, "TASK_PAGE_SIZE", page_size)
+    add_tasks(fake_ls, n_tasks)
+    parts = make_backend(make_config(push_predictions=False))
+    timeline = Timeline()
+    instrument(monkeypatch, parts, timeline, embed_seconds=embed_seconds)
+    return parts, timeline
+
+
 def index_48_tasks_in_chunks_of_8(fake_ls, make_config, make_backend, monkeypatch) -> tuple[object, Timeline]:
     """Index 48 tasks, 8 per chunk, with a backbone that takes 0.15 s per chunk; the backend and its timeline."""
     monkeypatch.setattr(features_module, "FEATURE_CHUNK", 8)
@@ -121,13 +135,8 @@ def test_a_chunk_is_decoded_and_preprocessed_while_another_runs_its_forward_pass
 
 def test_indexing_embeds_a_page_of_tasks_while_the_next_is_listed(fake_ls, make_config, make_backend, monkeypatch):
     """Label Studio lists a large project slowly: the index embeds each page as it comes, not after the last."""
-    from backend import ls_client
-
-    monkeypatch.setattr(ls_client, "TASK_PAGE_SIZE", 10)
-    add_tasks(fake_ls, 40)
-    parts = make_backend(make_config(push_predictions=False))
-    timeline = Timeline()
-    instrument(monkeypatch, parts, timeline, embed_seconds=0.05)
+    parts, timeline = paged_backend(fake_ls, make_config, make_backend, monkeypatch, n_tasks=40, page_size=10,
+                                    embed_seconds=0.05)
     listed: list[float] = []
     real_pages = LabelStudioClient.task_pages
 
@@ -151,14 +160,9 @@ def test_the_next_page_is_worked_on_while_a_page_runs_its_forward_pass(fake_ls, 
     """Pages of one chunk each: the backbone does not wait at a page's end for the next page to be downloaded and
     decoded. (Each forward pass takes longer than listing a page, even on a loaded machine: the next page is then
     always listed before a forward pass ends.)"""
-    from backend import ls_client
-
-    monkeypatch.setattr(ls_client, "TASK_PAGE_SIZE", 8)
     monkeypatch.setattr(features_module, "FEATURE_CHUNK", 8)
-    add_tasks(fake_ls, 32)
-    parts = make_backend(make_config(push_predictions=False))
-    timeline = Timeline()
-    instrument(monkeypatch, parts, timeline, embed_seconds=0.4)
+    parts, timeline = paged_backend(fake_ls, make_config, make_backend, monkeypatch, n_tasks=32, page_size=8,
+                                    embed_seconds=0.4)
     page_calls: list[float] = []
     real_features = parts.backend.extractor.features
 
