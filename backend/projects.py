@@ -38,7 +38,8 @@ class ProjectContext:
     model_version: str | None = None
     model: Any = None
     indexed_schema: str | None = None
-    """Hash of the label config this process last indexed the project with (/setup comes often)."""
+    """Hash of the label config this process last queued or ran the project's index with (/setup comes often);
+    cleared when an index fails, so the next /setup queues it again."""
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 

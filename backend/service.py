@@ -258,10 +258,10 @@ class MLBackend:
             self._webhook_auth_done.add(project_id)
             self.jobs.submit("webhook-auth", project_id, {"backend_host": backend_host})
         # Label Studio calls /setup on most reads of the ML backend; index once per config, then on TASKS_CREATED.
+        # Marked when queued, so a /setup during a long index queues no second one; a failed index clears it.
         if schema and ctx.indexed_schema != schema_hash(schema) and self._can_reach_label_studio(project_id):
+            ctx.indexed_schema = schema_hash(schema)  # before: an inline runner's failed index clears it
             self.queue_index(project_id)
-            if not self.jobs.in_process:  # the job runs in a worker: enqueuing it is all this process does
-                ctx.indexed_schema = schema_hash(schema)
         if self.config.queue_tab and project_id not in self._queue_tabs and self._can_reach_label_studio(project_id):
             self._queue_tabs.add(project_id)
             self.jobs.submit("queue-tab", project_id)
@@ -563,8 +563,12 @@ class MLBackend:
     def run_index(self, project_id: int) -> None:
         """Embed every task and get its weak label; at cold start, push VLM pre-annotations ranked for diversity."""
         # Same lock as fit: an index push must never interleave with a fit's push and PATCH.
-        with self.jobs.project_lock(project_id, self.state(project_id).lock_path):
-            self._index_locked(project_id)
+        try:
+            with self.jobs.project_lock(project_id, self.state(project_id).lock_path):
+                self._index_locked(project_id)
+        except Exception:
+            self.projects.context(project_id).indexed_schema = None  # the next /setup queues the index again
+            raise
         # What indexing left in memory stays: full collections stop scanning it, so they no longer stall every
         # thread (and /health, which Label Studio gives 1 s) for a time that grows with the project.
         gc.freeze()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -159,6 +160,61 @@ def test_setup_queues_indexing_and_cold_start_pushes_diverse_first_picks(fake_ls
     # a second /setup does not push the same version again
     client.post("/setup", json=setup_body(fake_ls))
     assert len(fake_ls.imports) == 1
+
+
+def test_a_setup_during_a_running_index_queues_no_second_index(fake_ls, make_config, make_backend, monkeypatch):
+    """Label Studio calls /setup before most reads (an annotator opening a task): during a long index that must
+    not queue a second index of the whole project."""
+    add_pool(fake_ls, 3)
+    jobs = ThreadJobRunner(debounce_seconds=0.0)
+    parts = make_backend(make_config(push_predictions=False), jobs=jobs)
+    client = create_app(parts.backend.config, parts.backend).test_client()
+    indexing, release = threading.Event(), threading.Event()
+    runs: list[int] = []
+    real_run_index, real_features = parts.backend.run_index, parts.backend.extractor.features
+
+    def run_index(project_id):
+        runs.append(project_id)
+        return real_run_index(project_id)
+
+    def features(*args, **kwargs):
+        indexing.set()
+        assert release.wait(10)
+        return real_features(*args, **kwargs)
+
+    monkeypatch.setattr(parts.backend, "run_index", run_index)
+    monkeypatch.setattr(parts.backend.extractor, "features", features)
+    try:
+        assert client.post("/setup", json=setup_body(fake_ls)).status_code == 200
+        assert indexing.wait(10)
+        assert client.post("/setup", json=setup_body(fake_ls)).status_code == 200  # while the index runs
+        release.set()
+        assert jobs.wait_idle(timeout=30)
+        assert runs == [PROJECT_ID]
+        assert counter_value(parts.backend, "vlm_al_embeddings_computed_total") == 12
+    finally:
+        release.set()
+        jobs.shutdown()
+
+
+def test_a_failed_index_is_queued_again_by_the_next_setup(fake_ls, make_config, make_backend, monkeypatch):
+    add_pool(fake_ls, 3)
+    parts = make_backend(make_config(push_predictions=False))
+    client = create_app(parts.backend.config, parts.backend).test_client()
+    real_features = parts.backend.extractor.features
+    calls: list[int] = []
+
+    def features_failing_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError("the disk is full")
+        return real_features(*args, **kwargs)
+
+    monkeypatch.setattr(parts.backend.extractor, "features", features_failing_once)
+    assert client.post("/setup", json=setup_body(fake_ls)).status_code == 200  # the inline index fails
+    assert counter_value(parts.backend, "vlm_al_embeddings_computed_total") == 0
+    assert client.post("/setup", json=setup_body(fake_ls)).status_code == 200
+    assert counter_value(parts.backend, "vlm_al_embeddings_computed_total") == 12
 
 
 def annotate_some(fake_ls, per_class: int = 2) -> set[int]:
