@@ -40,7 +40,7 @@ _LOOPBACK_NAMES = {"localhost"}
 _CLOUD_PREFIXES = ("s3://", "gs://", "azure-blob://")
 
 __all__ = ["ImageFetchError", "LabelStudioAPI", "LabelStudioClient", "LabelStudioClientFactory", "LabelStudioError",
-           "check_image_url", "image_request"]
+           "attach_annotations", "check_image_url", "image_request"]
 
 
 class LabelStudioError(RuntimeError):
@@ -325,6 +325,29 @@ class LabelStudioClient:
             target = self._base.with_target(f"/tasks/{int(task_id)}/presign/?fileuri={quote(fileuri)}")
         logger.debug("downloading image of task %s", task_id)
         return self._fetcher.fetch(target, external_redirects=cloud)
+
+
+def attach_annotations(client: LabelStudioAPI, project_id: int, tasks: list[dict[str, Any]]) -> None:
+    """Give tasks listed without annotations (with their counts) their annotations, from Label Studio's export of
+    the annotated tasks only, whose cost grows with the annotations, not with the project. A task whose listing
+    says nothing of its annotations counts as possibly annotated."""
+
+    def maybe_annotated(task: Mapping[str, Any]) -> bool:
+        if task.get("annotations"):
+            return True
+        counts = [task[name] for name in TASK_COUNTS_READ if name in task]
+        if not counts:
+            return "annotations" not in task
+        return any(not isinstance(count, int) or count > 0 for count in counts)
+
+    listed = [task for task in tasks if isinstance(task, dict)]  # anything else fails where the list is kept
+    annotated = any(maybe_annotated(task) for task in listed)
+    exported = client.fetch_annotated_tasks(project_id) if annotated else []
+    annotations = {task.get("id"): task.get("annotations") or [] for task in exported if isinstance(task, dict)}
+    for task in listed:
+        for name in TASK_COUNTS_READ:
+            task.pop(name, None)
+        task["annotations"] = annotations.get(task.get("id"), [])
 
 
 def read_local_file(root: Path, target: str, max_bytes: int) -> bytes | None:

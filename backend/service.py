@@ -34,7 +34,7 @@ from backend.features import (
 )
 from backend.jobs import JobRunner, JobStateCollector, ThreadJobRunner
 from backend.label_config import LabelConfigError, ProjectLabeling, task_labels
-from backend.ls_client import TASK_COUNTS_READ, LabelStudioAPI, LabelStudioClientFactory, LabelStudioError
+from backend.ls_client import LabelStudioAPI, LabelStudioClientFactory, LabelStudioError, attach_annotations
 from backend.memory import bound_heap_growth, keep_triton_out, release_free_heap
 from backend.metrics import BackendMetrics
 from backend.multilabel import MultiLabelProjects, is_multilabel
@@ -653,7 +653,7 @@ class MLBackend:
                 tasks.extend(page)
             for future in embedding:
                 future.result()
-        _attach_annotations(client, project_id, tasks)
+        attach_annotations(client, project_id, tasks)
         return tasks
 
     def _push(
@@ -986,25 +986,3 @@ def _required_project(data: Mapping[str, Any]) -> Any:
         raise InvalidInput("the webhook body has no 'project'")
     return project
 
-
-def _attach_annotations(client: LabelStudioAPI, project_id: int, tasks: list[dict[str, Any]]) -> None:
-    """Give tasks listed without annotations (with their counts) their annotations, from Label Studio's export of
-    the annotated tasks only, whose cost grows with the annotations, not with the project. A task whose listing
-    says nothing of its annotations counts as possibly annotated."""
-
-    def maybe_annotated(task: Mapping[str, Any]) -> bool:
-        if task.get("annotations"):
-            return True
-        counts = [task[name] for name in TASK_COUNTS_READ if name in task]
-        if not counts:
-            return "annotations" not in task
-        return any(not isinstance(count, int) or count > 0 for count in counts)
-
-    listed = [task for task in tasks if isinstance(task, dict)]  # anything else fails where the list is kept
-    annotated = any(maybe_annotated(task) for task in listed)
-    exported = client.fetch_annotated_tasks(project_id) if annotated else []
-    annotations = {task.get("id"): task.get("annotations") or [] for task in exported if isinstance(task, dict)}
-    for task in listed:
-        for name in TASK_COUNTS_READ:
-            task.pop(name, None)
-        task["annotations"] = annotations.get(task.get("id"), [])

@@ -141,17 +141,16 @@ def runtime_alone(images: list[Any], cache_dir: Path, rounds: int = RUNTIME_ROUN
             continue  # auto already is one run (eager torch, or a single core)
         backbones[label] = build()
         backbones[label].embed_and_logits(images[:8])  # warm-up (and the ONNX export, once)
+    callers = {label: int(getattr(backbone, "concurrent_runs", 1)) for label, backbone in backbones.items()}
     rates: dict[str, list[float]] = {label: [] for label in backbones}
     for _round in range(rounds):
         for label, backbone in backbones.items():
-            callers = int(getattr(backbone, "concurrent_runs", 1))
             started = time.perf_counter()
-            with ThreadPoolExecutor(callers) as pool:
+            with ThreadPoolExecutor(callers[label]) as pool:
                 list(pool.map(backbone.embed_and_logits, chunks))
             rates[label].append(round(len(images) / (time.perf_counter() - started), 1))
     return {label: {"images_per_s": round(statistics.median(rates[label]), 1), "rounds": rates[label],
-                    "name": backbone.name, "runtime": type(backbone).__name__,
-                    "concurrent_runs": int(getattr(backbone, "concurrent_runs", 1))}
+                    "name": backbone.name, "runtime": type(backbone).__name__, "concurrent_runs": callers[label]}
             for label, backbone in backbones.items()}
 
 
@@ -437,12 +436,13 @@ def summarise(result: dict[str, Any], sizes_run: list[int]) -> None:
     if embedded and not result.get("sizes_merged_without_runtime"):  # else the ratio would mix two runs' loads
         first = embedded[0]  # load: the first index's
         indexed = sum(s["n_tasks"] for s in embedded) / sum(s["index_seconds"] for s in embedded)
+        fastest = fastest_runtime(alone)
         result["indexing"] = {
             "end_to_end_images_per_s": round(indexed, 1),  # every size's images over every size's indexing time
-            "runtime_alone_images_per_s": alone[fastest_runtime(alone)]["images_per_s"],
+            "runtime_alone_images_per_s": alone[fastest]["images_per_s"],
             "eager_torch_images_per_s": alone["torch"]["images_per_s"],
-            "runtime": alone[fastest_runtime(alone)]["runtime"],
-            "runtime_alone_layout": fastest_runtime(alone),
+            "runtime": alone[fastest]["runtime"],
+            "runtime_alone_layout": fastest,
             "load_average": first["load_after_index"],
         }
     result["fit_loop_seconds"] = {
