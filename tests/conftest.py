@@ -131,6 +131,10 @@ class FakeLabelStudio:
     """Every API path called (images excluded), in order."""
     listed_fields: list[str] = field(default_factory=list)
     """The ``fields`` asked by each task-list request (Label Studio's default: task_only)."""
+    listed_includes: list[str | None] = field(default_factory=list)
+    """The ``include`` (sparse fields) of each task-list request; None: every field."""
+    sparse_fields: bool = True
+    """Honour ``include`` (Label Studio 1.23 does; False: a Label Studio that sends every field)."""
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add_task(self, task_id: int, fine: str | None, jitter: int = 0, image: bytes | None = None) -> dict[str, Any]:
@@ -186,11 +190,15 @@ class FakeLabelStudio:
                 return jsonify(detail="Invalid page."), 404
             with self.lock:
                 self.listed_fields.append(request.args.get("fields", "task_only"))
+                self.listed_includes.append(request.args.get("include"))
             if request.args.get("fields", "task_only") != "all":  # Label Studio's default: counts, no annotations
                 chunk = [{**{k: v for k, v in task.items() if k not in ("annotations", "predictions")},
                           "total_annotations": sum(not a.get("was_cancelled") for a in task["annotations"]),
                           "cancelled_annotations": sum(bool(a.get("was_cancelled")) for a in task["annotations"])}
                          for task in chunk]
+            if request.args.get("include") and self.sparse_fields:  # Label Studio's sparse fields (REST_FLEX_FIELDS)
+                wanted = set(request.args["include"].split(","))
+                chunk = [{k: v for k, v in task.items() if k in wanted} for task in chunk]
             return jsonify(tasks=chunk, total=len(self.tasks), total_annotations=0, total_predictions=0)
 
         @app.get("/api/projects/<int:pid>/export")

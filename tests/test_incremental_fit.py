@@ -7,6 +7,7 @@ import itertools
 import threading
 
 import numpy as np
+import pytest
 from conftest import PROJECT_ID
 
 from backend.app import create_app
@@ -59,9 +60,26 @@ def test_the_index_lists_tasks_without_annotations_and_reads_them_from_the_expor
     parts = make_backend(make_config())
     parts.backend.run_index(PROJECT_ID)
     assert set(fake_ls.listed_fields) == {"task_only"}
+    # only what is read: Label Studio serialises no other field
+    assert set(fake_ls.listed_includes) == {"id,data,total_annotations,cancelled_annotations"}
     assert fake_ls.requests.count(f"GET /api/projects/{PROJECT_ID}/export") == 1
     pushed = [p["task"] for batch in fake_ls.imports + fake_ls.retrieved for p in batch]
     assert sorted(pushed) == list(range(5, 13))
+
+
+@pytest.mark.parametrize("sparse_fields", [True, False])
+def test_a_listing_keeps_only_the_fields_read(fake_ls, make_config, make_backend, sparse_fields):
+    """Whether Label Studio honours ``include`` or sends every field, the tasks kept hold only what is read."""
+    add_tasks(fake_ls, 1, 3)
+    annotate(fake_ls, [1])
+    fake_ls.sparse_fields = sparse_fields
+    client = make_backend(make_config()).backend._client(PROJECT_ID)
+    listed = [task for page in client.task_pages(PROJECT_ID, annotations=False) for task in page]
+    assert [sorted(task) for task in listed] == [["cancelled_annotations", "data", "id", "total_annotations"]] * 3
+    assert [task["total_annotations"] for task in listed] == [1, 0, 0]
+    with_annotations = client.fetch_tasks(PROJECT_ID)
+    assert [sorted(task) for task in with_annotations] == [["annotations", "data", "id"]] * 3
+    assert fake_ls.listed_includes == ["id,data,total_annotations,cancelled_annotations", "id,data,annotations"]
 
 
 def test_an_index_without_annotations_asks_for_no_export(fake_ls, make_config, make_backend):
