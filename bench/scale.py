@@ -18,10 +18,13 @@ speed.
    runtime's median kept. The ratio's denominator is the fastest of the first two.
 2. Per size n: a fresh Label Studio project of n Fashion-MNIST tasks and a fresh `vlm-al serve` (defaults, jobs on
    in-process threads). Connecting the backend starts the index; end-to-end indexing speed is n over the time from
-   the connection to the last embedding (from /metrics). Then two rounds of: annotate 10 tasks through Label
-   Studio's API, and time from the last annotation to Label Studio's project following a model version fitted on
-   every label so far (the re-ordered queue: its head pushed and the version moved). /health is polled every 20 ms during the
-   second round; the backend's peak RSS (VmHWM of the gunicorn worker) is read at the end.
+   the connection to the last embedding (from /metrics), with the CPU seconds Label Studio and the backend used
+   meanwhile. ``bound_images_per_s``: the most the cores could index end to end if they did nothing but the
+   runtime's work per image (as measured alone) and Label Studio's (as measured here). Then two rounds of:
+   annotate 10 tasks through Label Studio's API, and time from the last annotation to Label Studio's project
+   following a model version fitted on every label so far (the re-ordered queue: its head pushed and the version
+   moved). /health is polled every 20 ms during the second round; the backend's peak RSS (VmHWM of the gunicorn
+   worker) is read at the end.
 3. Workers: a web process and 1 or 2 `vlm-al worker` processes on one redis-server; two projects of
    --worker-images tasks each indexed at once (PUSH_PREDICTIONS=false: embedding only), from fresh MODEL_DIRs;
    images per second over both, from connecting the projects to the queue being idle.
@@ -83,6 +86,20 @@ def gunicorn_worker_pid(arbiter_pid: int) -> int:
 def status_mb(pid: int, field: str) -> float:
     status = Path(f"/proc/{pid}/status").read_text()
     return round(int(re.search(rf"{field}:\s+(\d+) kB", status).group(1)) / 1024, 1)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU seconds of a process and its children's live processes (Label Studio's runserver
+    serves from the process it was started as, or from a child)."""
+    total = 0.0
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    for process in [pid, *(int(c) for c in (children.read_text().split() if children.exists() else []))]:
+        try:
+            fields = Path(f"/proc/{process}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    return total
 
 
 class RssSampler:
@@ -289,6 +306,7 @@ def run_size(ls: Any, login: Any, root: Path, n: int, seed: int, work_dir: Path,
     out["rss_after_start_mb"] = status_mb(worker_pid, "VmRSS")
     sampler = RssSampler(worker_pid).start()
     try:
+        ls_cpu, backend_cpu = cpu_seconds(ls.process.pid), cpu_seconds(worker_pid)
         started = time.monotonic()
         lsb.connect_ml_backend(client, project.project_id, base)
         if not cached:
@@ -296,6 +314,9 @@ def run_size(ls: Any, login: Any, root: Path, n: int, seed: int, work_dir: Path,
             out["index_seconds"] = round(time.monotonic() - started, 1)
             out["index_images_per_s"] = round(n / out["index_seconds"], 1)
             out["load_after_index"] = load()
+            # where the two cores went: Label Studio (listing, and serving the images unless --local-files)
+            out["label_studio_cpu_s_during_index"] = round(cpu_seconds(ls.process.pid) - ls_cpu, 2)
+            out["backend_cpu_s_during_index"] = round(cpu_seconds(worker_pid) - backend_cpu, 2)
         wait(lambda: project.model_version() == "vlm-al-v0", max(1800, n / 20), "the cold-start push", 0.5)
         out["index_and_cold_start_push_seconds"] = round(time.monotonic() - started, 1)
         out["embeddings_computed"] = metric(base, "vlm_al_embeddings_computed_total")
@@ -445,6 +466,19 @@ def summarise(result: dict[str, Any], sizes_run: list[int]) -> None:
             "runtime_alone_layout": fastest,
             "load_average": first["load_after_index"],
         }
+        if all("label_studio_cpu_s_during_index" in s for s in embedded):
+            images = sum(s["n_tasks"] for s in embedded)
+            ls_ms = 1000 * sum(s["label_studio_cpu_s_during_index"] for s in embedded) / images
+            runtime_ms = 1000 * result["cpu_count"] / alone[fastest]["images_per_s"]  # CPU time per image, all cores
+            result["indexing"].update({
+                "label_studio_cpu_ms_per_image": round(ls_ms, 2),
+                "backend_cpu_ms_per_image": round(
+                    1000 * sum(s["backend_cpu_s_during_index"] for s in embedded) / images, 2),
+                "runtime_alone_cpu_ms_per_image": round(runtime_ms, 2),
+                # the most the cores could index end to end: the runtime's CPU per image and Label Studio's,
+                # nothing else, every core busy
+                "bound_images_per_s": round(1000 * result["cpu_count"] / (ls_ms + runtime_ms), 1),
+            })
     result["fit_loop_seconds"] = {
         n: round(statistics.median(r["seconds"] for r in single_step_rounds(s)), 2) for n, s in sizes.items()}
     result["fit_loop_seconds_extrapolated_100k"], fit_slope = extrapolate(result["fit_loop_seconds"], 100_000)

@@ -358,6 +358,32 @@ def test_scale_benchmark_measures_the_runtime_alone_in_rounds_and_keeps_the_medi
     assert scale.fastest_runtime(alone) != "torch"
 
 
+def test_scale_summary_bounds_indexing_by_the_cpu_label_studio_and_the_runtime_take_per_image(monkeypatch):
+    """bench/scale.py's bound: with Label Studio's measured CPU per image and the runtime's (every core busy), the
+    cores can index no faster, whatever the backend does besides."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    import scale
+
+    def size(n: int, seconds: float, ls_cpu: float, backend_cpu: float) -> dict:
+        rounds = [{"round": 1, "version": "vlm-al-v1", "seconds": 5.0, "health_p99_ms": 9.0, "health_max_ms": 12.0}]
+        return {"n_tasks": n, "index_seconds": seconds, "load_after_index": [1.0, 1.0, 1.0], "rounds": rounds,
+                "peak_rss_mb": 500.0, "label_studio_cpu_s_during_index": ls_cpu,
+                "backend_cpu_s_during_index": backend_cpu}
+
+    result = {"cpu_count": 2, "sizes": {"2000": size(2000, 20.0, 10.0, 30.0), "6000": size(6000, 60.0, 30.0, 90.0)},
+              "runtime_alone": {"auto": {"images_per_s": 200.0, "runtime": "OnnxRuntimeBackbone"},
+                                "torch": {"images_per_s": 25.0, "runtime": "TimmBackbone"}}}
+    scale.summarise(result, [2000, 6000])
+    indexing = result["indexing"]
+    assert indexing["end_to_end_images_per_s"] == 100.0
+    assert indexing["label_studio_cpu_ms_per_image"] == 5.0  # 40 s over 8000 images
+    assert indexing["backend_cpu_ms_per_image"] == 15.0
+    assert indexing["runtime_alone_cpu_ms_per_image"] == 10.0  # 2 cores over 200 images/s
+    assert indexing["bound_images_per_s"] == round(2000 / 15.0, 1)
+
+
 def test_numpy_preprocessing_is_bit_identical_to_the_torch_formula(eager, photos):
     """Cached embeddings are keyed by the backbone's name: the faster numpy preprocessing must not move them."""
     rng = np.random.default_rng(3)
