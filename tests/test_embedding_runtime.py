@@ -355,6 +355,7 @@ def test_scale_benchmark_measures_the_runtime_alone_in_rounds_and_keeps_the_medi
     for measured in alone.values():
         assert len(measured["rounds"]) == 3 and min(measured["rounds"]) > 0
         assert measured["images_per_s"] == round(float(np.median(measured["rounds"])), 1)
+        assert measured["cpu_ms_per_image"] > 0
     assert scale.fastest_runtime(alone) != "torch"
 
 
@@ -373,14 +374,16 @@ def test_scale_summary_bounds_indexing_by_the_cpu_label_studio_and_the_runtime_t
                 "backend_cpu_s_during_index": backend_cpu}
 
     result = {"cpu_count": 2, "sizes": {"2000": size(2000, 20.0, 10.0, 30.0), "6000": size(6000, 60.0, 30.0, 90.0)},
-              "runtime_alone": {"auto": {"images_per_s": 200.0, "runtime": "OnnxRuntimeBackbone"},
+              "runtime_alone": {"auto": {"images_per_s": 200.0, "runtime": "OnnxRuntimeBackbone",
+                                         "cpu_ms_per_image": 9.5},
                                 "torch": {"images_per_s": 25.0, "runtime": "TimmBackbone"}}}
     scale.summarise(result, [2000, 6000])
     indexing = result["indexing"]
     assert indexing["end_to_end_images_per_s"] == 100.0
     assert indexing["label_studio_cpu_ms_per_image"] == 5.0  # 40 s over 8000 images
     assert indexing["backend_cpu_ms_per_image"] == 15.0
-    assert indexing["runtime_alone_cpu_ms_per_image"] == 10.0  # 2 cores over 200 images/s
+    assert indexing["runtime_alone_all_cores_ms_per_image"] == 10.0  # 2 cores over 200 images/s
+    assert indexing["runtime_alone_cpu_ms_per_image"] == 9.5  # as measured
     assert indexing["bound_images_per_s"] == round(2000 / 15.0, 1)
 
 
