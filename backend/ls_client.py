@@ -170,7 +170,7 @@ class LabelStudioClient:
 
         Either way Label Studio is asked for only the fields read (``include``, its sparse-fields parameter):
         its task serializer's ~30 other fields cost it most of a listing's CPU, which it takes from the cores
-        the index embeds on (2,000 tasks: 0.85 s of its CPU against 3.04 s for task_only, 1.47 s against 5.36 s
+        the index embeds on (2,000 tasks: 0.70 s of its CPU against 2.26 s for task_only, 1.06 s against 4.24 s
         for all, in bench/results/task_listing.json). A Label Studio without that parameter sends every field,
         and the fields not read are dropped here."""
         fields, kept = ("all", TASK_FIELDS_READ) if annotations else ("task_only", ("id", "data", *TASK_COUNTS_READ))

@@ -13,7 +13,8 @@ with the backend, each CPU second Label Studio spends is one the backbone does n
    --rounds rounds, the variants in turn within a round; each variant's median of Label Studio's CPU seconds
    (user + system of its process, from /proc) and of the wall time.
 2. Serving: --images images downloaded one by one through Label Studio (``/data/local-files/?d=…``, the URL the
-   tasks hold), as the backend downloads them; Label Studio's CPU milliseconds per image.
+   tasks hold), one connection per image as the backend's fetcher downloads them, then all over one kept-alive
+   connection; Label Studio's CPU milliseconds per image each way.
 """
 
 from __future__ import annotations
@@ -51,8 +52,9 @@ LISTINGS: dict[str, dict[str, str]] = {
 """The task listings measured; ``task_only_include`` is what an index asks (LabelStudioClient.task_pages)."""
 
 
-def list_every_page(session: requests.Session, base_url: str, project_id: int, params: dict[str, str]) -> dict:
-    """Every page of the project's task list: the tasks, the bytes received and the fields of the first task."""
+def list_every_page(session: requests.Session, base_url: str, project_id: int,
+                    params: dict[str, str]) -> tuple[dict[str, int], list[str]]:
+    """Every page of the project's task list: ({tasks, bytes received}, the fields of the first task)."""
     page, tasks, received, fields = 1, 0, 0, []
     while True:
         response = session.get(f"{base_url}/api/tasks/", params={"project": project_id, "page": page,
@@ -68,7 +70,7 @@ def list_every_page(session: requests.Session, base_url: str, project_id: int, p
         if len(batch) < TASK_PAGE_SIZE:
             break
         page += 1
-    return {"tasks": tasks, "bytes": received, "fields": fields}
+    return {"tasks": tasks, "bytes": received}, fields
 
 
 def measure(base_url: str, token: str, label_studio_pid: int, project_id: int, rounds: int,
@@ -77,35 +79,47 @@ def measure(base_url: str, token: str, label_studio_pid: int, project_id: int, r
     session = requests.Session()
     session.headers["Authorization"] = f"Token {token}"
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in LISTINGS}
+    fields: dict[str, list[str]] = {}
     for _round in range(rounds):
         for name, params in LISTINGS.items():
             cpu, began = cpu_seconds(label_studio_pid), time.perf_counter()
-            listed = list_every_page(session, base_url, project_id, params)
+            listed, fields[name] = list_every_page(session, base_url, project_id, params)
             runs[name].append({**listed, "wall_s": round(time.perf_counter() - began, 3),
                                "label_studio_cpu_s": round(cpu_seconds(label_studio_pid) - cpu, 3)})
     listings = {
         name: {"label_studio_cpu_s": statistics.median(r["label_studio_cpu_s"] for r in measured),
                "wall_s": statistics.median(r["wall_s"] for r in measured),
                "rounds": measured, "tasks": measured[0]["tasks"], "bytes": measured[0]["bytes"],
-               "fields": measured[0]["fields"], "params": LISTINGS[name]}
+               "fields": fields[name], "params": LISTINGS[name]}
         for name, measured in runs.items()}
-    for name in LISTINGS:
-        for r in listings[name]["rounds"]:
-            r.pop("fields")
     urls = [task["data"]["image"] for task in session.get(
         f"{base_url}/api/tasks/", params={"project": project_id, "page_size": images, **LISTINGS["task_only_include"]},
         timeout=600).json()["tasks"]]
-    cpu, began = cpu_seconds(label_studio_pid), time.perf_counter()
-    served = 0
-    for url in urls:
-        response = session.get(base_url + url, timeout=60)
-        response.raise_for_status()
-        served += len(response.content)
-    serving = {"images": len(urls), "bytes": served, "wall_s": round(time.perf_counter() - began, 2),
-               "label_studio_cpu_ms_per_image": round(1000 * (cpu_seconds(label_studio_pid) - cpu) / len(urls), 2)}
+
+    def serve(get: Any) -> dict[str, Any]:
+        cpu, began = cpu_seconds(label_studio_pid), time.perf_counter()
+        served = 0
+        for url in urls:
+            response = get(base_url + url, headers=session.headers, timeout=60)
+            response.raise_for_status()
+            served += len(response.content)
+        return {"images": len(urls), "bytes": served, "wall_s": round(time.perf_counter() - began, 2),
+                "label_studio_cpu_ms_per_image": round(1000 * (cpu_seconds(label_studio_pid) - cpu) / len(urls), 2)}
+
+    # one connection per image (requests.get), then every image over one kept-alive connection, in turn each round
+    ways = {"serving_images": requests.get, "serving_images_one_connection": session.get}
+    served_runs: dict[str, list[dict[str, Any]]] = {way: [] for way in ways}
+    for _round in range(rounds):
+        for way, get in ways.items():
+            served_runs[way].append(serve(get))
+    serving = {way: {**measured[0], "wall_s": statistics.median(r["wall_s"] for r in measured),
+                     "label_studio_cpu_ms_per_image": statistics.median(
+                         r["label_studio_cpu_ms_per_image"] for r in measured),
+                     "rounds_label_studio_cpu_ms_per_image": [r["label_studio_cpu_ms_per_image"] for r in measured]}
+               for way, measured in served_runs.items()}
     return {
         "listings": listings,
-        "serving_images": serving,
+        **serving,
         "label_studio_cpu_task_only_over_task_only_include": round(
             listings["task_only"]["label_studio_cpu_s"] / listings["task_only_include"]["label_studio_cpu_s"], 2),
         "label_studio_cpu_all_over_all_include": round(

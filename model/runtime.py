@@ -140,7 +140,7 @@ class CpuRunLayout:
 
 def cpu_run_layout(threads: int | None, parallel_runs: bool = True) -> CpuRunLayout:
     """One thread per run and as many runs as cores (``parallel_runs``), or one run on every core. Parallel runs
-    never wait on each other inside an operator: on 2 cores they embedded 168.1 images/s against 151.6 for one
+    never wait on each other inside an operator: on 2 cores they embedded 218.8 images/s against 203.3 for one
     two-threaded run (bench/results/scale_local_files.json, runtime alone, medians of three rounds), and 1.13x as
     fast with decoding on the same cores (bench/results/onnx_cpu_layout.json, whose rounds vary widely)."""
     cores = int(threads or default_threads())
