@@ -198,7 +198,9 @@ class FakeLabelStudio:
                          for task in chunk]
             if request.args.get("include") and self.sparse_fields:  # Label Studio's sparse fields (REST_FLEX_FIELDS)
                 wanted = set(request.args["include"].split(","))
-                chunk = [{k: v for k, v in task.items() if k in wanted} for task in chunk]
+                # as Label Studio 1.23.2 does: a nested annotation keeps only its id, whatever is named
+                chunk = [{k: [{"id": a["id"]} for a in v] if k == "annotations" else v
+                          for k, v in task.items() if k in wanted} for task in chunk]
             return jsonify(tasks=chunk, total=len(self.tasks), total_annotations=0, total_predictions=0)
 
         @app.get("/api/projects/<int:pid>/export")
