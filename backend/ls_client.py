@@ -33,6 +33,8 @@ TASK_FIELDS_READ = ("id", "data", "annotations")
 """What the backend reads of a listed task; the other fields are dropped page by page."""
 TASK_COUNTS_READ = ("total_annotations", "cancelled_annotations")
 """What the backend reads of a task listed without its annotations, beside its id and data."""
+TASK_ONLY_FIELDS_READ = ("id", "data", *TASK_COUNTS_READ)
+"""What the backend reads of a task listed without its annotations (and asks Label Studio for, ``include``)."""
 # One import/predictions request per project is the fast way (section 5 of the protocol notes); give it time.
 PUSH_TIMEOUT_SECONDS = 600.0
 DEFAULT_DOWNLOAD_TIMEOUT_SECONDS = 30.0
@@ -174,7 +176,7 @@ class LabelStudioClient:
         parameter sends every field, and the fields not read are dropped here. The listing with annotations names
         none: Label Studio 1.23.2 then cuts each nested annotation down to its id, whatever ``include`` says of
         the annotations' own fields."""
-        fields, kept = ("all", TASK_FIELDS_READ) if annotations else ("task_only", ("id", "data", *TASK_COUNTS_READ))
+        fields, kept = ("all", TASK_FIELDS_READ) if annotations else ("task_only", TASK_ONLY_FIELDS_READ)
         sparse = {} if annotations else {"include": ",".join(kept)}
         listed = 0
         page = 1
