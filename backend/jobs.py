@@ -32,7 +32,14 @@ JOB_STATES = ("queued", "running", "failed")
 SHORT_DEBOUNCE_SECONDS: Mapping[str, float] = {"index": 0.5}
 """Kinds debounced for at most this long, not the runner's debounce (sized for a burst of annotation webhooks).
 Label Studio calls /setup twice when a backend is connected, about 0.1 s apart (the first call queues the
-index): a longer wait only delays the first embeddings and the cold-start queue."""
+index): a longer wait only delays the first embeddings and the cold-start queue. On RQ the two calls may reach
+two web replicas, which share no memory of the first: this short wait is what makes them one index there."""
+
+LEADING_EDGE_KINDS = frozenset({"index"})
+"""Kinds an in-process runner starts at once when their key is quiet (neither queued nor running); submits while
+one is queued join it, and submits while it runs make exactly one more run after it. In one process the second
+/setup of a connection queues no index (the backend marks the config indexed when it queues one), so the index
+has nothing to wait for: the 0.5 s it waited was a twentieth of a 2,000-task index (bench/results/scale.json)."""
 
 
 def debounce_seconds_of(kind: str, debounce_seconds: float) -> float:
@@ -147,9 +154,10 @@ class ThreadJobRunner:
     """Per-(kind, project) debounced jobs on a small thread pool: the default, without REDIS_URL.
 
     A submit makes the key due ``debounce_seconds`` after the latest submit (trailing debounce, capped at
-    ``max_delay_seconds`` after the first one so a steady stream still runs). The same key never runs twice at
-    once: a submit during a run schedules exactly one more run after it, which sees everything submitted meanwhile.
-    The most recent parameters of a key are the ones that run.
+    ``max_delay_seconds`` after the first one so a steady stream still runs), except the first submit of a
+    LEADING_EDGE_KINDS job on a quiet key, which is due at once. The same key never runs twice at once: a submit
+    during a run schedules exactly one more run after it, which sees everything submitted meanwhile. The most
+    recent parameters of a key are the ones that run.
     """
 
     in_process = True
@@ -193,11 +201,15 @@ class ThreadJobRunner:
                 raise RuntimeError("the job runner is shut down")
             state = self._states.setdefault(job.key, _KeyState())
             state.job = job
-            if not state.pending:
+            fresh = not state.pending
+            if fresh:
                 state.pending = True
                 state.first_submit = now
-            state.due = min(now + debounce_seconds_of(kind, self.debounce_seconds),
-                            state.first_submit + self.max_delay_seconds)
+            if fresh and kind in LEADING_EDGE_KINDS and not state.running:
+                state.due = now
+            elif fresh or state.running or state.due > now:  # a due run not yet dispatched keeps its start
+                state.due = min(now + debounce_seconds_of(kind, self.debounce_seconds),
+                                state.first_submit + self.max_delay_seconds)
             self._cond.notify_all()
 
     @contextmanager

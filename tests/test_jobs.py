@@ -155,9 +155,9 @@ def test_a_steady_stream_still_runs_within_the_max_delay():
         runner.shutdown()
 
 
-def test_an_index_waits_only_its_short_debounce_and_a_fit_the_runners():
-    """Label Studio's two /setup calls at connection are 0.1 s apart: the index need not wait out the debounce sized
-    for a burst of annotation webhooks."""
+def test_an_index_on_a_quiet_key_starts_at_once_and_a_fit_waits_the_runners_debounce():
+    """In one process nothing needs coalescing at connection (the second /setup queues no index), so the index
+    starts at once; a fit still waits for quiet."""
     runner = ThreadJobRunner(debounce_seconds=2.0)
     began: dict[str, float] = {}
     handlers = Handlers(index=lambda project, params: began.setdefault("index", time.monotonic()),
@@ -167,12 +167,40 @@ def test_an_index_waits_only_its_short_debounce_and_a_fit_the_runners():
         submitted = time.monotonic()
         runner.submit("index", 1)
         runner.submit("fit", 1)
-        time.sleep(0.1)
-        runner.submit("index", 1)  # the second /setup: the same run
         assert runner.wait_idle(timeout=10)
-        assert SHORT_DEBOUNCE_SECONDS["index"] <= began["index"] - submitted < 1.5
+        assert began["index"] - submitted < SHORT_DEBOUNCE_SECONDS["index"] / 2
         assert began["fit"] - submitted >= 2.0
         assert [kind for kind, _, _ in handlers.calls] == ["index", "fit"]
+    finally:
+        runner.shutdown()
+
+
+def test_index_submits_during_a_leading_run_make_exactly_one_more_run_after_it():
+    """Tasks created while an index lists the project are in no listing yet: one more run must follow, and a burst
+    of such submits is that one run, which waits for quiet like any other (not a second leading edge)."""
+    runner = ThreadJobRunner(debounce_seconds=0.3)
+    release = threading.Event()
+    runs: list[tuple[float, dict[str, Any]]] = []
+
+    def index(project: int, params: Mapping[str, Any]) -> None:
+        runs.append((time.monotonic(), dict(params)))
+        if len(runs) == 1:
+            release.wait(5)
+
+    runner.bind(Handlers(index=index))
+    try:
+        runner.submit("index", 1, {"n": 0})
+        deadline = time.monotonic() + 5
+        while not runs and time.monotonic() < deadline:
+            time.sleep(0.005)
+        for i in range(1, 6):
+            runner.submit("index", 1, {"n": i})
+        last_submit = time.monotonic()
+        assert runner.is_pending("index", 1)
+        release.set()
+        assert runner.wait_idle(timeout=10)
+        assert [params for _, params in runs] == [{"n": 0}, {"n": 5}]
+        assert runs[1][0] - last_submit >= 0.3  # the debounce after the last submit, not a leading start
     finally:
         runner.shutdown()
 
