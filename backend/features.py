@@ -24,7 +24,9 @@ from model.hierarchy import LabelHierarchy
 logger = logging.getLogger(__name__)
 
 FEATURE_CHUNK = 64
-"""Images decoded and embedded at a time (bounds memory while indexing a large project)."""
+"""Images decoded and embedded at a time, at most (bounds memory while indexing a large project)."""
+FEATURE_CHUNK_MIN = 8
+"""The smallest chunk of a guided split (``guided_chunks``), but for the last one."""
 DOWNLOAD_THREADS = 4
 """Concurrent downloads per project: each project has its own pool, so slow images of one never block another."""
 DOWNLOAD_POOLS = 64
@@ -440,6 +442,21 @@ class LocalInflightClaims:
                 self._cond.wait(remaining)
 
 
+def guided_chunks(n: int, largest: int, parallel: int) -> list[tuple[int, int]]:
+    """(start, end) of the chunks ``n`` items are worked in: each the share of what is left that one of ``parallel``
+    forward passes takes (guided scheduling), between FEATURE_CHUNK_MIN and ``largest`` images. The chunks shrink
+    towards the end, so a pass that ends early waits for a few images, not for a whole chunk: with equal chunks of
+    64, the last chunk of an index often ran alone, one core idle for most of a second."""
+    smallest = min(FEATURE_CHUNK_MIN, largest)
+    bounds: list[tuple[int, int]] = []
+    start = 0
+    while start < n:
+        size = min(largest, max(smallest, -(-(n - start) // max(1, parallel))))
+        bounds.append((start, min(n, start + size)))
+        start += size
+    return bounds
+
+
 def _task_url(task: Mapping[str, Any], labeling: ProjectLabeling) -> str | None:
     data = task.get("data") if isinstance(task, Mapping) else None
     url = data.get(labeling.image_value_key) if isinstance(data, Mapping) else None
@@ -475,6 +492,7 @@ class FeatureExtractor:
         """Forward passes at once in this process: as many as the backbone wants (``concurrent_runs``: an ONNX
         Runtime session on a CPU runs one thread per run, one run per core), one for a backbone whose single run
         uses every core it is given (a second would only double its working memory)."""
+        self._concurrent_runs = runs
         self._chunks_in_flight = runs + 1
         """Chunks worked on at once by one features() call: one more than the forward passes, so a chunk is always
         downloading, decoding and preprocessing while the others run."""
@@ -494,9 +512,9 @@ class FeatureExtractor:
         """Embeddings and weak answers of the tasks' images: cache first, download and compute what is missing.
 
         ``fetch=False`` answers from the caches only; the other tasks are listed in ``pending``. Missing work is
-        done in chunks of FEATURE_CHUNK images, one more chunk in flight than the backbone's concurrent forward
-        passes (one is downloaded, decoded and preprocessed while the others run), each chunk's image bytes freed
-        when it is done. Each chunk's image URLs are claimed first (``claims``:
+        done in chunks of at most FEATURE_CHUNK images that shrink towards the end (``guided_chunks``), one more
+        chunk in flight than the backbone's concurrent forward passes (one is downloaded, decoded and preprocessed
+        while the others run), each chunk's image bytes freed when it is done. Each chunk's image URLs are claimed first (``claims``:
         this process, or every replica through Redis): a URL another caller is working on is waited for and
         read from the cache, never downloaded or embedded twice."""
         started = time.monotonic()
@@ -509,7 +527,7 @@ class FeatureExtractor:
         downloaded = embedded = 0
         for _attempt in range(CLAIM_ATTEMPTS):
             work = sorted(result.pending)
-            chunks = [work[i : i + FEATURE_CHUNK] for i in range(0, len(work), FEATURE_CHUNK)]
+            chunks = [work[a:b] for a, b in guided_chunks(len(work), FEATURE_CHUNK, self._concurrent_runs)]
             waiting: list[str] = []
             # Each call has its own threads: /predict never queues behind an index job's chunks.
             with ThreadPoolExecutor(min(self._chunks_in_flight, len(chunks)),

@@ -200,6 +200,43 @@ def test_as_many_forward_passes_run_at_once_as_the_backbone_wants(fake_ls, make_
     assert most_at_once == concurrent_runs
 
 
+@pytest.mark.parametrize(("n", "largest", "parallel"),
+                         [(500, 64, 2), (500, 64, 1), (2000, 64, 4), (48, 64, 2), (10, 64, 2), (1, 64, 2), (0, 64, 2),
+                          (48, 8, 2), (7, 3, 2)])
+def test_a_guided_split_covers_the_work_once_and_shrinks_towards_the_end(n, largest, parallel):
+    bounds = features_module.guided_chunks(n, largest, parallel)
+    assert [i for a, b in bounds for i in range(a, b)] == list(range(n))  # every item once, in order
+    sizes = [b - a for a, b in bounds]
+    assert all(0 < size <= largest for size in sizes)
+    assert all(size >= min(features_module.FEATURE_CHUNK_MIN, largest) for size in sizes[:-1])
+    assert sizes == sorted(sizes, reverse=True)  # never a large chunk after a small one
+    if parallel > 1 and n > parallel * largest and largest > features_module.FEATURE_CHUNK_MIN:
+        # the end is cut fine: the last chunk is a few images, not a whole one
+        assert sizes[-1] <= features_module.FEATURE_CHUNK_MIN
+    if parallel == 1:
+        assert sizes[:-1] == [largest] * (len(sizes) - 1)  # one forward pass at a time: nothing to balance
+
+
+def test_the_last_chunks_of_an_index_with_two_forward_passes_are_smaller(fake_ls, make_config, make_backend,
+                                                                         monkeypatch):
+    """With two forward passes at once, the end of a page is split finer, so neither waits long for the other."""
+    monkeypatch.setattr(FakeBackbone, "concurrent_runs", 2, raising=False)
+    monkeypatch.setattr(features_module, "FEATURE_CHUNK", 16)
+    add_tasks(fake_ls, 48)
+    parts = make_backend(make_config(push_predictions=False))
+    sizes: list[int] = []
+    real_embed = parts.backbone.embed
+
+    def embed(images):
+        sizes.append(len(images))
+        return real_embed(images)
+
+    monkeypatch.setattr(parts.backbone, "embed", embed)
+    parts.backend.run_index(PROJECT_ID)
+    assert counter_value(parts.backend, "vlm_al_embeddings_computed_total") == 48
+    assert sorted(sizes, reverse=True) == [16, 16, 8, 8]
+
+
 def test_predict_during_indexing_never_embeds_an_image_twice(fake_ls, make_config, make_backend, monkeypatch):
     monkeypatch.setattr(features_module, "FEATURE_CHUNK", 8)
     add_tasks(fake_ls, 40)
