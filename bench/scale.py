@@ -172,9 +172,25 @@ def runtime_alone(images: list[Any], cache_dir: Path, rounds: int = RUNTIME_ROUN
             rates[label].append(round(len(images) / (time.perf_counter() - started), 1))
             cpu_ms[label].append(round(1000 * (time.process_time() - cpu) / len(images), 2))
     return {label: {"images_per_s": round(statistics.median(rates[label]), 1), "rounds": rates[label],
-                    "cpu_ms_per_image": statistics.median(cpu_ms[label]), "name": backbone.name,
-                    "runtime": type(backbone).__name__, "concurrent_runs": callers[label]}
+                    "cpu_ms_per_image": statistics.median(cpu_ms[label]), "cpu_ms_rounds": cpu_ms[label],
+                    "name": backbone.name, "runtime": type(backbone).__name__, "concurrent_runs": callers[label]}
             for label, backbone in backbones.items()}
+
+
+def bracketed(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """The runtime alone measured before the indexes and again after them, as one figure per runtime: the median of
+    all its rounds. On these shared cores the runtime's speed drifted by a fifth within minutes (three rounds of
+    one run: 195, 193 and 120 images/s), so rounds taken only before the indexes, which last a minute, could set
+    them against a faster or slower machine than the one they ran on."""
+    merged: dict[str, Any] = {}
+    for label, first in before.items():
+        second = after.get(label, {})
+        rates = first["rounds"] + second.get("rounds", [])
+        cpu_ms = first.get("cpu_ms_rounds", []) + second.get("cpu_ms_rounds", [])
+        merged[label] = {**first, "images_per_s": round(statistics.median(rates), 1), "rounds": rates,
+                         "cpu_ms_per_image": statistics.median(cpu_ms) if cpu_ms else first.get("cpu_ms_per_image"),
+                         "cpu_ms_rounds": cpu_ms, "rounds_before_indexing": len(first["rounds"])}
+    return merged
 
 
 def fastest_runtime(alone: dict[str, Any]) -> str:
@@ -543,6 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.skip_runtime and earlier:
         result["sizes_merged_without_runtime"] = {"sizes_measured_at": now, "indexing_and_runtime_from": earlier.get(
             "created_at")}
+    images: list[Any] | None = None  # the runtime alone's images, when this run measures it
     try:
         if not (args.skip_runtime and "runtime_alone" in earlier):
             from model.datasets import load_fashion_mnist, to_pil
@@ -574,6 +591,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(sizes[str(n)]), flush=True)
                 # every size as soon as it is measured: a long run stopped later keeps what it measured
                 result["sizes"] = {**earlier.get("sizes", {}), **sizes}
+                summarise(result, sorted(int(k) for k in result["sizes"]))
+                atomic_write_json(args.out, {**result, "load_at_end": load()})
+            if images is not None:  # the runtime alone again, now that the indexes are done (``bracketed``)
+                result["runtime_alone"] = bracketed(result["runtime_alone"],
+                                                    runtime_alone(images, root / "runtime-cache"))
                 summarise(result, sorted(int(k) for k in result["sizes"]))
                 atomic_write_json(args.out, {**result, "load_at_end": load()})
             if not args.skip_workers:

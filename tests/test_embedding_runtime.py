@@ -387,6 +387,29 @@ def test_scale_summary_bounds_indexing_by_the_cpu_label_studio_and_the_runtime_t
     assert indexing["bound_images_per_s"] == round(2000 / 15.0, 1)
 
 
+def test_scale_runtime_alone_is_the_median_of_the_rounds_before_and_after_the_indexes(monkeypatch):
+    """The denominator of the indexing ratio spans the indexes it is set against: rounds before and after them."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    import scale
+
+    before = {"auto": {"images_per_s": 190.0, "rounds": [195.0, 190.0, 120.0], "cpu_ms_per_image": 10.0,
+                       "cpu_ms_rounds": [10.0, 9.0, 12.0], "runtime": "OnnxRuntimeBackbone", "concurrent_runs": 2},
+              "torch": {"images_per_s": 21.0, "rounds": [21.0, 21.0, 20.0], "cpu_ms_per_image": 80.0,
+                        "cpu_ms_rounds": [80.0, 80.0, 81.0], "runtime": "TimmBackbone", "concurrent_runs": 1}}
+    after = {"auto": {"images_per_s": 150.0, "rounds": [150.0, 140.0, 160.0], "cpu_ms_per_image": 13.0,
+                      "cpu_ms_rounds": [13.0, 14.0, 12.5]},
+             "torch": {"images_per_s": 20.0, "rounds": [20.0, 19.0, 20.0], "cpu_ms_rounds": [82.0, 83.0, 84.0]}}
+    merged = scale.bracketed(before, after)
+    assert merged["auto"]["rounds"] == [195.0, 190.0, 120.0, 150.0, 140.0, 160.0]
+    assert merged["auto"]["images_per_s"] == 155.0  # the median of all six, not of the first three (190)
+    assert merged["auto"]["cpu_ms_per_image"] == 12.25
+    assert merged["auto"]["rounds_before_indexing"] == 3
+    assert merged["auto"]["runtime"] == "OnnxRuntimeBackbone" and merged["auto"]["concurrent_runs"] == 2
+    assert merged["torch"]["images_per_s"] == 20.0
+
+
 def test_numpy_preprocessing_is_bit_identical_to_the_torch_formula(eager, photos):
     """Cached embeddings are keyed by the backbone's name: the faster numpy preprocessing must not move them."""
     rng = np.random.default_rng(3)
