@@ -514,9 +514,9 @@ class FeatureExtractor:
         ``fetch=False`` answers from the caches only; the other tasks are listed in ``pending``. Missing work is
         done in chunks of at most FEATURE_CHUNK images that shrink towards the end (``guided_chunks``), one more
         chunk in flight than the backbone's concurrent forward passes (one is downloaded, decoded and preprocessed
-        while the others run), each chunk's image bytes freed when it is done. Each chunk's image URLs are claimed first (``claims``:
-        this process, or every replica through Redis): a URL another caller is working on is waited for and
-        read from the cache, never downloaded or embedded twice."""
+        while the others run), each chunk's image bytes freed when it is done. Each chunk's image URLs are claimed
+        first (``claims``: this process, or every replica through Redis): a URL another caller is working on is
+        waited for and read from the cache, never downloaded or embedded twice."""
         started = time.monotonic()
         result = self._pass(project_id, tasks, labeling, client, fetch=False)
         if not fetch or not result.pending:
