@@ -188,7 +188,8 @@ def bracketed(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
         rates = first["rounds"] + second.get("rounds", [])
         cpu_ms = first.get("cpu_ms_rounds", []) + second.get("cpu_ms_rounds", [])
         merged[label] = {**first, "images_per_s": round(statistics.median(rates), 1), "rounds": rates,
-                         "cpu_ms_per_image": statistics.median(cpu_ms) if cpu_ms else first.get("cpu_ms_per_image"),
+                         "cpu_ms_per_image": round(statistics.median(cpu_ms), 2) if cpu_ms else first.get(
+                             "cpu_ms_per_image"),
                          "cpu_ms_rounds": cpu_ms, "rounds_before_indexing": len(first["rounds"])}
     return merged
 
