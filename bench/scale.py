@@ -14,8 +14,9 @@ speed.
 
 1. Runtime alone: the server's backbone (EMBEDDING_RUNTIME=auto, whatever it picks here, with as many callers at once
    as it runs in the server), ONNX Runtime as one run on every core, and eager torch fp32, on the same decoded
-   Fashion-MNIST images, in chunks of the indexing chunk size; three rounds with the runtimes in turn, each
-   runtime's median kept. The ratio's denominator is the fastest of the first two.
+   Fashion-MNIST images, in chunks of the indexing chunk size; three rounds with the runtimes in turn, and three
+   more after the sizes' indexes and fits (``bracketed``), each runtime's median of all six kept. The ratio's
+   denominator is the fastest of the first two.
 2. Per size n: a fresh Label Studio project of n Fashion-MNIST tasks and a fresh `vlm-al serve` (defaults, jobs on
    in-process threads). Connecting the backend starts the index; end-to-end indexing speed is n over the time from
    the connection to the last embedding (from /metrics), with the CPU seconds Label Studio and the backend used

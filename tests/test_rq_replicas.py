@@ -41,6 +41,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 FINES = ["T-shirt", "Shirt", "Sneaker", "Boot"]
 N_TASKS = 240
 STORM = 200
+STORM_SENDERS = 8
+"""Threads that annotate and send the storm's webhooks at once (Label Studio's saves and webhooks in flight)."""
 STARTUP_TIMEOUT_S = 300.0
 JOB_TIMEOUT_S = 240.0
 
@@ -253,7 +255,7 @@ def test_a_storm_of_200_webhooks_across_two_replicas_is_one_fit_that_saw_every_a
         return stack.webhook(stack.webs[task_id % 2], task_id).status_code
 
     started = time.monotonic()
-    with ThreadPoolExecutor(8) as pool:
+    with ThreadPoolExecutor(STORM_SENDERS) as pool:
         codes = list(pool.map(annotate_and_hook, storm_ids))
     storm_seconds = time.monotonic() - started
     assert codes == [200] * STORM
@@ -263,9 +265,11 @@ def test_a_storm_of_200_webhooks_across_two_replicas_is_one_fit_that_saw_every_a
     assert _fine_labels_seen(stack) == STORM, "the final model did not see every annotation"
     fit_jobs = len(_finished_jobs(stack, "fit")) - fit_jobs_before
     assert fits == 1, f"{fits} fits for one burst of {STORM} webhooks sent in {storm_seconds:.1f} s"
-    # fit jobs that found nothing new: a webhook that arrived after the fit had read the labels (counted, cheap)
+    # Fit jobs that found nothing new: a webhook sent after its annotation was saved, but arriving after the fit had
+    # read the labels (counted, cheap). Only the senders' in-flight webhooks can do that: at most one each. (A bound
+    # of 3 failed once under the full suite's load with 7; coalescing that broke would give up to 200.)
     duplicates = fit_jobs - fits
-    assert duplicates <= 3, f"{duplicates} duplicate fit jobs"
+    assert duplicates <= STORM_SENDERS, f"{duplicates} duplicate fit jobs"
     stack.events.append(f"storm: {STORM} webhooks in {storm_seconds:.1f} s -> {fits} fit(s), {fit_jobs} fit "
                         f"job(s), {duplicates} duplicate(s)")
 
