@@ -140,8 +140,8 @@ class CpuRunLayout:
 
 def cpu_run_layout(threads: int | None, parallel_runs: bool = True) -> CpuRunLayout:
     """One thread per run and as many runs as cores (``parallel_runs``), or one run on every core. Parallel runs
-    never wait on each other inside an operator: on 2 cores they embedded 218.8 images/s against 203.3 for one
-    two-threaded run (bench/results/scale_local_files.json, runtime alone, medians of three rounds), and 1.13x as
+    never wait on each other inside an operator: on 2 cores they embedded 176.6 images/s against 147.5 for one
+    two-threaded run (bench/results/scale_local_files.json, runtime alone, medians of six rounds), and 1.13x as
     fast with decoding on the same cores (bench/results/onnx_cpu_layout.json, whose rounds vary widely)."""
     cores = int(threads or default_threads())
     return CpuRunLayout(1, cores) if parallel_runs else CpuRunLayout(cores, 1)
