@@ -46,6 +46,7 @@ from backend.shared_store import StateStore, build_state_store
 from backend.state import COLD_START_VERSION, ImageKeyIndex, ProjectState, version_number
 from backend.training import cold_start_queue, collect_labels, fit_and_rank, server_learner_settings, weak_answers
 from model.hierarchy import MISSING_LABEL, LabelHierarchy
+from model.round_libraries import import_round_libraries
 
 __all__ = ["HANDLED_FIT_EVENTS", "InvalidInput", "MLBackend", "ModelResponse", "parse_project_id"]
 
@@ -163,6 +164,9 @@ class MLBackend:
             ),
             redactor=redactor,
         )
+        if backend.jobs.in_process:
+            # Fits run on this process's threads: their libraries load now, not mid-fit while /health waits.
+            import_round_libraries()
         backend.warm_start()
         return backend
 
