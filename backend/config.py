@@ -88,6 +88,9 @@ class Config:
     local_files_document_root: Path | None = None
     """Label Studio's LOCAL_FILES_DOCUMENT_ROOT as mounted on this host: Local Files images are read from it, not
     downloaded through Label Studio (which spends a CPU core serving them while a project is indexed)."""
+    uploaded_files_root: Path | None = None
+    """Label Studio's MEDIA_ROOT/upload folder as mounted on this host: images imported through its UI or API
+    (``/data/upload/...``) are read from it, not downloaded through Label Studio."""
     predict_deadline_seconds: float = 30.0
     request_read_timeout_seconds: float = 10.0
     webhook_basic_auth: bool = True
@@ -156,6 +159,7 @@ class Config:
             image_download_timeout_seconds=reader.number("IMAGE_DOWNLOAD_TIMEOUT_SECONDS", 30.0, minimum=0.0,
                                                          exclusive_minimum=True),
             local_files_document_root=reader.path("LOCAL_FILES_DOCUMENT_ROOT"),
+            uploaded_files_root=reader.path("UPLOADED_FILES_ROOT"),
             predict_deadline_seconds=reader.number("PREDICT_DEADLINE_SECONDS", 30.0, minimum=0.0, maximum=90.0),
             request_read_timeout_seconds=reader.number("REQUEST_READ_TIMEOUT_SECONDS", 10.0, minimum=0.0,
                                                        exclusive_minimum=True),

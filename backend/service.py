@@ -34,7 +34,13 @@ from backend.features import (
 )
 from backend.jobs import JobRunner, JobStateCollector, ThreadJobRunner
 from backend.label_config import LabelConfigError, ProjectLabeling, task_labels
-from backend.ls_client import LabelStudioAPI, LabelStudioClientFactory, LabelStudioError, attach_annotations
+from backend.ls_client import (
+    LabelStudioAPI,
+    LabelStudioClientFactory,
+    LabelStudioError,
+    MountedFiles,
+    attach_annotations,
+)
 from backend.memory import bound_heap_growth, keep_triton_out, release_free_heap
 from backend.metrics import BackendMetrics
 from backend.multilabel import MultiLabelProjects, is_multilabel
@@ -160,7 +166,7 @@ class MLBackend:
                 default_url=config.label_studio_url,
                 default_api_key=config.label_studio_api_key,
                 download_timeout_seconds=config.image_download_timeout_seconds,
-                local_files_root=config.local_files_document_root,
+                mounted=MountedFiles(config.local_files_document_root, config.uploaded_files_root),
             ),
             redactor=redactor,
         )

@@ -20,7 +20,7 @@ from backend.app import create_app
 from backend.config import Config
 from backend.jobs import InlineJobRunner
 from backend.label_config import recommended_label_config
-from backend.ls_client import LabelStudioClientFactory
+from backend.ls_client import LabelStudioClientFactory, MountedFiles
 from backend.metrics import BackendMetrics
 from backend.features import ImageCodec
 from backend.service import MLBackend
@@ -137,12 +137,14 @@ class FakeLabelStudio:
     """Honour ``include`` (Label Studio 1.23 does; False: a Label Studio that sends every field)."""
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def add_task(self, task_id: int, fine: str | None, jitter: int = 0, image: bytes | None = None) -> dict[str, Any]:
+    def add_task(self, task_id: int, fine: str | None, jitter: int = 0, image: bytes | None = None,
+                 uploaded: bool = False) -> dict[str, Any]:
+        """``uploaded``: the image URL is an uploaded file's (``/data/upload/<project>/<name>``), else Local Files'."""
         name = f"img{task_id}.png"
         colour = FINE_COLOURS[fine] if fine else (128, 128, 128)
         self.files[name] = image if image is not None else png_bytes(colour, jitter=jitter or task_id)
-        task = {"id": task_id, "data": {"image": f"/data/local-files/?d=fashion/{name}"}, "annotations": [],
-                "predictions": [], "project": PROJECT_ID}
+        url = f"/data/upload/{PROJECT_ID}/{name}" if uploaded else f"/data/local-files/?d=fashion/{name}"
+        task = {"id": task_id, "data": {"image": url}, "annotations": [], "predictions": [], "project": PROJECT_ID}
         self.tasks.append(task)
         return task
 
@@ -259,9 +261,10 @@ class FakeLabelStudio:
                 self.deleted_versions.append(request.get_json()["model_version"])
             return jsonify(deleted=1)
 
+        @app.get("/data/upload/<path:filename>")
         @app.get("/data/local-files/")
-        def local_file():
-            name = request.args.get("d", "").split("/")[-1]
+        def local_file(filename: str = ""):
+            name = (filename or request.args.get("d", "")).split("/")[-1]
             with self.lock:
                 self.downloads.append(name)
             if name not in self.files:
@@ -322,7 +325,7 @@ def make_backend(fake_ls: FakeLabelStudio) -> Callable[..., BackendParts]:
                 max_image_bytes=config.max_image_bytes,
                 default_url=config.label_studio_url,
                 default_api_key=config.label_studio_api_key,
-                local_files_root=config.local_files_document_root,
+                mounted=MountedFiles(config.local_files_document_root, config.uploaded_files_root),
             ),
             jobs=jobs if jobs is not None else InlineJobRunner(),
             metrics=BackendMetrics(),
