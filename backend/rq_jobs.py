@@ -44,6 +44,7 @@ from backend.jobs import (
     debounce_seconds_of,
     job_state_summary,
 )
+from model.round_libraries import import_round_libraries
 
 logger = logging.getLogger(__name__)
 
@@ -379,6 +380,7 @@ def run_worker(backend: Any, config: Any, burst: bool = False, name: str | None 
     if not isinstance(backend.jobs, RQJobRunner):
         raise ValueError("vlm-al worker needs the RQ job runner (REDIS_URL)")
     _WORKER_RUNNER = backend.jobs
+    import_round_libraries()  # this process runs the fits: their libraries load now, not in the first one
     worker = HeartbeatWorker(
         [backend.jobs.queue], connection=backend.jobs.redis,
         name=name or f"vlm-al-{os.uname().nodename}-{os.getpid()}",

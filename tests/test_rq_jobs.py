@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -99,6 +100,18 @@ def test_submits_from_two_web_processes_become_one_job_with_one_run(redis, redis
     web_a.submit("fit", 5)  # after the run: a new job
     assert web_a.queue.count == 1
     assert web_b.is_pending("fit", 5) and not web_b.is_pending("push", 5)  # any process sees it
+
+
+def test_vlm_al_worker_imports_the_fits_libraries_before_it_takes_a_job(redis, monkeypatch):
+    """A worker runs the fits in its own process, so their libraries load at its start (see the server's test in
+    test_memory_startup.py), not in its first fit."""
+    order: list[str] = []
+    monkeypatch.setattr(rq_jobs, "import_round_libraries", lambda: order.append("import"))
+    monkeypatch.setattr(HeartbeatWorker, "work", lambda self, **kwargs: order.append("work"))
+    backend = SimpleNamespace(jobs=RQJobRunner(redis, 0.2))
+    config = SimpleNamespace(redis_url="redis://127.0.0.1/0", log_level="INFO")
+    assert rq_jobs.run_worker(backend, config, burst=True) == 0
+    assert order == ["import", "work"]
 
 
 def test_a_submit_after_the_job_started_working_enqueues_exactly_one_more(redis, monkeypatch):
