@@ -1,7 +1,7 @@
 """The libraries a learning round imports on first use, and a way to import them ahead of time.
 
 The round's heavy dependencies (scikit-learn, SciPy, cleanlab) are imported inside the functions that use them,
-so a process that never trains (a web replica whose jobs run on RQ workers) never pays their ~60 MB. A process
+so a process that never trains (a web replica whose jobs run on RQ workers) never pays their ~75 MB. A process
 whose threads do train would otherwise import them in the middle of its first fit; one large module's bytecode
 (scipy.stats._continuous_distns) is read in a single call that holds the GIL for ~100 ms, which every other thread
 of the process (a web server's /health included) waits out. Such a process imports them here, at start-up.
