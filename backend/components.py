@@ -60,7 +60,8 @@ def build_image_codec(config: Config) -> ImageCodec:
     from model.images import ImageLimits, decode_image
 
     limits = ImageLimits(max_bytes=config.max_image_bytes, max_pixels=config.max_image_pixels)
-    return ImageCodec(content_key=content_key, decode=lambda data: decode_image(data, limits))
+    return ImageCodec(content_key=content_key,
+                      decode=lambda data, *, at_least=None: decode_image(data, limits, at_least=at_least))
 
 
 @dataclass(frozen=True)

@@ -99,7 +99,7 @@ class FakeWeakAnnotator:
 def image_codec(limits: ImageLimits | None = None) -> ImageCodec:
     return ImageCodec(
         content_key=content_key,
-        decode=lambda data: decode_image(data, limits or ImageLimits()),
+        decode=lambda data, *, at_least=None: decode_image(data, limits or ImageLimits(), at_least=at_least),
     )
 
 

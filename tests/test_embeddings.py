@@ -1,3 +1,5 @@
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +14,7 @@ from model.embeddings import (
     load_packaged_imagenet_weights,
 )
 from model.errors import ModelInputError
+from model.images import decode_image
 from model.runtime import create_backbone
 
 skimage_data = pytest.importorskip("skimage.data", reason="scikit-image provides the real test photos")
@@ -196,3 +199,21 @@ def test_configure_torch_threads_sets_and_validates():
         torch.set_num_threads(before)
     with pytest.raises(ModelInputError):
         configure_torch_threads(0)
+
+
+def test_a_large_jpeg_decoded_at_twice_the_input_side_embeds_as_in_full(packaged_lite0, photos):
+    """What the feature extractor does for images only the backbone reads (decode_image's at_least, JPEG scales):
+    photos upscaled 4x and saved as JPEG, decoded in full and at the scale keeping twice the 224-pixel input."""
+    rng = np.random.default_rng(0)
+    for photo in photos:
+        large = photo.convert("RGB").resize((photo.width * 4, photo.height * 4), Image.Resampling.LANCZOS)
+        grain = rng.integers(-6, 7, size=(large.height, large.width, 3))  # detail the upscaling smoothed away
+        large = Image.fromarray(np.clip(np.asarray(large, dtype=np.int16) + grain, 0, 255).astype(np.uint8))
+        buffer = io.BytesIO()
+        large.save(buffer, format="JPEG", quality=90)
+        full, scaled = decode_image(buffer.getvalue()), decode_image(buffer.getvalue(), at_least=448)
+        assert scaled.width * scaled.height * 4 <= full.width * full.height  # at least half scale
+        (e_full, e_scaled), logits = packaged_lite0.embed_and_logits([full, scaled])
+        cosine = float(e_full @ e_scaled / np.linalg.norm(e_full) / np.linalg.norm(e_scaled))
+        assert cosine >= 0.998, cosine
+        assert logits[0].argmax() == logits[1].argmax()

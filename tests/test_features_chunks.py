@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import io
 import threading
 import time
 
 import numpy as np
 import pytest
+from PIL import Image
 from conftest import PROJECT_ID, FakeBackbone, counter_value
 
 from backend import features as features_module
@@ -131,6 +133,47 @@ def test_a_chunk_is_decoded_and_preprocessed_while_another_runs_its_forward_pass
     assert len(stored) == 48
     np.testing.assert_allclose(np.stack([stored[content_key(data)] for data in files]),
                                FakeBackbone().embed([decode_image(data) for data in files]), atol=1e-3)
+
+
+def large_jpeg(colour: tuple[int, int, int], size: tuple[int, int] = (2000, 1600)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("annotator_reads_images", [False, True])
+def test_images_only_the_backbone_reads_are_decoded_at_its_input_scale(fake_ls, make_config, make_backend,
+                                                                       monkeypatch, annotator_reads_images):
+    """A 2000x1600 JPEG for a 224-pixel backbone is decoded at half scale (1000x800, both sides still >= 448),
+    unless the weak annotator reads the decoded images itself (an API VLM sends them at its own size): then in
+    full."""
+    for task_id, colour in enumerate([(200, 30, 30), (30, 30, 200), (30, 200, 30)], start=1):
+        fake_ls.add_task(task_id, FINES[task_id % 4], image=large_jpeg(colour))
+    parts = make_backend(make_config(push_predictions=False))
+    backbone, weak = parts.backbone, parts.weak
+    sizes: list[tuple[int, int]] = []
+
+    def preprocess_batch(images):
+        sizes.extend(image.size for image in images)
+        return np.stack([np.asarray(image, dtype=np.float32).reshape(-1, 3).mean(axis=0) / 255.0 for image in images])
+
+    def forward_pixels(pixels, with_logits=False):
+        return np.concatenate([pixels, 1.0 - pixels], axis=1).astype(np.float32), None
+
+    monkeypatch.setattr(backbone, "image_size", 224, raising=False)
+    monkeypatch.setattr(backbone, "preprocess_batch", preprocess_batch, raising=False)
+    monkeypatch.setattr(backbone, "forward_pixels", forward_pixels, raising=False)
+    if not annotator_reads_images:  # answers from the backbone's embeddings, as the semantic annotator does
+        monkeypatch.setattr(weak, "backbone", backbone, raising=False)
+        monkeypatch.setattr(weak, "annotate_embeddings", lambda vectors: weak.annotate(
+            [Image.new("RGB", (1, 1), tuple(int(255 * v) for v in row[:3])) for row in vectors]), raising=False)
+    parts.backend.run_index(PROJECT_ID)
+    assert sizes == [(2000, 1600) if annotator_reads_images else (1000, 800)] * 3
+    assert weak.images_annotated == 3
+    stored = parts.store.get_many(backbone.name, [content_key(data) for data in fake_ls.files.values()])
+    full = FakeBackbone().embed([decode_image(data) for data in fake_ls.files.values()])
+    np.testing.assert_allclose(np.stack([stored[content_key(data)] for data in fake_ls.files.values()]), full,
+                               atol=0.02)  # the same picture: solid colours survive JPEG's scaled decoding
 
 
 def test_indexing_embeds_a_page_of_tasks_while_the_next_is_listed(fake_ls, make_config, make_backend, monkeypatch):

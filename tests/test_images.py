@@ -128,3 +128,30 @@ def test_errors_are_model_input_errors_and_limits_must_be_positive():
     assert issubclass(ImageDecodeError, ModelInputError)
     with pytest.raises(ModelInputError):
         ImageLimits(max_bytes=0)
+
+
+@pytest.mark.parametrize(("size", "decoded"), [
+    ((4000, 3000), (500, 375)),  # 1/8: both sides still >= 224
+    ((1600, 1200), (400, 300)),  # 1/4
+    ((640, 480), (320, 240)),  # 1/2
+    ((400, 300), (400, 300)),  # half would make 150 < 224: in full
+])
+def test_a_jpeg_is_decoded_at_the_smallest_scale_that_keeps_at_least_the_side_asked(size, decoded):
+    image = Image.fromarray(_gradient(*size))
+    data = _encode(image, "JPEG", quality=90)
+    scaled = decode_image(data, at_least=224)
+    assert scaled.mode == "RGB" and scaled.size == decoded
+    reference = np.asarray(image.resize(decoded, Image.Resampling.BOX), dtype=np.int16)
+    assert np.abs(np.asarray(scaled, dtype=np.int16) - reference).mean() < 3  # the same picture, smaller
+    assert decode_image(data).size == size
+
+
+def test_scaled_decoding_keeps_orientation_limits_and_other_formats():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    rotated = _encode(Image.fromarray(_gradient(1600, 1200)), "JPEG", exif=exif.tobytes())
+    assert decode_image(rotated, at_least=224).size == (300, 400)
+    png = _encode(Image.fromarray(_gradient(1600, 1200)), "PNG")
+    assert decode_image(png, at_least=224).size == (1600, 1200)  # no scaled decoding: in full
+    with pytest.raises(ImageDecodeError, match="pixels"):  # the declared size is checked, not the scaled one
+        decode_image(rotated, ImageLimits(max_pixels=1600 * 1200 - 1), at_least=224)
