@@ -98,7 +98,7 @@ WeakAnnotatorFactory = Callable[[LabelHierarchy], WeakAnnotator]
 
 class ImageDecoder(Protocol):
     def __call__(self, data: bytes, *, at_least: int | None = None) -> Any:
-        """The decoded RGB image; ``at_least``: the side it is resized to next (model.images.decode_image)."""
+        """The decoded RGB image; ``at_least``: the smallest side the caller needs (model.images.decode_image)."""
 
 
 @dataclass(frozen=True)

@@ -37,9 +37,10 @@ class ImageLimits:
 def decode_image(data: bytes, limits: ImageLimits | None = None, *, at_least: int | None = None) -> Image.Image:
     """Decode ``data`` into an RGB image (EXIF orientation applied, transparency composited on white).
 
-    ``at_least``: the caller resizes the image to this side anyway (a backbone's input), so a JPEG is decoded at
-    the smallest of libjpeg's scales (1, 1/2, 1/4, 1/8) that keeps both sides at least this long: its scaled
-    inverse DCT decodes up to 64 times fewer pixels of the same picture. Other formats decode in full.
+    ``at_least``: the smallest side the caller needs (it resizes the image down anyway, for a backbone's input), so
+    a JPEG is decoded at the smallest of libjpeg's scales (1, 1/2, 1/4, 1/8) that keeps both sides at least this
+    long: its scaled inverse DCT decodes up to 64 times fewer pixels of the same picture. Other formats decode in
+    full.
 
     Raises ImageDecodeError for too many bytes, a header that declares too many pixels, or unreadable data.
     """
