@@ -129,7 +129,7 @@ UPLOADS_PREFIX = "/data/upload/"
 @dataclass(frozen=True)
 class MountedFiles:
     """Label Studio's file folders as mounted on this host, read instead of downloading their files through
-    Label Studio (whose Django view spends about 17-19 ms of CPU per image while a project is indexed).
+    Label Studio (whose Django view spent 16-19 ms of CPU per image in bench/scale.py's runs).
 
     ``local_files_root``: its LOCAL_FILES_DOCUMENT_ROOT, which serves ``/data/local-files/?d=<path>``.
     ``uploads_root``: its ``MEDIA_ROOT/upload`` folder (``<BASE_DATA_DIR>/media/upload``), which serves the files
