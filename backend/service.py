@@ -53,6 +53,7 @@ from backend.state import COLD_START_VERSION, ImageKeyIndex, ProjectState, versi
 from backend.training import cold_start_queue, collect_labels, fit_and_rank, server_learner_settings, weak_answers
 from model.hierarchy import MISSING_LABEL, LabelHierarchy
 from model.round_libraries import import_round_libraries
+from model.runtime import embedding_setup
 
 __all__ = ["HANDLED_FIT_EVENTS", "InvalidInput", "MLBackend", "ModelResponse", "parse_project_id"]
 
@@ -218,6 +219,7 @@ class MLBackend:
             "model_version": newest,
             "model_versions": {str(pid): version for pid, version in sorted(loaded.items())},
             "backbone": self.backbone.name,
+            "embedding": embedding_setup(self.backbone),
             "weak_annotator": self.weak_annotators.describe(),
             "jobs": self._job_state(),
             "state_store": self.state_store.health(),

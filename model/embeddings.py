@@ -184,6 +184,9 @@ class TimmBackbone:
         if precision != "fp32":
             self.name += f":{precision}"
         self.dim = int(self.model.num_features)
+        self.fidelity: dict[str, Any] | None = None
+        """The fidelity check's report against eager fp32 on the CPU, when one was run (a GPU backbone:
+        ``model.runtime.checked_precision_backbone``)."""
 
         data_config = timm.data.resolve_data_config({}, model=self.model)
         interpolation = data_config.get("interpolation", "bicubic")

@@ -8,7 +8,8 @@ check: on a fixed set of images, every row of its embeddings and logits must hav
 The ONNX backbone keeps the eager backbone's ``name``: at fp32 it computes the same function, differences are
 float rounding (about 1e-5 absolute, cosine 1.0 to six decimals), well below the float16 rounding of the embedding
 store, so vectors cached by either runtime are interchangeable. Reduced precision (fp16 autocast on CUDA) is not:
-``TimmBackbone`` then appends the precision to the name and the cache is not shared.
+``TimmBackbone`` then appends the precision to the name and the cache is not shared. It is held to the same check
+against eager fp32 on the CPU, and a precision that fails it is not used (``checked_precision_backbone``).
 
 Exports are cached in ``cache_dir`` (the server uses ``MODEL_DIR/runtime-cache``) under a key made of the model name,
 its weights (with a digest of the weights file), the image size and the torch, timm and onnxruntime versions; each
@@ -173,7 +174,9 @@ def build_backbone(
     """Build a backbone with ``make(batch_size=, device=, [precision=, channels_last=])`` on the chosen runtime.
 
     ``auto`` uses ONNX Runtime on a CPU for timm backbones when it imports and passes the fidelity check, eager
-    torch otherwise (on CUDA: fp16 autocast + channels_last). ``onnxruntime`` raises instead of falling back.
+    torch otherwise. On CUDA, ``auto`` and ``torch`` run eager torch with fp16 autocast and channels_last when that
+    passes the fidelity check against eager fp32 on the CPU, else fp32 on the GPU when that passes, else the CPU
+    (``checked_precision_backbone``). ``onnxruntime`` raises instead of falling back.
     With ``export_spec`` (what ``make`` builds, in plain values) a CPU backbone comes from the cached export without
     building the eager model, and a missing export is made in a child process when torch is not loaded here.
     """
@@ -188,7 +191,14 @@ def build_backbone(
         backbone = make(batch_size=plan.batch_size, device=plan.device)
         _log_choice(backbone, "torch", plan)
         return backbone
-    if runtime == "torch" or (runtime == "auto" and device != "cpu"):
+    if device != "cpu" and runtime != "onnxruntime":
+        checked = checked_precision_backbone(make, plan)
+        if checked is not None:
+            _log_choice(checked, "torch", plan)
+            return checked
+        logger.warning("no precision on %s passed the fidelity check; embedding on the CPU instead", device)
+        device, plan = "cpu", device_plan("cpu", batch_size)
+    if runtime == "torch":
         backbone = make(
             batch_size=plan.batch_size, device=plan.device, precision=plan.precision, channels_last=plan.channels_last
         )
@@ -227,6 +237,56 @@ def build_backbone(
     fast.release_eager_model()  # no second copy of the backbone in a process that embeds with ONNX Runtime
     _log_choice(fast, "onnxruntime", plan)
     return fast
+
+
+def checked_precision_backbone(
+    make: Callable[..., Any], plan: DevicePlan, images: Sequence[tuple[str, Image.Image]] | None = None
+) -> Any | None:
+    """The eager backbone on ``plan.device`` at ``plan.precision``, held to eager fp32 on the CPU (what every runtime
+    is checked against) on the fixed fidelity images; in fp32 on that device when the plan's precision fails the
+    check; None when fp32 there fails it too (the caller then embeds on the CPU). The backbone keeps its report as
+    ``fidelity``.
+
+    Reduced precision is checked, not assumed: under CPU autocast, efficientnet_lite0's embeddings had a cosine to
+    fp32 of 0.99997 in fp16 but 0.9925 in bf16 (tests/test_embedding_runtime.py). fp32 on a GPU is checked too,
+    since its convolutions may run in TF32 and the vectors share the CPU's name in the store."""
+    images = fidelity_images() if images is None else images
+    reference = make(batch_size=CPU_BATCH_SIZE, device="cpu")
+    expected = _outputs_of(reference)([image for _, image in images])
+    del reference
+    for precision in dict.fromkeys((plan.precision, "fp32")):
+        candidate = make(batch_size=plan.batch_size, device=plan.device, precision=precision,
+                         channels_last=plan.channels_last)
+        report = measure_fidelity(lambda _pictures: expected, _outputs_of(candidate), images)
+        candidate.fidelity = report
+        if fidelity_passes(report):
+            return candidate
+        logger.warning(
+            "%s on %s in %s differs from eager fp32 on the CPU: min cosine %.6f < %s on %d fixed images", candidate.name,
+            plan.device, precision, fidelity_min_cosine(report), FIDELITY_MIN_COSINE, len(images),
+        )
+    return None
+
+
+def _outputs_of(backbone: Any) -> Callable[[Sequence[Image.Image]], tuple[np.ndarray, np.ndarray]]:
+    """(embeddings, logits) of a backbone; logits with no columns when it has no classifier head."""
+    if getattr(backbone, "num_classes", 0):
+        return backbone.embed_and_logits
+    return _embed_only(backbone.embed)
+
+
+def embedding_setup(backbone: Any) -> dict[str, Any]:
+    """Where and how the backbone embeds, for /health: runtime, device, precision, batch size, forward passes at
+    once, and the fidelity check's smallest cosine to eager fp32 on the CPU (None for that reference itself)."""
+    report = getattr(backbone, "fidelity", None)
+    return {
+        "runtime": str(getattr(backbone, "runtime", "torch")),
+        "device": str(getattr(backbone, "device", "cpu")),
+        "precision": str(getattr(backbone, "precision", "fp32")),
+        "batch_size": int(getattr(backbone, "batch_size", 0) or 0),
+        "concurrent_runs": int(getattr(backbone, "concurrent_runs", 1) or 1),
+        "fidelity_min_cosine": round(fidelity_min_cosine(report), 7) if isinstance(report, dict) else None,
+    }
 
 
 def _log_choice(backbone: Any, runtime: str, plan: DevicePlan) -> None:

@@ -36,6 +36,7 @@ def test_health_and_root(client):
         assert response.status_code == 200
         body = response.get_json()
         assert body["status"] == "UP" and body["model_class"] == "MLBackend"
+        assert body["embedding"]["runtime"] == "torch" and body["embedding"]["device"] == "cpu"
 
 
 def test_setup_answers_the_current_version(client, fake_ls):

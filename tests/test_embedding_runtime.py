@@ -247,17 +247,86 @@ def test_device_auto_and_a_clear_error_for_cuda_without_a_gpu(monkeypatch):
     assert resolve_device("auto") == "cuda"
 
 
+class RecordingEager:
+    """A stand-in for TimmBackbone built by a factory: it records its settings, and its embeddings are fixed
+    vectors, bent by ``error[precision on device]`` (0: the fp32 reference's)."""
+
+    base = np.random.default_rng(0).normal(size=(64, 16)).astype(np.float32)
+
+    def __init__(self, made: list, error: dict, **settings) -> None:
+        self.settings = {"precision": "fp32", "channels_last": False, **settings}
+        self.precision, self.device = self.settings["precision"], self.settings["device"]
+        self.name, self.num_classes, self.batch_size = f"fake:{self.precision}", 0, settings["batch_size"]
+        self.error = error.get(f"{self.precision} on {self.device}", 0.0)
+        made.append(self.settings)
+
+    def embed(self, images):
+        bent = self.base[: len(images)] + self.error * self.base[1 : len(images) + 1]
+        return bent
+
+
+def recording_factory(error: dict) -> tuple[list, object]:
+    made: list = []
+    return made, lambda **settings: RecordingEager(made, error, **settings)
+
+
 def test_batch_size_and_precision_fit_the_device(monkeypatch):
     assert device_plan("cpu") == runtime.DevicePlan("cpu", 64, "fp32", False)
     assert device_plan("cuda") == runtime.DevicePlan("cuda", 256, "fp16", True)
     assert device_plan("cuda", batch_size=8).batch_size == 8
-    # On CUDA, auto picks eager torch with the CUDA plan (no ONNX export); checked here with a recording factory.
+    # On CUDA, auto picks eager torch with the CUDA plan (no ONNX export) once the plan passes the fidelity check
+    # against eager fp32 on the CPU; checked here with a recording factory.
     monkeypatch.setattr(runtime, "gpu_driver_present", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    made = build_backbone(lambda **kwargs: kwargs, kind="timm", device="auto", runtime="auto")
-    assert made == {"batch_size": 256, "device": "cuda", "precision": "fp16", "channels_last": True}
-    assert build_backbone(lambda **kwargs: kwargs, kind="open_clip", device="cpu", runtime="auto") == {
-        "batch_size": 64, "device": "cpu"}
+    made, factory = recording_factory({"fp16 on cuda": 0.01})
+    chosen = build_backbone(factory, kind="timm", device="auto", runtime="auto")
+    assert chosen.settings == {"batch_size": 256, "device": "cuda", "precision": "fp16", "channels_last": True}
+    assert made[0] == {"batch_size": 64, "device": "cpu", "precision": "fp32", "channels_last": False}  # reference
+    assert 0.999 < chosen.fidelity["embedding_min_cosine"] < 1.0
+    assert runtime.embedding_setup(chosen) == {
+        "runtime": "torch", "device": "cuda", "precision": "fp16", "batch_size": 256, "concurrent_runs": 1,
+        "fidelity_min_cosine": round(chosen.fidelity["embedding_min_cosine"], 7)}
+    made, factory = recording_factory({})
+    assert build_backbone(factory, kind="open_clip", device="cpu", runtime="auto").settings == {
+        "batch_size": 64, "device": "cpu", "precision": "fp32", "channels_last": False}
+
+
+def test_a_gpu_precision_that_fails_the_fidelity_check_is_not_used(monkeypatch, caplog):
+    monkeypatch.setattr(runtime, "gpu_driver_present", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    # fp16 bends the vectors past the threshold: fp32 on the GPU, checked too, is used instead
+    made, factory = recording_factory({"fp16 on cuda": 0.2})
+    with caplog.at_level(logging.WARNING, logger="model.runtime"):
+        chosen = build_backbone(factory, kind="timm", device="cuda", runtime="torch")
+    assert (chosen.precision, chosen.device, chosen.settings["channels_last"]) == ("fp32", "cuda", True)
+    assert runtime.fidelity_min_cosine(chosen.fidelity) > 0.9999
+    assert "fake:fp16 on cuda in fp16 differs from eager fp32 on the CPU: min cosine 0.9" in caplog.text
+    # neither passes (e.g. TF32 convolutions gone wrong): the CPU, in fp32, unchecked since it is the reference
+    made, factory = recording_factory({"fp16 on cuda": 0.2, "fp32 on cuda": 0.1})
+    with caplog.at_level(logging.WARNING, logger="model.runtime"):
+        chosen = build_backbone(factory, kind="timm", device="cuda", runtime="torch")
+    assert chosen.settings == {"batch_size": 64, "device": "cpu", "precision": "fp32", "channels_last": False}
+    assert [m["device"] for m in made] == ["cpu", "cuda", "cuda", "cpu"]
+    assert "no precision on cuda passed the fidelity check; embedding on the CPU instead" in caplog.text
+
+
+def test_reduced_precision_is_held_to_eager_fp32_with_real_weights():
+    """The check on real ImageNet weights, on the CPU (whose autocast has both types): fp16 passes it, bf16 does not
+    (its embeddings had a cosine of about 0.99 to fp32), so a bf16 plan gets fp32 instead."""
+    def factory(**settings):
+        return TimmBackbone("efficientnet_lite0", **settings)
+
+    fp16 = runtime.checked_precision_backbone(factory, runtime.DevicePlan("cpu", 8, "fp16", False))
+    assert fp16.precision == "fp16" and fp16.name.endswith(":fp16")
+    assert runtime.fidelity_min_cosine(fp16.fidelity) >= runtime.FIDELITY_MIN_COSINE
+    assert fp16.fidelity["top1_agreement"] == 1.0
+    bf16_plan = runtime.checked_precision_backbone(factory, runtime.DevicePlan("cpu", 8, "bf16", False))
+    assert bf16_plan.precision == "fp32" and not bf16_plan.name.endswith(":bf16")
+    assert runtime.fidelity_min_cosine(bf16_plan.fidelity) > 0.99999
+    bf16 = TimmBackbone("efficientnet_lite0", precision="bf16")
+    reference = TimmBackbone("efficientnet_lite0")
+    report = measure_fidelity(reference.embed_and_logits, bf16.embed_and_logits, runtime.fidelity_images())
+    assert not fidelity_passes(report) and runtime.fidelity_min_cosine(report) > 0.98
     with pytest.raises(EmbeddingRuntimeError, match="timm backbones only"):
         build_backbone(lambda **kwargs: kwargs, kind="open_clip", device="cpu", runtime="onnxruntime")
 
@@ -274,6 +343,15 @@ def test_reduced_precision_and_channels_last_paths_run_and_are_named(photos):
     assert row_cosines(half.embed(photos), reference.embed(photos)).min() > 0.98
     with pytest.raises(ModelInputError, match="precision"):
         TimmBackbone("efficientnet_lite0", image_size=32, precision="int4")
+
+
+def test_embedding_setup_says_where_and_how_each_backbone_embeds(fast, eager):
+    setup = runtime.embedding_setup(fast)
+    assert setup == {"runtime": "onnxruntime", "device": "cpu", "precision": "fp32", "batch_size": 4,
+                     "concurrent_runs": 2, "fidelity_min_cosine": setup["fidelity_min_cosine"]}
+    assert runtime.FIDELITY_MIN_COSINE <= setup["fidelity_min_cosine"] <= 1.0
+    assert runtime.embedding_setup(eager) == {"runtime": "torch", "device": "cpu", "precision": "fp32",
+                                              "batch_size": 4, "concurrent_runs": 1, "fidelity_min_cosine": None}
 
 
 def test_build_components_passes_device_runtime_threads_and_cache(fast, cache_dir, tmp_path, count_exports):
