@@ -53,3 +53,24 @@ def test_large_jpegs_decode_faster_at_a_jpeg_scale_and_embed_the_same(tmp_path):
     assert all(image["decoded_size"][0] * image["decoded_size"][1] * 4 <= image["size"][0] * image["size"][1]
                for image in results["images"].values())
     assert results["median_speedup"] >= 1.5  # 3.25 measured on 2 cores; halved for a loaded machine
+
+
+def test_the_gpu_check_runs_its_code_on_the_cpu(tmp_path):
+    """bench/gpu_check.py is run on a lent GPU machine (scripts/gpu_check.sh); here its code runs on the CPU, where the
+    chosen backbone is the CPU's (ONNX Runtime), and DEVICE=cuda without a GPU is a clear error."""
+    results = _run_bench("gpu_check.py", tmp_path / "gpu_check.json", "--device", "cpu", "--images", "24",
+                         "--rounds", "1", timeout=600)
+    assert results["device"] == "cpu" and results["chosen"]["runtime"] == "onnxruntime"
+    assert results["chosen_fidelity_min_cosine"] >= 0.999
+    assert set(results["images_per_s"]) == {"device_forward", "device_embed", "prepare_1_thread",
+                                            "prepare_all_cores", "pipeline", "cpu_auto", "cpu_eager_torch"}
+    assert all(rate > 0 for rate in results["images_per_s"].values())
+    assert set(results["ratios"]) == {"device_embed_vs_cpu_auto", "device_embed_vs_cpu_eager_torch",
+                                      "pipeline_vs_device_forward", "pipeline_vs_prepare_all_cores",
+                                      "pipeline_vs_cpu_eager_torch"}
+    if not Path("/dev/nvidia0").exists():
+        refused = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--device", "cuda",
+                                  "--out", str(tmp_path / "none.json")], capture_output=True, text=True, cwd=ROOT,
+                                 timeout=300)
+        assert refused.returncode == 2 and "DEVICE=cuda, but torch" in refused.stderr
+        assert not (tmp_path / "none.json").exists()
