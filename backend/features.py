@@ -20,6 +20,7 @@ from backend.ls_client import ImageFetchError, LabelStudioAPI, LabelStudioError
 from backend.metrics import BackendMetrics
 from model.errors import ModelInputError
 from model.hierarchy import LabelHierarchy
+from model.runtime import chunks_in_flight
 
 logger = logging.getLogger(__name__)
 
@@ -500,10 +501,10 @@ class FeatureExtractor:
         """Forward passes at once in this process: as many as the backbone wants (``concurrent_runs``: an ONNX
         Runtime session on a CPU runs one thread per run, one run per core), one for a backbone whose single run
         uses every core it is given (a second would only double its working memory)."""
-        self._concurrent_runs = runs
-        self._chunks_in_flight = runs + 1
-        """Chunks worked on at once by one features() call: one more than the forward passes, so a chunk is always
-        downloading, decoding and preprocessing while the others run."""
+        self._chunks_in_flight = chunks_in_flight(backbone)
+        """Chunks worked on at once by one features() call (``model.runtime.chunks_in_flight``): on a CPU one more
+        than the forward passes, so a chunk is always downloading, decoding and preprocessing while the others run;
+        on a GPU one per core, since the cores only prepare chunks for it."""
         self._resident: dict[str, ResidentVectors] = {}
         """Per store namespace, the vectors of the large reads (see ResidentVectors)."""
         self._resident_lock = threading.Lock()
@@ -520,9 +521,10 @@ class FeatureExtractor:
         """Embeddings and weak answers of the tasks' images: cache first, download and compute what is missing.
 
         ``fetch=False`` answers from the caches only; the other tasks are listed in ``pending``. Missing work is
-        done in chunks of at most FEATURE_CHUNK images that shrink towards the end (``guided_chunks``), one more
-        chunk in flight than the backbone's concurrent forward passes (one is downloaded, decoded and preprocessed
-        while the others run), each chunk's image bytes freed when it is done. Each chunk's image URLs are claimed
+        done in chunks of at most FEATURE_CHUNK images that shrink towards the end (``guided_chunks``), as many in
+        flight as ``chunks_in_flight`` says (on a CPU one more than the backbone's concurrent forward passes, so one
+        is downloaded, decoded and preprocessed while the others run; on a GPU one per core), each chunk's image
+        bytes freed when it is done. Each chunk's image URLs are claimed
         first (``claims``: this process, or every replica through Redis): a URL another caller is working on is
         waited for and read from the cache, never downloaded or embedded twice."""
         started = time.monotonic()
@@ -535,7 +537,8 @@ class FeatureExtractor:
         downloaded = embedded = 0
         for _attempt in range(CLAIM_ATTEMPTS):
             work = sorted(result.pending)
-            chunks = [work[a:b] for a, b in guided_chunks(len(work), FEATURE_CHUNK, self._concurrent_runs)]
+            # guided by the chunks worked on while one more is prepared: the forward passes on a CPU
+            chunks = [work[a:b] for a, b in guided_chunks(len(work), FEATURE_CHUNK, self._chunks_in_flight - 1)]
             waiting: list[str] = []
             # Each call has its own threads: /predict never queues behind an index job's chunks.
             with ThreadPoolExecutor(min(self._chunks_in_flight, len(chunks)),

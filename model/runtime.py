@@ -148,6 +148,21 @@ def cpu_run_layout(threads: int | None, parallel_runs: bool = True) -> CpuRunLay
     return CpuRunLayout(1, cores) if parallel_runs else CpuRunLayout(cores, 1)
 
 
+def chunks_in_flight(backbone: Any, cores: int | None = None) -> int:
+    """Chunks of images one index call downloads, decodes, preprocesses and embeds at once.
+
+    On a CPU, one more than the backbone's forward passes at once (``concurrent_runs``): the cores run the passes
+    and one chunk is prepared meanwhile. On a GPU, one per core (at least two): there the cores only decode and
+    preprocess, a chunk's forward pass takes a fraction of its decoding, and a single chunk being prepared would
+    leave the GPU waiting. Pillow decodes outside the GIL: on this machine's 2 cores, two threads decoded and
+    preprocessed as fast as two processes (a probe, not saved); ``bench/gpu_check.py`` measures both counts on a
+    GPU."""
+    runs = max(1, int(getattr(backbone, "concurrent_runs", 1)))
+    if str(getattr(backbone, "device", "cpu")).startswith("cpu"):
+        return runs + 1
+    return max(runs + 1, int(cores or default_threads()))
+
+
 def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "vlm-al" / "onnx"
 

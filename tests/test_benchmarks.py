@@ -6,6 +6,7 @@ is reported by the script, not failed here. Counts (new embeddings on repeated p
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -62,12 +63,21 @@ def test_the_gpu_check_runs_its_code_on_the_cpu(tmp_path):
                          "--rounds", "1", timeout=600)
     assert results["device"] == "cpu" and results["chosen"]["runtime"] == "onnxruntime"
     assert results["chosen_fidelity_min_cosine"] >= 0.999
-    assert set(results["images_per_s"]) == {"device_forward", "device_embed", "prepare_1_thread",
-                                            "prepare_all_cores", "pipeline", "cpu_auto", "cpu_eager_torch"}
+    assert set(results["images_per_s"]) == {
+        "device_forward", "device_embed", "prepare_1_thread", "prepare_all_cores", "index_pipeline",
+        "index_pipeline_one_chunk_beside_the_pass", "cpu_auto", "cpu_eager_torch"}
     assert all(rate > 0 for rate in results["images_per_s"].values())
-    assert set(results["ratios"]) == {"device_embed_vs_cpu_auto", "device_embed_vs_cpu_eager_torch",
-                                      "pipeline_vs_device_forward", "pipeline_vs_prepare_all_cores",
-                                      "pipeline_vs_cpu_eager_torch"}
+    assert set(results["ratios"]) == {
+        "device_embed_vs_cpu_auto", "device_embed_vs_cpu_eager_torch", "index_pipeline_vs_device_embed",
+        "index_pipeline_vs_cpu_eager_torch", "index_pipeline_vs_prepare_all_cores",
+        "index_pipeline_vs_one_chunk_beside_the_pass"}
+    assert results["chunks_in_flight"] == results["chosen"]["concurrent_runs"] + 1  # the CPU's count
+    from backend.features import FEATURE_CHUNK
+
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    assert gpu_check.INDEX_CHUNK == FEATURE_CHUNK  # the check's pipeline chunks as the server does
     if not Path("/dev/nvidia0").exists():
         refused = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--device", "cuda",
                                   "--out", str(tmp_path / "none.json")], capture_output=True, text=True, cwd=ROOT,

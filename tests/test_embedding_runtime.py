@@ -345,6 +345,13 @@ def test_reduced_precision_and_channels_last_paths_run_and_are_named(photos):
         TimmBackbone("efficientnet_lite0", image_size=32, precision="int4")
 
 
+def test_chunks_in_flight_fit_the_device(fast, eager):
+    assert runtime.chunks_in_flight(fast) == 3  # two single-threaded ONNX runs, and one chunk being prepared
+    assert runtime.chunks_in_flight(eager) == 2  # torch.device("cpu")
+    gpu = RecordingEager([], {}, batch_size=256, device=torch.device("cuda"))
+    assert runtime.chunks_in_flight(gpu, cores=16) == 16 and runtime.chunks_in_flight(gpu, cores=1) == 2
+
+
 def test_embedding_setup_says_where_and_how_each_backbone_embeds(fast, eager):
     setup = runtime.embedding_setup(fast)
     assert setup == {"runtime": "onnxruntime", "device": "cpu", "precision": "fp32", "batch_size": 4,

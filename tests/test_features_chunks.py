@@ -135,6 +135,48 @@ def test_a_chunk_is_decoded_and_preprocessed_while_another_runs_its_forward_pass
                                FakeBackbone().embed([decode_image(data) for data in files]), atol=1e-3)
 
 
+def most_chunks_prepared_at_once(fake_ls, make_config, make_backend, monkeypatch, device: str) -> int:
+    """One features() call over 48 tasks in chunks of 8, by a backbone on ``device`` with the pixel path whose
+    preprocessing takes 0.1 s a chunk, on a machine of 4 cores: the most chunks that were being prepared at once."""
+    import model.runtime
+
+    monkeypatch.setattr(features_module, "FEATURE_CHUNK", 8)
+    monkeypatch.setattr(model.runtime, "default_threads", lambda: 4)
+    monkeypatch.setattr(FakeBackbone, "device", device, raising=False)
+    add_tasks(fake_ls, 48)
+    parts = make_backend(make_config(push_predictions=False))
+    active = [0, 0]  # now, most
+    lock = threading.Lock()
+
+    def preprocess_batch(images):
+        with lock:
+            active[0] += 1
+            active[1] = max(active[1], active[0])
+        time.sleep(0.1)
+        with lock:
+            active[0] -= 1
+        return np.stack([np.asarray(image, dtype=np.float32).reshape(-1, 3).mean(axis=0) / 255.0 for image in images])
+
+    def forward_pixels(pixels, with_logits=False):
+        return np.concatenate([pixels, 1.0 - pixels], axis=1).astype(np.float32), None
+
+    monkeypatch.setattr(parts.backbone, "preprocess_batch", preprocess_batch, raising=False)
+    monkeypatch.setattr(parts.backbone, "forward_pixels", forward_pixels, raising=False)
+    labeling = parts.backend.labeling(fake_ls.label_config)
+    result = parts.backend.extractor.features(PROJECT_ID, fake_ls.tasks, labeling)
+    assert not result.errors and not result.pending and result.embedded == 48
+    return active[1]
+
+
+def test_on_a_gpu_every_core_prepares_a_chunk(fake_ls, make_config, make_backend, monkeypatch):
+    """On a CPU one chunk is prepared beside the forward pass; on a GPU, whose passes are quick, one per core."""
+    assert most_chunks_prepared_at_once(fake_ls, make_config, make_backend, monkeypatch, "cuda") == 4
+
+
+def test_on_a_cpu_one_chunk_is_prepared_beside_the_forward_pass(fake_ls, make_config, make_backend, monkeypatch):
+    assert most_chunks_prepared_at_once(fake_ls, make_config, make_backend, monkeypatch, "cpu") == 2
+
+
 def large_jpeg(colour: tuple[int, int, int], size: tuple[int, int] = (2000, 1600)) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", size, colour).save(buffer, format="JPEG", quality=90)
