@@ -154,9 +154,9 @@ def chunks_in_flight(backbone: Any, cores: int | None = None) -> int:
     On a CPU, one more than the backbone's forward passes at once (``concurrent_runs``): the cores run the passes
     and one chunk is prepared meanwhile. On a GPU, one per core (at least two): there the cores only decode and
     preprocess, a chunk's forward pass takes a fraction of its decoding, and a single chunk being prepared would
-    leave the GPU waiting (a chunk's pixels are 64 x 3 x 224 x 224 float32, 38 MB). Pillow decodes outside the GIL: on this machine's 2 cores, two threads decoded and
-    preprocessed as fast as two processes (a probe, not saved); ``bench/gpu_check.py`` measures both counts on a
-    GPU."""
+    leave the GPU waiting (a chunk's pixels are 64 x 3 x 224 x 224 float32, 38 MB). Pillow decodes outside the
+    GIL: on this machine's 2 cores, two threads decoded and preprocessed as fast as two processes (a probe, not
+    saved); ``bench/gpu_check.py`` measures both counts on a GPU."""
     runs = max(1, int(getattr(backbone, "concurrent_runs", 1)))
     if str(getattr(backbone, "device", "cpu")).startswith("cpu"):
         return runs + 1
@@ -277,8 +277,8 @@ def checked_precision_backbone(
         if fidelity_passes(report):
             return candidate
         logger.warning(
-            "%s on %s in %s differs from eager fp32 on the CPU: min cosine %.6f < %s on %d fixed images", candidate.name,
-            plan.device, precision, fidelity_min_cosine(report), FIDELITY_MIN_COSINE, len(images),
+            "%s on %s in %s differs from eager fp32 on the CPU: min cosine %.6f < %s on %d fixed images",
+            candidate.name, plan.device, precision, fidelity_min_cosine(report), FIDELITY_MIN_COSINE, len(images),
         )
     return None
 
