@@ -141,9 +141,10 @@ class CpuRunLayout:
 
 def cpu_run_layout(threads: int | None, parallel_runs: bool = True) -> CpuRunLayout:
     """One thread per run and as many runs as cores (``parallel_runs``), or one run on every core. Parallel runs
-    never wait on each other inside an operator: on 2 cores they embedded 176.6 images/s against 147.5 for one
-    two-threaded run (bench/results/scale_local_files.json, runtime alone, medians of six rounds), and 1.13x as
-    fast with decoding on the same cores (bench/results/onnx_cpu_layout.json, whose rounds vary widely)."""
+    never wait on each other inside an operator: on 2 cores they embedded 1.00 to 1.34 times as many images per
+    second as one two-threaded run, median 1.09, in the 25 runs of bench/results/indexing_steps.json (runtime alone,
+    medians of three or six rounds each), and 1.13x as fast with decoding on the same cores
+    (bench/results/onnx_cpu_layout.json, whose rounds vary widely)."""
     cores = int(threads or default_threads())
     return CpuRunLayout(1, cores) if parallel_runs else CpuRunLayout(cores, 1)
 
