@@ -60,7 +60,9 @@ class Backbone(Protocol):
 
 class PixelBackbone(Backbone, Protocol):
     """A backbone whose preprocessing is an array step of its own (both timm runtimes): a chunk is prepared outside
-    the compute slot, beside another chunk's forward pass."""
+    the compute slot, beside another chunk's forward pass. ``preprocess_batch`` gives the compact prepared form (the
+    timm runtimes: uint8 planes, a quarter of the float32 input's bytes, so the chunks in flight hold little), and
+    ``forward_pixels`` takes it."""
 
     image_size: int
     """The side of the square input its preprocessing resizes every image to."""

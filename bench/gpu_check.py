@@ -8,7 +8,7 @@ In one process:
    with ``DEVICE=<device>`` runs, with its fidelity report against eager fp32 on the CPU
    (``checked_precision_backbone``). On a GPU, fp32 there is checked too (its convolutions may run in TF32).
 2. **Speed, side by side**, in rounds that take the measurements in turn, medians:
-   - ``device_forward``: the chosen backbone on preprocessed pixels (``forward_pixels``), in its batch size;
+   - ``device_forward``: the chosen backbone on prepared planes (``forward_pixels``), in its batch size;
    - ``device_embed``: the chosen backbone on decoded images, preprocessing included (``embed_and_logits``, one
      caller): the runtime alone, as ``bench/scale.py`` measures it;
    - ``prepare_1_thread`` / ``prepare_all_cores``: decoding and preprocessing the encoded images (JPEG photos of

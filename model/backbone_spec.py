@@ -42,7 +42,7 @@ class ImagePreprocessing:
     Plain values, so an ONNX export carries them and a process without torch preprocesses alike.
 
     A channel's output depends only on its input byte, so the float32 formula is evaluated once per channel for all
-    256 bytes (``_byte_values``) and an image is one table lookup per channel: the same bits as computing it per
+    256 bytes (``byte_values``) and an image is one table lookup per channel: the same bits as computing it per
     pixel, in one pass over the pixels instead of five (indexing preprocesses every image of a project)."""
 
     image_size: int
@@ -63,6 +63,11 @@ class ImagePreprocessing:
         byte_values.setflags(write=False)
         object.__setattr__(self, "_byte_values", byte_values)
 
+    @property
+    def byte_values(self) -> np.ndarray:
+        """float32 (3, 256), read-only: row c holds channel c's normalised value of each byte."""
+        return self._byte_values  # type: ignore[attr-defined]
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ImagePreprocessing:
         return cls(int(data["image_size"]), tuple(data["mean"]), tuple(data["std"]),
@@ -71,20 +76,43 @@ class ImagePreprocessing:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def array(self, image: Image.Image, out: np.ndarray | None = None) -> np.ndarray:
-        """A float32 (3, size, size) C-contiguous array; written into ``out`` (a row of a batch) when given."""
+    def _resized(self, image: Image.Image) -> Image.Image:
+        """The RGB image at the input size. An RGB image of that size is used as it is: convert and resize would each
+        return a copy of it."""
         if not isinstance(image, Image.Image):
             raise ModelInputError(f"expected a PIL image, got {type(image).__name__}")
-        # An RGB image of the input size is used as it is: convert and resize would each return a copy of it.
         rgb = image if image.mode == "RGB" else image.convert("RGB")
         size = (self.image_size, self.image_size)
-        resized = rgb if rgb.size == size else rgb.resize(size, INTERPOLATIONS[self.interpolation])
+        return rgb if rgb.size == size else rgb.resize(size, INTERPOLATIONS[self.interpolation])
+
+    def array(self, image: Image.Image, out: np.ndarray | None = None) -> np.ndarray:
+        """A float32 (3, size, size) C-contiguous array; written into ``out`` (a row of a batch) when given."""
+        resized = self._resized(image)
         if out is None:
             out = np.empty((3, self.image_size, self.image_size), dtype=np.float32)
-        byte_values: np.ndarray = self._byte_values  # type: ignore[attr-defined]
+        byte_values = self.byte_values
         for channel, band in enumerate(resized.split()):
             # mode="clip": bytes are always in range, and the default mode would buffer the output
             np.take(byte_values[channel], np.asarray(band), out=out[channel], mode="clip")
+        return out
+
+    def planes(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """The images resized, as uint8 (n, 3, size, size): what a pipeline holds between decoding and the forward
+        pass, a quarter of the float32 input's bytes (a chunk of 64 images at 224 px: 9.6 MB against 38.5 MB);
+        ``normalise`` turns it into that input."""
+        out = np.empty((len(images), 3, self.image_size, self.image_size), dtype=np.uint8)
+        for row, image in enumerate(images):
+            for channel, band in enumerate(self._resized(image).split()):
+                out[row, channel] = np.asarray(band)
+        return out
+
+    def normalise(self, planes: np.ndarray) -> np.ndarray:
+        """float32 (n, 3, size, size) of ``planes``: the bits ``batch`` gives for the same images."""
+        out = np.empty(planes.shape, dtype=np.float32)
+        byte_values = self.byte_values
+        for row in range(len(planes)):
+            for channel in range(3):
+                np.take(byte_values[channel], planes[row, channel], out=out[row, channel], mode="clip")
         return out
 
     def batch(self, images: Sequence[Image.Image]) -> np.ndarray:
@@ -94,14 +122,14 @@ class ImagePreprocessing:
             self.array(image, out=pixels[row])
         return pixels
 
-    def check_batch(self, pixels: Any) -> np.ndarray:
-        """``pixels`` if it is a batch these settings make (float32, (n, 3, size, size)); a clear error if not."""
+    def check_planes(self, planes: Any) -> np.ndarray:
+        """``planes`` if these settings make them (``planes``: uint8, (n, 3, size, size)); a clear error if not."""
         expected = (3, self.image_size, self.image_size)
-        if not isinstance(pixels, np.ndarray) or pixels.dtype != np.float32 or pixels.shape[1:] != expected:
-            found = f"{pixels.dtype} {pixels.shape}" if isinstance(pixels, np.ndarray) else type(pixels).__name__
-            raise ModelInputError(f"expected preprocessed pixels, float32 (n, {', '.join(map(str, expected))}); "
+        if not isinstance(planes, np.ndarray) or planes.dtype != np.uint8 or planes.shape[1:] != expected:
+            found = f"{planes.dtype} {planes.shape}" if isinstance(planes, np.ndarray) else type(planes).__name__
+            raise ModelInputError(f"expected prepared planes, uint8 (n, {', '.join(map(str, expected))}); "
                                   f"got {found}")
-        return np.ascontiguousarray(pixels)
+        return np.ascontiguousarray(planes)
 
 
 def timm_weights_id(weights: str | None, random_seed: int = 0) -> str:

@@ -114,6 +114,15 @@ def _seeded(seed: int, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
         return build()
 
 
+def normalise_on_device(byte_values: torch.Tensor, planes: np.ndarray) -> torch.Tensor:
+    """float32 (n, 3, size, size) of uint8 ``planes``, looked up in ``byte_values`` (an ImagePreprocessing's table,
+    (3, 256)) on that table's device: the planes travel as uint8."""
+    import torch
+
+    on_device = torch.from_numpy(planes).to(byte_values.device).long()
+    return torch.stack([byte_values[channel][on_device[:, channel]] for channel in range(3)], dim=1)
+
+
 class TimmBackbone:
     """A timm image model; the embedding is its pooled pre-classifier feature vector.
 
@@ -184,6 +193,8 @@ class TimmBackbone:
         if precision != "fp32":
             self.name += f":{precision}"
         self.dim = int(self.model.num_features)
+        self._device_byte_values: torch.Tensor | None = None
+        """On a GPU, the preprocessing's table of normalised byte values, copied there on first use."""
         self.fidelity: dict[str, Any] | None = None
         """The fidelity check's report against eager fp32 on the CPU, when one was run (a GPU backbone:
         ``model.runtime.checked_precision_backbone``)."""
@@ -223,8 +234,9 @@ class TimmBackbone:
         return self.preprocessing.array(image)
 
     def preprocess_batch(self, images: Sequence[Image.Image]) -> np.ndarray:
-        """``preprocess_array`` of each image, stacked: float32 (n, 3, size, size), the input of forward_pixels."""
-        return self.preprocessing.batch(images)
+        """The images resized, uint8 (n, 3, size, size) (``ImagePreprocessing.planes``): the input of forward_pixels,
+        which normalises each batch as it runs it."""
+        return self.preprocessing.planes(images)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         import torch
@@ -252,22 +264,38 @@ class TimmBackbone:
         return int(getattr(self.model, "num_classes", 0) or 0)
 
     def forward_pixels(self, pixels: np.ndarray, with_logits: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """Embeddings and (``with_logits``) logits of a preprocess_batch result: the forward pass alone, so a
-        pipeline can prepare the next images while it runs."""
-        pixels = self.preprocessing.check_batch(pixels)
+        """Embeddings and (``with_logits``) logits of a preprocess_batch result: the forward pass alone (each batch
+        normalised on the way), so a pipeline can prepare the next images while it runs."""
+        planes = self.preprocessing.check_planes(pixels)
         if with_logits and self.num_classes == 0:
             raise ModelInputError(f"{self.name} has no classifier head, so it gives no logits")
         size = self.batch_size
-        return self._forward(len(pixels), (pixels[s : s + size] for s in range(0, len(pixels), size)), with_logits)
+        batches = (self._normalised(planes[s : s + size]) for s in range(0, len(planes), size))
+        return self._forward(len(planes), batches, with_logits)
+
+    def _normalised(self, planes: np.ndarray) -> torch.Tensor:
+        """The float32 input of a batch of planes, on the device: a GPU gets the uint8 planes (a quarter of the bytes)
+        and looks the values up there, in the same table as the CPU's ``normalise``, so both give the same bits."""
+        import torch
+
+        if self.device.type == "cpu":
+            return torch.from_numpy(self.preprocessing.normalise(planes))
+        if self._device_byte_values is None:
+            self._device_byte_values = torch.from_numpy(self.preprocessing.byte_values.copy()).to(self.device)
+        return normalise_on_device(self._device_byte_values, planes)
 
     def _run(self, images: Sequence[Image.Image], with_logits: bool) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
         images, size = list(images), self.batch_size
-        batches = (self.preprocess_batch(images[s : s + size]) for s in range(0, len(images), size))
+        batches = (torch.from_numpy(self.preprocessing.batch(images[s : s + size]))
+                   for s in range(0, len(images), size))
         return self._forward(len(images), batches, with_logits)
 
     def _forward(
-        self, n_images: int, pixel_batches: Iterator[np.ndarray], with_logits: bool
+        self, n_images: int, pixel_batches: Iterator[torch.Tensor], with_logits: bool
     ) -> tuple[np.ndarray, np.ndarray]:
+        """Embeddings (and logits) of float32 (n, 3, size, size) batches, on the CPU or already on the device."""
         import torch
 
         embeddings = np.zeros((n_images, self.dim), dtype=np.float32)
@@ -277,7 +305,7 @@ class TimmBackbone:
         row = 0
         with torch.inference_mode(), self._autocast():
             for pixels in pixel_batches:
-                batch = torch.from_numpy(pixels).to(self.device, memory_format=layout)
+                batch = pixels.to(self.device, memory_format=layout)
                 pooled = self.model.forward_head(self.model.forward_features(batch), pre_logits=True)
                 embeddings[row : row + len(batch)] = pooled.float().cpu().numpy()
                 if classifier is not None:

@@ -815,17 +815,19 @@ class OnnxRuntimeBackbone:
         return self.preprocessing.array(image)
 
     def preprocess_batch(self, images: Sequence[Image.Image]) -> np.ndarray:
-        """``preprocess_array`` of each image, stacked: float32 (n, 3, size, size), the input of forward_pixels."""
-        return self.preprocessing.batch(images)
+        """The images resized, uint8 (n, 3, size, size) (``ImagePreprocessing.planes``): the input of forward_pixels,
+        which normalises each run's batch as it goes."""
+        return self.preprocessing.planes(images)
 
     def forward_pixels(self, pixels: np.ndarray, with_logits: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """Embeddings and (``with_logits``) logits of a preprocess_batch result: the session's run alone."""
-        pixels = self.preprocessing.check_batch(pixels)
+        """Embeddings and (``with_logits``) logits of a preprocess_batch result: the session's runs alone, each
+        batch normalised on the way (float32 only for the few images of one run)."""
+        planes = self.preprocessing.check_planes(pixels)
         if with_logits and self.num_classes == 0:
             raise ModelInputError(f"{self.name} has no classifier head, so it gives no logits")
         size = self.batch_size
-        batches = (pixels[s : s + size] for s in range(0, len(pixels), size))
-        return _session_forward(self._session, self, len(pixels), batches, with_logits)
+        batches = (self.preprocessing.normalise(planes[s : s + size]) for s in range(0, len(planes), size))
+        return _session_forward(self._session, self, len(planes), batches, with_logits)
 
     def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
         """Pooled features, float32 (n, dim)."""

@@ -511,6 +511,31 @@ def test_numpy_preprocessing_is_bit_identical_to_the_torch_formula(eager, photos
         assert eager.preprocess_array(image).flags.c_contiguous
 
 
+def test_uint8_planes_hold_the_same_input_at_a_quarter_of_the_bytes(eager, fast, photos):
+    """What the index holds between decoding and the forward pass: uint8 planes, normalised as each batch runs (on
+    the CPU by numpy, on a GPU by the same table there), to the bits the images' float32 batch has; so both runtimes'
+    forward passes over planes give exactly their embed_and_logits."""
+    from model.embeddings import normalise_on_device
+
+    rng = np.random.default_rng(4)
+    images = photos + [Image.fromarray(rng.integers(0, 256, (37, 91, 4), dtype=np.uint8), "RGBA"),
+                       Image.fromarray(rng.integers(0, 256, (300, 20), dtype=np.uint8), "L")]
+    preprocessing = eager.preprocessing
+    planes = eager.preprocess_batch(images)
+    assert planes.dtype == np.uint8 and planes.shape == (len(images), 3, SIZE, SIZE)
+    assert planes.nbytes * 4 == preprocessing.batch(images).nbytes
+    np.testing.assert_array_equal(preprocessing.normalise(planes), preprocessing.batch(images))
+    table = torch.from_numpy(preprocessing.byte_values.copy())
+    assert torch.equal(normalise_on_device(table, planes), torch.from_numpy(preprocessing.batch(images)))
+    for backbone in (eager, fast):
+        embeddings, logits = backbone.forward_pixels(backbone.preprocess_batch(images), with_logits=True)
+        expected_embeddings, expected_logits = backbone.embed_and_logits(images)
+        np.testing.assert_array_equal(embeddings, expected_embeddings)
+        np.testing.assert_array_equal(logits, expected_logits)
+        with pytest.raises(ModelInputError, match=r"expected prepared planes, uint8 \(n, 3, 64, 64\); got float32"):
+            backbone.forward_pixels(preprocessing.batch(images))
+
+
 def test_any_failure_of_the_fast_path_falls_back_under_auto(monkeypatch, tmp_path, caplog):
     def broken_export(eager):
         raise RuntimeError("exporter crashed")
