@@ -78,7 +78,8 @@ class EmbeddingStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._busy_timeout_ms = int(busy_timeout_s * 1000)
         self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
+        self._connections: dict[threading.Thread, sqlite3.Connection] = {}
+        """Each thread's connection, so ``close`` reaches all of them and a finished thread's is closed."""
         self._lock = threading.Lock()
         self._closed = False
         connection = self._connection()
@@ -109,14 +110,19 @@ class EmbeddingStore:
             connection.execute("PRAGMA synchronous=NORMAL")
             self._local.connection = connection
             with self._lock:
-                self._connections.append(connection)
+                # Threads come and go (an index's chunk threads are new for every page): the connections of the
+                # finished ones are closed here. Held, they kept about 0.5 MB each: 600 threads that each wrote and
+                # read 64 vectors grew a process by 330 MB (a probe, not saved), as many as index 100,000 images.
+                for thread in [thread for thread in self._connections if not thread.is_alive()]:
+                    self._connections.pop(thread).close()
+                self._connections[threading.current_thread()] = connection
         return connection
 
     def close(self) -> None:
         """Close every connection this object opened (in any thread). Later calls raise."""
         with self._lock:
             self._closed = True
-            for connection in self._connections:
+            for connection in self._connections.values():
                 connection.close()
             self._connections.clear()
 

@@ -183,3 +183,28 @@ def test_processes_read_while_another_process_writes(tmp_path):
         out, err = reader.communicate(timeout=60)
         assert reader.returncode == 0, err
         assert out.strip() == "400"
+
+
+def test_a_finished_threads_connection_is_closed_when_another_thread_connects(tmp_path):
+    """An index works each page's chunks on new threads: their connections must not pile up (each held about 0.5 MB
+    of sqlite's cache)."""
+    store = EmbeddingStore(tmp_path / "store.sqlite")
+    opened: list[sqlite3.Connection] = []
+
+    def work(n: int) -> None:
+        store.put_many("ns", {f"k{n}": np.full(8, n, dtype=np.float32)})
+        assert f"k{n}" in store.get_many("ns", [f"k{n}"])
+        opened.append(store._connection())
+
+    for n in range(20):
+        thread = threading.Thread(target=work, args=(n,))
+        thread.start()
+        thread.join()
+    assert len(store._connections) <= 2  # this thread's and the last worker's, whose thread had not ended yet
+    for connection in opened[:-1]:
+        with pytest.raises(sqlite3.ProgrammingError, match="closed"):
+            connection.execute("SELECT 1")
+    assert len(store.get_many("ns", [f"k{n}" for n in range(20)])) == 20
+    store.close()
+    with pytest.raises(sqlite3.ProgrammingError, match="closed"):
+        opened[-1].execute("SELECT 1")
