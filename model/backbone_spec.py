@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -87,14 +87,9 @@ class ImagePreprocessing:
 
     def array(self, image: Image.Image, out: np.ndarray | None = None) -> np.ndarray:
         """A float32 (3, size, size) C-contiguous array; written into ``out`` (a row of a batch) when given."""
-        resized = self._resized(image)
         if out is None:
             out = np.empty((3, self.image_size, self.image_size), dtype=np.float32)
-        byte_values = self.byte_values
-        for channel, band in enumerate(resized.split()):
-            # mode="clip": bytes are always in range, and the default mode would buffer the output
-            np.take(byte_values[channel], np.asarray(band), out=out[channel], mode="clip")
-        return out
+        return self._look_up((np.asarray(band) for band in self._resized(image).split()), out)
 
     def planes(self, images: Sequence[Image.Image]) -> np.ndarray:
         """The images resized, as uint8 (n, 3, size, size): what a pipeline holds between decoding and the forward
@@ -109,10 +104,16 @@ class ImagePreprocessing:
     def normalise(self, planes: np.ndarray) -> np.ndarray:
         """float32 (n, 3, size, size) of ``planes``: the bits ``batch`` gives for the same images."""
         out = np.empty(planes.shape, dtype=np.float32)
-        byte_values = self.byte_values
         for row in range(len(planes)):
-            for channel in range(3):
-                np.take(byte_values[channel], planes[row, channel], out=out[row, channel], mode="clip")
+            self._look_up(planes[row], out[row])
+        return out
+
+    def _look_up(self, channels: Iterable[np.ndarray], out: np.ndarray) -> np.ndarray:
+        """``out`` (float32 (3, size, size)) filled with the normalised values of three uint8 (size, size) channels:
+        one table lookup per channel, what ``array`` and ``normalise`` share."""
+        for channel, values in enumerate(channels):
+            # mode="clip": bytes are always in range, and the default mode would buffer the output
+            np.take(self.byte_values[channel], values, out=out[channel], mode="clip")
         return out
 
     def batch(self, images: Sequence[Image.Image]) -> np.ndarray:
