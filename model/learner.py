@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from model.errors import ModelInputError
+from model.finegrained import FineGrainedClassifier, PoolStatistics, TrainingConfig, select_training_config
 from model.hierarchy import MISSING_LABEL, LabelHierarchy
 from model.noise import CoarseTransitionEstimate, estimate_coarse_transition_matrix
 from model.query import (
@@ -42,7 +43,11 @@ class Classifier(Protocol):
         weak_coarse_labels: np.ndarray | None,
         coarse_transition_matrix: np.ndarray | None = None,
         human_coarse_labels: np.ndarray | None = None,
-    ) -> Any: ...
+        pool: PoolStatistics | None = None,
+    ) -> Any:
+        """``pool``: statistics of ``embeddings`` (that array object) shared by the fits of a round; a classifier
+        that has no use for them ignores them."""
+        ...
 
     def predict_fine_proba(self, embeddings: np.ndarray) -> np.ndarray: ...
 
@@ -157,6 +162,8 @@ class RoundModel:
     transition: CoarseTransitionEstimate | None
     fine_probabilities: np.ndarray
     coarse_probabilities: np.ndarray
+    pool: PoolStatistics | None = None
+    """The statistics of the embeddings the model was trained on, for the round's later fits on them."""
 
 
 class ActiveLearner:
@@ -178,13 +185,9 @@ class ActiveLearner:
         self._fixed_transition: CoarseTransitionEstimate | None = None
 
     def _default_classifier(self, training_config: Any) -> Classifier:
-        from model.finegrained import FineGrainedClassifier
-
         return FineGrainedClassifier(self.hierarchy, self.embedding_dim, training_config)
 
     def base_config(self) -> Any:
-        from model.finegrained import TrainingConfig
-
         return TrainingConfig(
             variant=self.settings.variant, use_transition=self.settings.uses_transition, seed=self.settings.seed,
             num_threads=self.settings.num_threads,
@@ -209,9 +212,7 @@ class ActiveLearner:
         return estimate
 
     def choose_config(self, embeddings: np.ndarray, labels: RoundLabels,
-                      transition: CoarseTransitionEstimate | None) -> Any:
-        from model.finegrained import select_training_config
-
+                      transition: CoarseTransitionEstimate | None, pool: PoolStatistics | None = None) -> Any:
         candidates = {k: list(v) for k, v in self.settings.config_candidates.items()}
         n_fine = int(np.sum(labels.fine != MISSING_LABEL))
         if n_fine < self.settings.min_fine_labels_for_selection:
@@ -219,25 +220,26 @@ class ActiveLearner:
         return select_training_config(
             self.hierarchy, embeddings, labels.fine, labels.weak_for_training(),
             None if transition is None else transition.matrix, self.base_config(), candidates, n_folds=3,
-            human_coarse_labels=labels.human_coarse,
+            human_coarse_labels=labels.human_coarse, pool=pool,
         )
 
     def train(self, embeddings: np.ndarray, labels: RoundLabels) -> RoundModel:
         """Estimate T, choose the training configuration, train on every row and predict the pool."""
+        pool = PoolStatistics(embeddings)  # every fit of the round reads the pool's norms from here
         transition = self.estimate_transition(labels)
-        training_config = self.choose_config(embeddings, labels, transition)
-        model = self._fit(embeddings, labels, labels.fine, training_config, transition)
+        training_config = self.choose_config(embeddings, labels, transition, pool)
+        model = self._fit(embeddings, labels, labels.fine, training_config, transition, pool)
         if self.settings.pseudo_label_confidence is not None:
             model = self._fit(embeddings, labels, self.pseudo_labelled(embeddings, labels, model), training_config,
-                              transition)
+                              transition, pool)
         return model
 
     def _fit(self, embeddings: np.ndarray, labels: RoundLabels, fine: np.ndarray, training_config: Any,
-             transition: CoarseTransitionEstimate | None) -> RoundModel:
+             transition: CoarseTransitionEstimate | None, pool: PoolStatistics) -> RoundModel:
         classifier = self._new_classifier(training_config)
         # A fine label wins over a row's weak label inside the classifier, so pseudo-labelled rows train as full.
         classifier.fit(embeddings, fine, labels.weak_for_training(),
-                       None if transition is None else transition.matrix, labels.human_coarse)
+                       None if transition is None else transition.matrix, labels.human_coarse, pool=pool)
         fine_probabilities, coarse_probabilities = classifier.predict_fine_and_coarse_proba(embeddings)
         return RoundModel(
             classifier=classifier,
@@ -245,6 +247,7 @@ class ActiveLearner:
             transition=transition,
             fine_probabilities=np.asarray(fine_probabilities, dtype=np.float32),
             coarse_probabilities=np.asarray(coarse_probabilities, dtype=np.float32),
+            pool=pool,
         )
 
     def pseudo_labelled(self, embeddings: np.ndarray, labels: RoundLabels, model: RoundModel) -> np.ndarray:
@@ -276,6 +279,7 @@ class ActiveLearner:
             return rows[:0], np.zeros((0, self.hierarchy.n_fine), dtype=np.float32)
         folds = np.random.default_rng(self.settings.seed).permutation(rows.size) % n_folds
         transition = None if model.transition is None else model.transition.matrix
+        pool = model.pool if model.pool is not None and model.pool.describes(embeddings) else PoolStatistics(embeddings)
         out = np.zeros((rows.size, self.hierarchy.n_fine), dtype=np.float32)
         for fold in range(n_folds):
             held_out = rows[folds == fold]
@@ -283,7 +287,8 @@ class ActiveLearner:
             fine[held_out] = MISSING_LABEL
             fold_labels = replace(labels, fine=fine)
             classifier = self._new_classifier(model.training_config)
-            classifier.fit(embeddings, fine, fold_labels.weak_for_training(), transition, labels.human_coarse)
+            classifier.fit(embeddings, fine, fold_labels.weak_for_training(), transition, labels.human_coarse,
+                           pool=pool)
             out[folds == fold] = np.asarray(classifier.predict_fine_proba(embeddings[held_out]), dtype=np.float32)
         return rows, out
 

@@ -245,9 +245,11 @@ def human_label_curve(new_classifier: Callable[[Any], Any], training_config: Any
     labels is noisy enough to call a rising curve flat), each point trained as a round trains:
     a labeled row outside the training subset keeps only its VLM answer (``weak_answers``), as a task nobody has
     labeled yet; rows with a human coarse label train on it, without the VLM's."""
+    from model.finegrained import PoolStatistics
     from model.hierarchy import MISSING_LABEL
 
     labeled = np.flatnonzero(fine != MISSING_LABEL)
+    pool = PoolStatistics(embeddings)  # every point's fits share the pool's norms
 
     def evaluate(train: np.ndarray, held_out: np.ndarray) -> float:
         subset = np.full_like(fine, MISSING_LABEL)
@@ -259,7 +261,7 @@ def human_label_curve(new_classifier: Callable[[Any], Any], training_config: Any
                 human |= human_coarse != MISSING_LABEL
             weak = np.where(human, MISSING_LABEL, weak_answers).astype(np.int64)
         classifier = new_classifier(training_config)
-        classifier.fit(embeddings, subset, weak, transition, human_coarse)
+        classifier.fit(embeddings, subset, weak, transition, human_coarse, pool=pool)
         rows = labeled[held_out]
         predicted = np.asarray(classifier.predict_fine_proba(embeddings[rows])).argmax(axis=1)
         return float(np.mean(predicted == fine[rows]))
