@@ -264,12 +264,19 @@ class PoolStatistics:
             selected = np.asarray(self.embeddings[rows], dtype=np.float32)
         return _l2_normalise_(selected, norms[rows])
 
+    def _normalised_slice(self, start: int) -> np.ndarray:
+        """The ROW_CHUNK slice from ``start`` as float32 rows (a copy), L2-normalised with the kept norms."""
+        norms = self.row_norms
+        with np.errstate(over="ignore"):
+            rows = self.embeddings[start : start + ROW_CHUNK].astype(np.float32)
+        return _l2_normalise_(rows, norms[start : start + rows.shape[0]])
+
     def mean_and_rows(self, used: np.ndarray, copied: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The float32 mean of the normalised rows where ``used`` is True, and the normalised rows listed in
         ``copied`` (in that order) centred by it, in one walk over the ROW_CHUNK slices in pool order. A slice whose
         rows are all used adds its kept sum; another adds the sum of its used rows, converted again (float32 rows
-        summed in float64 either way). Copied rows are converted a slice at a time, so nothing larger than a slice
-        is allocated beside the result."""
+        summed in float64 either way). A slice of which more than half is copied is converted whole, others only
+        their copied rows, so nothing larger than a slice is allocated beside the result."""
         chunk_sums = self.chunk_sums
         rows = np.empty((copied.size, self.embeddings.shape[1]), dtype=np.float32)
         order = np.argsort(copied)  # rows[order[k]] is pool row sorted_rows[k]
@@ -277,12 +284,17 @@ class PoolStatistics:
         total = np.zeros(self.embeddings.shape[1], dtype=np.float64)
         for index, start in enumerate(range(0, self.embeddings.shape[0], ROW_CHUNK)):
             selected = used[start : start + ROW_CHUNK]
+            lo, hi = np.searchsorted(sorted_rows, [start, start + ROW_CHUNK])
+            whole = self._normalised_slice(start) if 2 * (hi - lo) > selected.size else None
             if selected.all():
                 total += chunk_sums[index]
+            elif whole is not None:
+                total += whole[selected].sum(axis=0, dtype=np.float64)
             else:
                 total += self.normalised(start + np.flatnonzero(selected)).sum(axis=0, dtype=np.float64)
-            lo, hi = np.searchsorted(sorted_rows, [start, start + ROW_CHUNK])
-            if hi > lo:
+            if whole is not None:
+                rows[order[lo:hi]] = whole[sorted_rows[lo:hi] - start]
+            elif hi > lo:
                 rows[order[lo:hi]] = self.normalised(sorted_rows[lo:hi])
         mean = (total / max(int(np.count_nonzero(used)), 1)).astype(np.float32)
         rows -= mean
