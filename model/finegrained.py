@@ -216,68 +216,70 @@ class PoolStatistics:
     (the training fit, its cross-validation and out-of-fold fits, a learning curve's): every row checked finite, its
     L2 norm, and the float64 sum of each ROW_CHUNK slice's L2-normalised rows.
 
-    Each fit then gathers only the rows it trains on, instead of converting the whole pool again: at 100,000 float16
-    rows that pass was about half of every fit. A fit given these statistics computes the same bits as one that
-    computes them itself. They are computed on first use, so a caller can hand them to a classifier that may not
-    read them. They describe the array object they were made from, which must not change while they are in use."""
+    The first fit records them as it walks the pool; later fits take the mean from the kept sums and gather only the
+    rows they train on, instead of converting the whole pool again (at 100,000 float16 rows that pass was about half
+    of every fit). A fit given these statistics computes the same bits as one that computes them itself. A slice is
+    converted when a fit first needs it, so a caller can hand them to a classifier that may not read them. They
+    describe the array object they were made from, which must not change while they are in use."""
 
     def __init__(self, embeddings: np.ndarray) -> None:
         self._source = embeddings
         self.embeddings = _embedding_matrix(embeddings, None)
-        self._computed: tuple[np.ndarray, np.ndarray] | None = None
+        n, dim = self.embeddings.shape
+        self._norms = np.empty(n, dtype=np.float32)
+        self._sums = np.empty((-(-n // ROW_CHUNK), dim), dtype=np.float64)
+        self._known = np.zeros(self._sums.shape[0], dtype=bool)
 
     def describes(self, embeddings: np.ndarray) -> bool:
         """Whether these are the statistics of ``embeddings`` (the same object: its values are not compared)."""
         return embeddings is self._source or embeddings is self.embeddings
 
-    def _values(self) -> tuple[np.ndarray, np.ndarray]:
-        if self._computed is None:
-            self._computed = self._compute()
-        return self._computed
+    def _slice(self, index: int) -> np.ndarray:
+        """Slice ``index`` as L2-normalised float32 rows (a copy). Its first conversion checks it finite and records
+        its norms and sum."""
+        start = index * ROW_CHUNK
+        if self._known[index]:
+            with np.errstate(over="ignore"):  # as in _finite_float32_chunk: a float64 row beyond float32's range
+                rows = self.embeddings[start : start + ROW_CHUNK].astype(np.float32)
+            return _l2_normalise_(rows, self._norms[start : start + rows.shape[0]])
+        rows, norms = _finite_float32_chunk(self.embeddings, start)
+        _l2_normalise_(rows, norms)
+        self._norms[start : start + rows.shape[0]] = norms
+        self._sums[index] = rows.sum(axis=0, dtype=np.float64)
+        self._known[index] = True
+        return rows
 
-    def _compute(self) -> tuple[np.ndarray, np.ndarray]:
-        """One pass over the pool in ROW_CHUNK slices: (row norms, slice sums)."""
-        n, dim = self.embeddings.shape
-        norms = np.empty(n, dtype=np.float32)
-        sums = np.empty((-(-n // ROW_CHUNK), dim), dtype=np.float64)
-        for index, start in enumerate(range(0, n, ROW_CHUNK)):
-            chunk, chunk_norms = _finite_float32_chunk(self.embeddings, start)
-            norms[start : start + chunk.shape[0]] = chunk_norms
-            sums[index] = _l2_normalise_(chunk, chunk_norms).sum(axis=0, dtype=np.float64)
-        return norms, sums
+    def _know(self, indices: np.ndarray) -> None:
+        for index in indices[~self._known[indices]]:
+            self._slice(int(index))
 
     @property
     def row_norms(self) -> np.ndarray:
-        """float32 (n,): each row's L2 norm (raises ModelInputError, when first read, if a row holds NaN or inf)."""
-        return self._values()[0]
+        """float32 (n,): each row's L2 norm (ModelInputError, when first read, if a row holds NaN or inf)."""
+        self._know(np.arange(self._known.size))
+        return self._norms
 
     @property
     def chunk_sums(self) -> np.ndarray:
         """float64 (ceil(n / ROW_CHUNK), d): the sum of each ROW_CHUNK slice's L2-normalised float32 rows."""
-        return self._values()[1]
+        self._know(np.arange(self._known.size))
+        return self._sums
 
     def normalised(self, rows: np.ndarray) -> np.ndarray:
         """float32 copies of ``rows`` of the pool, L2-normalised with the kept norms: the same bits as converting and
         normalising their whole ROW_CHUNK slice."""
-        norms = self.row_norms
-        with np.errstate(over="ignore"):  # as in _finite_float32_chunk: a float64 row beyond float32's range
-            selected = np.asarray(self.embeddings[rows], dtype=np.float32)
-        return _l2_normalise_(selected, norms[rows])
-
-    def _normalised_slice(self, start: int) -> np.ndarray:
-        """The ROW_CHUNK slice from ``start`` as float32 rows (a copy), L2-normalised with the kept norms."""
-        norms = self.row_norms
+        self._know(np.unique(np.asarray(rows) // ROW_CHUNK))
         with np.errstate(over="ignore"):
-            rows = self.embeddings[start : start + ROW_CHUNK].astype(np.float32)
-        return _l2_normalise_(rows, norms[start : start + rows.shape[0]])
+            selected = np.asarray(self.embeddings[rows], dtype=np.float32)
+        return _l2_normalise_(selected, self._norms[rows])
 
     def mean_and_rows(self, used: np.ndarray, copied: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The float32 mean of the normalised rows where ``used`` is True, and the normalised rows listed in
-        ``copied`` (in that order) centred by it, in one walk over the ROW_CHUNK slices in pool order. A slice whose
-        rows are all used adds its kept sum; another adds the sum of its used rows, converted again (float32 rows
-        summed in float64 either way). A slice of which more than half is copied is converted whole, others only
-        their copied rows, so nothing larger than a slice is allocated beside the result."""
-        chunk_sums = self.chunk_sums
+        ``copied`` (in that order) centred by it, in one walk over the ROW_CHUNK slices in pool order. A slice seen
+        for the first time is converted whole; after that a slice whose rows are all used adds its kept sum, another
+        the sum of its used rows (float32 rows summed in float64 either way), and a slice is converted again whole
+        only when more than half of it is copied, else just its copied rows. Nothing larger than a slice is
+        allocated beside the result."""
         rows = np.empty((copied.size, self.embeddings.shape[1]), dtype=np.float32)
         order = np.argsort(copied)  # rows[order[k]] is pool row sorted_rows[k]
         sorted_rows = copied[order]
@@ -285,9 +287,10 @@ class PoolStatistics:
         for index, start in enumerate(range(0, self.embeddings.shape[0], ROW_CHUNK)):
             selected = used[start : start + ROW_CHUNK]
             lo, hi = np.searchsorted(sorted_rows, [start, start + ROW_CHUNK])
-            whole = self._normalised_slice(start) if 2 * (hi - lo) > selected.size else None
+            convert = not self._known[index] or 2 * (hi - lo) > selected.size
+            whole = self._slice(index) if convert else None
             if selected.all():
-                total += chunk_sums[index]
+                total += self._sums[index]
             elif whole is not None:
                 total += whole[selected].sum(axis=0, dtype=np.float64)
             else:

@@ -75,37 +75,50 @@ def test_a_fit_given_the_statistics_is_bit_for_bit_the_fit_that_computes_them(dt
 
 
 def test_a_round_passes_over_the_pool_once(monkeypatch) -> None:
-    """The training fit, the cross-validation fits and the out-of-fold fits of a round share one pass; a fit on
-    its own makes its own."""
-    passes = []
-    compute = PoolStatistics._compute
+    """The training fit, the cross-validation fits and the out-of-fold fits of a round check and record each slice
+    of the pool once, between them; a fit on its own records its own."""
+    recorded: list[tuple[int, int]] = []
+    convert = PoolStatistics._slice
 
-    def counted(self: PoolStatistics) -> tuple[np.ndarray, np.ndarray]:
-        passes.append(self.embeddings.shape)
-        return compute(self)
+    def counted(self: PoolStatistics, index: int) -> np.ndarray:
+        if not self._known[index]:
+            recorded.append((id(self), index))
+        return convert(self, index)
 
-    monkeypatch.setattr(PoolStatistics, "_compute", counted)
+    monkeypatch.setattr(PoolStatistics, "_slice", counted)
     embeddings, fine, weak, human_coarse = pool_problem()
     settings = replace(SERVER_SETTINGS, config_candidates={"weak_loss_weight": (0.2, 1.0)})
     learner = ActiveLearner(HIERARCHY, DIM, settings)
     labels = RoundLabels(fine=fine, weak_coarse=weak, human_coarse=human_coarse)
     model = learner.train(embeddings, labels)  # 2 candidates x 3 folds, then the training fit
     rows, held_out = learner.out_of_fold_fine(embeddings, labels, model)  # 3 more fits
-    assert passes == [(N, DIM)]
+    assert [index for _, index in recorded] == [0, 1, 2, 3] and len({pool for pool, _ in recorded}) == 1
 
-    # A model without its statistics: the three out-of-fold fits make one pass for them all, and predict the same.
+    # A model without its statistics: the three out-of-fold fits record the slices once for them all, and predict
+    # the same.
     rows_again, held_out_again = learner.out_of_fold_fine(embeddings, labels, replace(model, pool=None))
-    assert len(passes) == 2
+    assert len(recorded) == 8
     np.testing.assert_array_equal(rows, rows_again)
     np.testing.assert_array_equal(held_out, held_out_again)
 
     for _ in range(2):
         FineGrainedClassifier(HIERARCHY, DIM, TrainingConfig(epochs=2)).fit(embeddings, fine, weak)
-    assert len(passes) == 4
+    assert len(recorded) == 16
 
     select_training_config(HIERARCHY, embeddings, fine, weak, TRANSITION, TrainingConfig(epochs=3),
                            {"weak_loss_weight": [0.2, 1.0]}, human_coarse_labels=human_coarse)
-    assert len(passes) == 5  # its own pool, shared by its six fits
+    assert len(recorded) == 20  # its own statistics, shared by its six fits
+
+
+def test_statistics_are_computed_when_first_read() -> None:
+    embeddings, *_ = pool_problem(np.float32)
+    embeddings[2 * ROW_CHUNK + 1, 0] = np.inf
+    pool = PoolStatistics(embeddings)  # converts nothing yet
+    np.testing.assert_allclose(pool.normalised(np.array([3, ROW_CHUNK + 5]))[0],
+                               embeddings[3] / np.linalg.norm(embeddings[3]), rtol=1e-6)
+    assert pool._known.tolist() == [True, True, False, False]  # only the slices those rows are in
+    with pytest.raises(ModelInputError, match=rf"NaN or inf in rows \[{2 * ROW_CHUNK + 1}\]"):
+        pool.row_norms
 
 
 def test_statistics_of_another_array_are_refused() -> None:
