@@ -268,7 +268,8 @@ class PoolStatistics:
     def normalised(self, rows: np.ndarray) -> np.ndarray:
         """float32 copies of ``rows`` of the pool, L2-normalised with the kept norms: the same bits as converting and
         normalising their whole ROW_CHUNK slice."""
-        self._know(np.unique(np.asarray(rows) // ROW_CHUNK))
+        rows = np.asarray(rows, dtype=np.intp)
+        self._know(np.unique(rows // ROW_CHUNK))
         with np.errstate(over="ignore"):
             selected = np.asarray(self.embeddings[rows], dtype=np.float32)
         return _l2_normalise_(selected, self._norms[rows])
