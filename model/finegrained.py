@@ -249,27 +249,13 @@ class PoolStatistics:
         self._known[index] = True
         return rows
 
-    def _know(self, indices: np.ndarray) -> None:
-        for index in indices[~self._known[indices]]:
-            self._slice(int(index))
-
-    @property
-    def row_norms(self) -> np.ndarray:
-        """float32 (n,): each row's L2 norm (ModelInputError, when first read, if a row holds NaN or inf)."""
-        self._know(np.arange(self._known.size))
-        return self._norms
-
-    @property
-    def chunk_sums(self) -> np.ndarray:
-        """float64 (ceil(n / ROW_CHUNK), d): the sum of each ROW_CHUNK slice's L2-normalised float32 rows."""
-        self._know(np.arange(self._known.size))
-        return self._sums
-
     def normalised(self, rows: np.ndarray) -> np.ndarray:
         """float32 copies of ``rows`` of the pool, L2-normalised with the kept norms: the same bits as converting and
         normalising their whole ROW_CHUNK slice."""
         rows = np.asarray(rows, dtype=np.intp)
-        self._know(np.unique(rows // ROW_CHUNK))
+        for index in np.unique(rows // ROW_CHUNK):
+            if not self._known[index]:
+                self._slice(int(index))
         with np.errstate(over="ignore"):
             selected = np.asarray(self.embeddings[rows], dtype=np.float32)
         return _l2_normalise_(selected, self._norms[rows])

@@ -37,19 +37,20 @@ def pool_problem(dtype: type = np.float16) -> tuple[np.ndarray, np.ndarray, np.n
     return embeddings, fine, weak, human_coarse
 
 
-def test_statistics_are_the_pools_norms_and_slice_sums() -> None:
+def test_statistics_give_the_pools_normalised_rows_and_their_mean() -> None:
     embeddings, *_ = pool_problem()
     pool = PoolStatistics(embeddings)
     rows = embeddings.astype(np.float64)
-    norms = np.linalg.norm(rows, axis=1)
-    np.testing.assert_allclose(pool.row_norms, norms, rtol=1e-6)
-    assert pool.chunk_sums.shape == (4, DIM) and pool.chunk_sums.dtype == np.float64
-    normalised = rows / norms[:, None]
-    for index in range(4):
-        np.testing.assert_allclose(pool.chunk_sums[index],
-                                   normalised[index * ROW_CHUNK : (index + 1) * ROW_CHUNK].sum(axis=0), atol=1e-4)
-    picked = np.array([N - 1, 5, ROW_CHUNK + 3])
+    normalised = rows / np.linalg.norm(rows, axis=1)[:, None]
+    used = np.ones(N, dtype=bool)
+    used[ROW_CHUNK + 7 :: 3] = False  # slices partly used as well as whole
+    picked = np.array([N - 1, 5, ROW_CHUNK + 3, 5])
+    mean, centred = pool.mean_and_rows(used, picked)
+    assert mean.dtype == np.float32 and centred.dtype == np.float32 and centred.shape == (4, DIM)
+    np.testing.assert_allclose(mean, normalised[used].mean(axis=0), atol=1e-6)
+    np.testing.assert_allclose(centred, normalised[picked] - normalised[used].mean(axis=0), atol=1e-5)
     np.testing.assert_allclose(pool.normalised(picked), normalised[picked], atol=1e-6)
+    assert pool.normalised([]).shape == (0, DIM)
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
@@ -118,7 +119,7 @@ def test_statistics_are_computed_when_first_read() -> None:
                                embeddings[3] / np.linalg.norm(embeddings[3]), rtol=1e-6)
     assert pool._known.tolist() == [True, True, False, False]  # only the slices those rows are in
     with pytest.raises(ModelInputError, match=rf"NaN or inf in rows \[{2 * ROW_CHUNK + 1}\]"):
-        pool.row_norms
+        pool.mean_and_rows(np.ones(N, dtype=bool), np.zeros(0, dtype=np.int64))
 
 
 def test_statistics_of_another_array_are_refused() -> None:
