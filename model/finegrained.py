@@ -234,6 +234,11 @@ class PoolStatistics:
         """Whether these are the statistics of ``embeddings`` (the same object: its values are not compared)."""
         return embeddings is self._source or embeddings is self.embeddings
 
+    @classmethod
+    def reusing(cls, given: PoolStatistics | None, embeddings: np.ndarray) -> PoolStatistics:
+        """``given`` when it describes ``embeddings``, else new statistics of them."""
+        return given if given is not None and given.describes(embeddings) else cls(embeddings)
+
     def _slice(self, index: int) -> np.ndarray:
         """Slice ``index`` as L2-normalised float32 rows (a copy). Its first conversion checks it finite and records
         its norms and sum."""
@@ -752,7 +757,7 @@ def cross_validated_accuracy(
 ) -> float:
     """Mean fine accuracy over folds of the full-labelled samples (``folds[i]`` = -1 for the others, which
     always stay in training). ``pool``: the statistics of ``embeddings``, shared by the folds' fits."""
-    pool = pool if pool is not None and pool.describes(embeddings) else PoolStatistics(embeddings)
+    pool = PoolStatistics.reusing(pool, embeddings)
     accuracies = []
     for fold in range(int(folds.max()) + 1):
         held_out = folds == fold
@@ -794,10 +799,8 @@ def select_training_config(
     if not isinstance(n_folds, int) or n_folds < 2:
         raise ModelInputError(f"n_folds must be an integer >= 2, got {n_folds!r}")
     configs = _candidate_configs(base_config, candidates)
-    array = _embedding_matrix(embeddings, None)
-    if pool is None or not pool.describes(embeddings):
-        pool = PoolStatistics(array)
-    n = array.shape[0]
+    pool = PoolStatistics.reusing(pool, embeddings)
+    n = pool.embeddings.shape[0]
     fine = _validated_labels("fine_labels", fine_labels, n, hierarchy.n_fine)
     if weak_coarse_labels is not None:
         weak_coarse_labels = _validated_labels("weak_coarse_labels", weak_coarse_labels, n, hierarchy.n_coarse)

@@ -279,7 +279,7 @@ class ActiveLearner:
             return rows[:0], np.zeros((0, self.hierarchy.n_fine), dtype=np.float32)
         folds = np.random.default_rng(self.settings.seed).permutation(rows.size) % n_folds
         transition = None if model.transition is None else model.transition.matrix
-        pool = model.pool if model.pool is not None and model.pool.describes(embeddings) else PoolStatistics(embeddings)
+        pool = PoolStatistics.reusing(model.pool, embeddings)
         out = np.zeros((rows.size, self.hierarchy.n_fine), dtype=np.float32)
         for fold in range(n_folds):
             held_out = rows[folds == fold]
