@@ -2,7 +2,9 @@
 forks a child that serves the model on disk and fits again and again until it is killed (kill -9 by the test).
 
 The child prints ``PID <pid>``, ``SERVING <version> <loaded>`` after the warm start and ``FIT <version>`` after each
-fit; the server prints ``DONE`` when the child is gone. Forking keeps 20 restarts within the time budget."""
+fit, or ``CRASH <error>`` if anything raises; the server prints ``DONE`` when the child is gone. The child never stops
+on its own (it adds a task whenever it runs out), so the test's kill always finds it. Forking keeps 20 restarts within
+the time budget."""
 
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ FINES = ["T-shirt", "Shirt", "Sneaker", "Boot"]
 
 def main(model_dir: str, first_annotation: int) -> None:
     fake = fixtures.FakeLabelStudio(label_config=fixtures.label_config())
-    for task_id in range(1, 61):
+    for task_id in range(1, max(60, first_annotation) + 1):
         fake.add_task(task_id, FINES[(task_id - 1) % 4])
     for task_id in range(1, first_annotation + 1):
         fake.annotate(task_id, FINES[(task_id - 1) % 4])
@@ -51,8 +53,10 @@ def main(model_dir: str, first_annotation: int) -> None:
     model, version = backend.projects.served_model(fixtures.PROJECT_ID, None)
     print(f"SERVING {version} {model is not None}", flush=True)
     task_id = first_annotation
-    while task_id < 60:
+    while True:
         task_id += 1
+        if task_id > len(fake.tasks):
+            fake.add_task(task_id, FINES[(task_id - 1) % 4])
         fake.annotate(task_id, FINES[(task_id - 1) % 4])  # something new: every fit makes a version
         print(f"FIT {backend.run_fit(fixtures.PROJECT_ID)}", flush=True)
 
@@ -76,6 +80,8 @@ def serve_forks() -> None:
             try:
                 print(f"PID {os.getpid()}", flush=True)
                 main(parts[1], int(parts[2]))
+            except BaseException as error:  # noqa: BLE001  (reported to the test, which fails on it)
+                print(f"CRASH {type(error).__name__}: {error}".replace("\n", " "), flush=True)
             finally:
                 os._exit(0)
         os.waitpid(pid, 0)

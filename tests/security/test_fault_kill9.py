@@ -83,7 +83,8 @@ def test_kill_9_during_fits_keeps_the_last_committed_model(tmp_path):
             assert serving[:2] == ["SERVING", expected], f"round {round_}: restart serves {serving}, last {expected}"
             assert serving[2] == str(committed is not None), "the committed model did not load"
             # The child fits back to back from here on: every kill lands inside some fit, at a random phase. Until
-            # a fit has committed, wait for one (it also measures how long a fit takes on this machine).
+            # a fit has committed, wait for one (it also measures how long a restart's first fit takes here). The
+            # child never runs out of fits, so a long sleep only lets more fits commit before the kill.
             fits_seen = 0
             if committed is None or fit_seconds is None:
                 fit_started = time.monotonic()
@@ -92,8 +93,15 @@ def test_kill_9_during_fits_keeps_the_last_committed_model(tmp_path):
                 fits_seen += 1
                 fit_seconds = time.monotonic() - fit_started
             time.sleep(rng.uniform(0.02, 1.5 * fit_seconds))
-            os.kill(pid, signal.SIGKILL)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                said = []
+                while (line := _line(server)) != "DONE":
+                    said.append(line)
+                raise AssertionError(f"round {round_}: the child was gone before the kill; it said {said}") from None
             while (line := _line(server)) != "DONE":
+                assert not line.startswith("CRASH"), f"round {round_}: {line}"
                 fits_seen += line.startswith("FIT")
             kills_during_fit += 1
             annotations = min(annotations + fits_seen + 1, 50)
