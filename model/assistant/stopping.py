@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 
 from model.errors import ModelInputError
+from model.finegrained import PoolStatistics
+from model.hierarchy import MISSING_LABEL
 
 GAIN_PER_100_FLAT = 0.005
 """Below half a point of accuracy per next 100 labels, the curve counts as flat."""
@@ -245,9 +247,6 @@ def human_label_curve(new_classifier: Callable[[Any], Any], training_config: Any
     labels is noisy enough to call a rising curve flat), each point trained as a round trains:
     a labeled row outside the training subset keeps only its VLM answer (``weak_answers``), as a task nobody has
     labeled yet; rows with a human coarse label train on it, without the VLM's."""
-    from model.finegrained import PoolStatistics
-    from model.hierarchy import MISSING_LABEL
-
     labeled = np.flatnonzero(fine != MISSING_LABEL)
     pool = PoolStatistics(embeddings)  # every point's fits share the pool's norms
 
